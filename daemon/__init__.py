@@ -1,0 +1,1 @@
+"""tts-daemon: a TTS synthesis gateway as one Trio process."""

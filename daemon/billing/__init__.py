@@ -1,0 +1,1 @@
+"""The cold path: billing consumer with its own Postgres pool."""

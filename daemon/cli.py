@@ -1,0 +1,218 @@
+"""``tts-daemon``: run, migrate, user add, credit (SPEC section 2).
+
+Exit status: 0 success; 1 a failure at run time (its reason on stderr); 2 a bad command line or
+configuration value (one line naming the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import trio
+import trio_asyncio
+
+from daemon.config import Config, ConfigError, load_config
+
+__all__ = ["main", "resolve_servers"]
+
+DEFAULT_CONFIG = Path("conf/daemon.toml")
+
+
+def _fail(message: str, status: int = 1) -> int:
+    print(f"tts-daemon: {message}", file=sys.stderr)
+    return status
+
+
+@contextlib.contextmanager
+def resolve_servers(
+    cfg: Config, *, redis: bool = True, postgres: bool = True
+) -> Iterator[tuple[str, str]]:
+    """(redis_url, postgres_url): the configured ones, or embedded servers under ``data.dir``
+    (shared with a daemon already running there; stopped by whoever leaves them last)."""
+    need_redis = redis and not cfg.redis.url
+    need_pg = postgres and not cfg.postgres.url
+    if not (need_redis or need_pg):
+        yield cfg.redis.url, cfg.postgres.url
+        return
+    from daemon.embedded import EmbeddedServers
+
+    with EmbeddedServers(cfg.data.dir, redis=need_redis, postgres=need_pg) as servers:
+        redis_url = servers.redis.url if servers.redis is not None else cfg.redis.url
+        pg_url = servers.postgres.url if servers.postgres is not None else cfg.postgres.url
+        yield redis_url, pg_url
+
+
+# -- run ---------------------------------------------------------------------------------------
+
+
+async def _run(cfg: Config, redis_url: str, pg_url: str) -> None:
+    from daemon.app import Daemon
+
+    daemon = Daemon(cfg, redis_url, pg_url)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                count = 0
+                async for signum in signals:
+                    count += 1
+                    if count == 1:
+                        name = signal.Signals(signum).name
+                        print(f"tts-daemon: {name}: shutting down (again to force)", flush=True)
+                        daemon.request_stop()
+                    else:
+                        daemon.abort()
+
+            nursery.start_soon(watch_signals)
+            await nursery.start(daemon.run)
+            assert daemon.addresses is not None
+            print(
+                f"tts-daemon: serving {daemon.addresses.ws_url} and {daemon.addresses.http_url}"
+                f" (events: {cfg.events_path})",
+                flush=True,
+            )
+            await daemon.stopped.wait()
+            nursery.cancel_scope.cancel()
+
+
+def cmd_run(cfg: Config) -> int:
+    with resolve_servers(cfg) as (redis_url, pg_url):
+        trio.run(_run, cfg, redis_url, pg_url)
+    print("tts-daemon: stopped", flush=True)
+    return 0
+
+
+# -- admin commands ----------------------------------------------------------------------------
+
+
+async def _with_db(pg_url: str, fn, *args):  # type: ignore[no-untyped-def]
+    from daemon.stores.pg import open_pg_pool
+
+    async with trio_asyncio.open_loop(), open_pg_pool(pg_url, size=1, min_size=1) as db:
+        await db.migrate()
+        return await fn(db, *args)
+
+
+def cmd_migrate(cfg: Config) -> int:
+    from daemon.stores.pg import open_pg_pool
+
+    async def go(pg_url: str) -> list[str]:
+        async with trio_asyncio.open_loop(), open_pg_pool(pg_url, size=1, min_size=1) as db:
+            return await db.migrate()
+
+    with resolve_servers(cfg, redis=False) as (_, pg_url):
+        applied = trio.run(go, pg_url)
+    print("applied: " + ", ".join(applied) if applied else "schema up to date")
+    return 0
+
+
+def cmd_user_add(cfg: Config, name: str, plan: str) -> int:
+    import asyncpg
+
+    async def add(db, name: str, plan: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+        return await db.add_user(name, plan)
+
+    with resolve_servers(cfg, redis=False) as (_, pg_url):
+        try:
+            user_id, token = trio.run(_with_db, pg_url, add, name, plan)
+        except ValueError as exc:
+            return _fail(str(exc), 2)
+        except asyncpg.UniqueViolationError:
+            return _fail(f"a user named {name!r} already exists", 1)
+        except asyncpg.CheckViolationError:
+            return _fail("--name: must be 1..128 characters", 2)
+    print(user_id)
+    print(token)
+    return 0
+
+
+def cmd_credit(cfg: Config, user: str, voice_chars: int) -> int:
+    from daemon.stores.pg import UnknownUser
+
+    async def credit(db, user: str, n: int) -> dict:  # type: ignore[no-untyped-def]
+        return await db.credit(user, n)
+
+    with resolve_servers(cfg, redis=False) as (_, pg_url):
+        try:
+            out = trio.run(_with_db, pg_url, credit, user, voice_chars)
+        except UnknownUser as exc:
+            return _fail(str(exc), 1)
+    print(json.dumps(out, default=str))
+    return 0
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tts-daemon", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config",
+            metavar="PATH",
+            help=f"TOML configuration (default: {DEFAULT_CONFIG} if present, else defaults)",
+        )
+        return p
+
+    with_config(sub.add_parser("run", help="run the daemon (SIGINT/SIGTERM stop it gracefully)"))
+    with_config(sub.add_parser("migrate", help="apply the Postgres schema"))
+    user = sub.add_parser("user", help="manage users")
+    user_sub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    add = with_config(
+        user_sub.add_parser("add", help="create a user; prints the id, then an API token")
+    )
+    add.add_argument("--name", required=True)
+    add.add_argument("--plan", required=True, help="free, basic, plus or unlimited")
+    credit = with_config(
+        sub.add_parser("credit", help="add purchased premium-voice characters to a user")
+    )
+    credit.add_argument("--user", required=True, help="user id or name")
+    credit.add_argument("--voice-chars", required=True, type=_positive_int, metavar="N")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config_path = args.config
+    if config_path is None and DEFAULT_CONFIG.is_file():
+        config_path = DEFAULT_CONFIG
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    try:
+        if args.command == "run":
+            return cmd_run(cfg)
+        if args.command == "migrate":
+            return cmd_migrate(cfg)
+        if args.command == "user":
+            return cmd_user_add(cfg, args.name, args.plan)
+        return cmd_credit(cfg, args.user, args.voice_chars)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:
+        return _fail(_describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _describe(exc.exceptions[0])
+    return f"{type(exc).__name__}: {exc}"

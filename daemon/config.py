@@ -1,0 +1,337 @@
+"""Configuration: one frozen object loaded from TOML and validated at load.
+
+Every key has a default, so an empty file (or no file) works. A bad value raises
+:class:`ConfigError` whose message is one line naming the key; the CLI prints it and exits 2.
+
+Each section is its own frozen class so that a service receives only the section it needs: the
+hot consumer gets :class:`HotConfig` and :class:`RedisConfig`, never anything naming Postgres.
+"""
+
+from __future__ import annotations
+
+import ssl
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "BillingConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "GatewayConfig",
+    "HotConfig",
+    "LogConfig",
+    "PostgresConfig",
+    "RedisConfig",
+    "SupervisorConfig",
+    "WorkersConfig",
+    "load_config",
+]
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong. ``str()`` is one line that names the key."""
+
+
+@attrs.frozen
+class DataConfig:
+    dir: Path = Path("var")
+
+
+@attrs.frozen
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    ws_port: int = 8765
+    http_port: int = 8080
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_message_bytes: int = 65536
+    # Blocks a user may request per minute (all their connections, all daemons sharing Redis).
+    rate_limit_blocks_per_min: int = 1200
+    # Frames buffered for one client before it is considered too slow and closed (1013).
+    send_queue_frames: int = 512
+    # Open WebSocket connections the gateway accepts at once (more get HTTP 503 at the handshake).
+    max_connections: int = 2000
+    # On shutdown, open connections get this long to receive what is in flight before close.
+    close_grace_s: float = 2.0
+    # The variant-hash HMAC key; "" → generated once under data.dir/secrets.
+    variant_secret_path: str = ""
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server TLS context when both ``tls_cert`` and ``tls_key`` are set, else ``None``."""
+        if not (self.tls_cert and self.tls_key):
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.tls_cert, self.tls_key)
+        return ctx
+
+
+@attrs.frozen
+class RedisConfig:
+    url: str = ""
+    # Connections in the shared command pool (blocking readers have their own connection each).
+    max_connections: int = 64
+    pool_timeout_s: float = 5.0
+    # Deadline for one ordinary command round trip, enforced on the Trio side.
+    command_timeout_s: float = 10.0
+    # Server-side timeout of blocking reads (BLMOVE/XREADGROUP); loops re-issue them.
+    block_s: float = 1.0
+
+
+@attrs.frozen
+class PostgresConfig:
+    url: str = ""
+    request_pool_size: int = 30
+    billing_pool_size: int = 2
+    # How long the request path waits for a pool connection before giving up on a request.
+    acquire_timeout_s: float = 5.0
+    command_timeout_s: float = 30.0
+
+
+@attrs.frozen
+class HotConfig:
+    concurrency: int = 40
+    audio_ttl_s: int = 300
+    # Results taken from tts:results per read (drain-on-wake).
+    read_batch: int = 64
+    # A consumer whose heartbeat is older than this is dead; its claimed results are requeued.
+    consumer_ttl_s: float = 10.0
+    heartbeat_s: float = 2.0
+
+
+@attrs.frozen
+class BillingConfig:
+    max_batch: int = 200
+    # A pending event idle this long (its consumer died) is claimed by another consumer.
+    claim_idle_s: float = 30.0
+    # Stand-in for slow storage: added inside each billing transaction (stress/bench only).
+    txn_delay_ms: float = 0.0
+    # Users whose events share one transaction (locked in user-id order).
+    users_per_txn: int = 50
+
+
+@attrs.frozen
+class WorkersConfig:
+    simulated: int = 0
+    models: tuple[str, ...] = ("kokoro", "premium")
+    # Simulated synthesis speed: characters per second, plus a fixed latency and a jitter.
+    chars_per_s: float = 2000.0
+    latency_ms: float = 20.0
+    jitter_ms: float = 10.0
+    # Jobs a simulated worker pulls and finishes together, like a GPU batch (bursty results).
+    batch: int = 1
+    # Simulated audio: sample rate of the 16-bit mono WAV and speaking rate (chars per second).
+    sample_rate: int = 8000
+    speech_chars_per_s: float = 15.0
+    # A job held by a worker longer than this goes back to the queue.
+    visibility_timeout_s: float = 30.0
+    max_retries: int = 3
+    scan_interval_s: float = 1.0
+
+
+@attrs.frozen
+class SupervisorConfig:
+    backoff_min_s: float = 1.0
+    backoff_max_s: float = 60.0
+    # A service that ran this long without failing has its backoff reset.
+    healthy_after_s: float = 30.0
+    # More than this many restarts within the window escalates (for services that must not die).
+    intensity: int = 5
+    intensity_window_s: float = 60.0
+    # SPEC section 9: exit within 10 s of SIGTERM.
+    shutdown_timeout_s: float = 8.0
+
+
+@attrs.frozen
+class LogConfig:
+    events_path: str = ""  # "" → data.dir/log/events.jsonl
+    max_bytes: int = 50 * 1024 * 1024
+    backups: int = 5
+    # Events buffered for the writer task; a full buffer drops (and counts) events.
+    buffer: int = 10000
+
+
+@attrs.frozen
+class Config:
+    data: DataConfig = DataConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    redis: RedisConfig = RedisConfig()
+    postgres: PostgresConfig = PostgresConfig()
+    hot: HotConfig = HotConfig()
+    billing: BillingConfig = BillingConfig()
+    workers: WorkersConfig = WorkersConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    log: LogConfig = LogConfig()
+
+    @property
+    def events_path(self) -> Path:
+        if self.log.events_path:
+            return Path(self.log.events_path)
+        return self.data.dir / "log" / "events.jsonl"
+
+    def evolve(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some keys changed: ``cfg.evolve(gateway={"ws_port": 0})``."""
+        changes = {}
+        for name, values in sections.items():
+            changes[name] = attrs.evolve(getattr(self, name), **values)
+        return attrs.evolve(self, **changes)
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "gateway": GatewayConfig,
+    "redis": RedisConfig,
+    "postgres": PostgresConfig,
+    "hot": HotConfig,
+    "billing": BillingConfig,
+    "workers": WorkersConfig,
+    "supervisor": SupervisorConfig,
+    "log": LogConfig,
+}
+
+# Extra rules beyond the type: (predicate, what is wrong).
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+_AT_LEAST_1 = (lambda v: v >= 1, "must be >= 1")
+_PORT = (lambda v: 0 <= v <= 65535, "must be a port number 0..65535")
+_RULES: dict[str, tuple[Any, str]] = {
+    "gateway.ws_port": _PORT,
+    "gateway.http_port": _PORT,
+    "gateway.max_message_bytes": (lambda v: 256 <= v <= 16 * 1024 * 1024, "must be 256..16777216"),
+    "gateway.rate_limit_blocks_per_min": _AT_LEAST_1,
+    "gateway.send_queue_frames": _AT_LEAST_1,
+    "gateway.max_connections": _AT_LEAST_1,
+    "gateway.close_grace_s": _NON_NEGATIVE,
+    "redis.max_connections": _AT_LEAST_1,
+    "redis.pool_timeout_s": _POSITIVE,
+    "redis.command_timeout_s": _POSITIVE,
+    "redis.block_s": (lambda v: 0.01 <= v <= 30, "must be 0.01..30"),
+    "postgres.request_pool_size": _AT_LEAST_1,
+    "postgres.billing_pool_size": _AT_LEAST_1,
+    "postgres.acquire_timeout_s": _POSITIVE,
+    "postgres.command_timeout_s": _POSITIVE,
+    "hot.concurrency": _AT_LEAST_1,
+    "hot.audio_ttl_s": _AT_LEAST_1,
+    "hot.read_batch": _AT_LEAST_1,
+    "hot.consumer_ttl_s": _POSITIVE,
+    "hot.heartbeat_s": _POSITIVE,
+    "billing.max_batch": _AT_LEAST_1,
+    "billing.claim_idle_s": _POSITIVE,
+    "billing.txn_delay_ms": _NON_NEGATIVE,
+    "billing.users_per_txn": _AT_LEAST_1,
+    "workers.simulated": _NON_NEGATIVE,
+    "workers.chars_per_s": _POSITIVE,
+    "workers.latency_ms": _NON_NEGATIVE,
+    "workers.jitter_ms": _NON_NEGATIVE,
+    "workers.batch": (lambda v: 1 <= v <= 256, "must be 1..256"),
+    "workers.sample_rate": (lambda v: 4000 <= v <= 48000, "must be 4000..48000"),
+    "workers.speech_chars_per_s": _POSITIVE,
+    "workers.visibility_timeout_s": _POSITIVE,
+    "workers.max_retries": _AT_LEAST_1,
+    "workers.scan_interval_s": _POSITIVE,
+    "supervisor.backoff_min_s": _POSITIVE,
+    "supervisor.backoff_max_s": _POSITIVE,
+    "supervisor.healthy_after_s": _POSITIVE,
+    "supervisor.intensity": _AT_LEAST_1,
+    "supervisor.intensity_window_s": _POSITIVE,
+    "supervisor.shutdown_timeout_s": _POSITIVE,
+    "log.max_bytes": (lambda v: v >= 4096, "must be >= 4096"),
+    "log.backups": _AT_LEAST_1,
+    "log.buffer": _AT_LEAST_1,
+}
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _coerce(key: str, value: Any, annotation: str) -> Any:
+    """Check ``value`` against the field's annotation (a string, thanks to __future__)."""
+    if annotation == "Path":
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: must be a non-empty string (a path), got {value!r}")
+        return Path(value)
+    if annotation == "tuple[str, ...]":
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{key}: must be a list of non-empty strings, got {value!r}")
+        return tuple(value)
+    expected = {"int": int, "float": float, "str": str, "bool": bool}[annotation]
+    # TOML distinguishes 1 from 1.0; accept an integer where a number is expected.
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: must be an integer, got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{key}: must be {_TYPE_NAMES[expected]}, got {value!r}")
+    return value
+
+
+def _build_section(name: str, cls: type, table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{name}: must be a table, got {table!r}")
+    fields = {f.name: f for f in attrs.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        dotted = f"{name}.{key}"
+        if key not in fields:
+            raise ConfigError(f"{dotted}: unknown key")
+        value = _coerce(dotted, value, fields[key].type)
+        rule = _RULES.get(dotted)
+        if rule is not None and not rule[0](value):
+            raise ConfigError(f"{dotted}: {rule[1]}, got {value!r}")
+        values[key] = value
+    return cls(**values)
+
+
+def _check_cross_field(cfg: Config) -> None:
+    g = cfg.gateway
+    if bool(g.tls_cert) != bool(g.tls_key):
+        key = "gateway.tls_key" if g.tls_cert else "gateway.tls_cert"
+        raise ConfigError(f"{key}: tls_cert and tls_key must be set together")
+    for key in ("tls_cert", "tls_key"):
+        path = getattr(g, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"gateway.{key}: no such file: {path}")
+    if g.ws_port and g.ws_port == g.http_port:
+        raise ConfigError("gateway.http_port: must differ from gateway.ws_port")
+    if cfg.supervisor.backoff_max_s < cfg.supervisor.backoff_min_s:
+        raise ConfigError("supervisor.backoff_max_s: must be >= supervisor.backoff_min_s")
+    for url_key, url, schemes in (
+        ("redis.url", cfg.redis.url, ("redis://", "rediss://", "unix://")),
+        ("postgres.url", cfg.postgres.url, ("postgres://", "postgresql://")),
+    ):
+        if url and not url.startswith(schemes):
+            raise ConfigError(f"{url_key}: must start with one of {', '.join(schemes)}")
+    known = {"kokoro", "premium"}
+    for model in cfg.workers.models:
+        if model not in known:
+            raise ConfigError(f"workers.models: unknown model {model!r}")
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from parsed TOML."""
+    sections = {}
+    for name, table in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{name}: unknown section")
+        sections[name] = _build_section(name, _SECTIONS[name], table)
+    cfg = Config(**sections)
+    _check_cross_field(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load ``path`` (TOML). ``None`` → all defaults. Raises :class:`ConfigError`."""
+    if path is None:
+        return config_from_dict({})
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {p}: {exc.strerror or exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p}: invalid TOML: {exc}") from None
+    return config_from_dict(raw)

@@ -1,0 +1,307 @@
+"""Contracts as data: Redis key names, and the jobs, results and billing events that cross Redis.
+
+SPEC section 5 pins the worker keys and the job/result JSON; everything else here (audio, in-flight,
+waiter, billing keys) is internal and may change with the code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "MODELS",
+    "BillingEvent",
+    "ContractError",
+    "Job",
+    "Keys",
+    "ModelInfo",
+    "Result",
+]
+
+
+class ContractError(ValueError):
+    """A message in Redis does not follow its contract (a poison message)."""
+
+
+class Keys:
+    """Every Redis key and channel the daemon and its workers use, in one place."""
+
+    # Pinned by SPEC section 5 (workers rely on these).
+    JOBS = "tts:jobs"
+    RESULTS = "tts:results"
+
+    @staticmethod
+    def queue(model: str) -> str:
+        return f"tts:queue:{model}"
+
+    @staticmethod
+    def processing(model: str) -> str:
+        return f"tts:processing:{model}"
+
+    @staticmethod
+    def dlq(model: str) -> str:
+        return f"tts:dlq:{model}"
+
+    # Internal. The Lua scripts build the per-variant keys from these same prefixes.
+    AUDIO_PREFIX = "tts:audio:"  # hash: data, content_type, duration_ms (TTL hot.audio_ttl_s)
+    INFLIGHT_PREFIX = "tts:inflight:"  # variant → job id of the job that will produce it
+    WAITERS_PREFIX = "tts:waiters:"  # variant → set of "user|block_idx|document_id"
+    NOTIFY_PREFIX = "tts:notify:"  # pub/sub channel per user: status frames as JSON
+    RETRIES = "tts:retries"  # job id → visibility timeouts so far
+    RATE_PREFIX = "tts:rate:"  # user:minute → blocks requested in that minute
+
+    RESULTS_DEAD = "tts:results:dead"  # undecodable results, with the reason
+    HOT_CONSUMERS = "tts:hot:consumers"  # set of hot consumer ids
+    HOT_ALIVE_PREFIX = "tts:hot:alive:"  # consumer id → heartbeat key with a TTL
+    HOT_CLAIMED_PREFIX = "tts:hot:claimed:"  # consumer id → results it took, not yet finalized
+
+    BILLING = "tts:billing"  # stream of billing events; entries deleted once billed
+    BILLING_GROUP = "billing"
+    BILLING_DEAD = "tts:billing:dead"  # malformed billing events, with the reason
+
+    @staticmethod
+    def audio(variant_hash: str) -> str:
+        return Keys.AUDIO_PREFIX + variant_hash
+
+    @staticmethod
+    def inflight(variant_hash: str) -> str:
+        return Keys.INFLIGHT_PREFIX + variant_hash
+
+    @staticmethod
+    def waiters(variant_hash: str) -> str:
+        return Keys.WAITERS_PREFIX + variant_hash
+
+    @staticmethod
+    def notify(user_id: int) -> str:
+        return f"{Keys.NOTIFY_PREFIX}{user_id}"
+
+    @staticmethod
+    def hot_claimed(consumer_id: str) -> str:
+        return Keys.HOT_CLAIMED_PREFIX + consumer_id
+
+    @staticmethod
+    def hot_alive(consumer_id: str) -> str:
+        return Keys.HOT_ALIVE_PREFIX + consumer_id
+
+
+@attrs.frozen
+class ModelInfo:
+    name: str
+    usage_type: str
+    usage_multiplier: float
+    default_voice: str
+
+
+# The models SPEC section 6 defines. Postgres holds them too (seeded by the migration) with their
+# voices; this copy lets Redis-only code (workers, hot path) name them without a database.
+MODELS: dict[str, ModelInfo] = {
+    "kokoro": ModelInfo("kokoro", "server_kokoro", 1.0, "af_heart"),
+    "premium": ModelInfo("premium", "premium_voice", 2.0, "ava"),
+}
+
+
+def usage_amount(text_length: int, multiplier: float) -> int:
+    """``round(text_length × usage_multiplier)``, rounding halves up (not to even)."""
+    return math.floor(text_length * multiplier + 0.5)
+
+
+def _loads(raw: bytes | str, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ContractError(f"{what}: not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ContractError(f"{what}: not a JSON object")
+    return data
+
+
+def _field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
+    if name not in data:
+        raise ContractError(f"{what}: missing field {name!r}")
+    value = data[name]
+    if isinstance(value, bool) and kind is not bool:
+        raise ContractError(f"{what}: field {name!r} has the wrong type")
+    if not isinstance(value, kind):
+        raise ContractError(f"{what}: field {name!r} has the wrong type")
+    return value
+
+
+@attrs.frozen
+class Job:
+    """A synthesis job as workers see it (SPEC section 5)."""
+
+    job_id: str
+    variant_hash: str
+    model: str
+    voice: str
+    text: str
+    user_id: int
+    document_id: str
+    block_idx: int
+    usage_multiplier: float
+    enqueued_at: float
+
+    def to_json(self) -> str:
+        return json.dumps(attrs.asdict(self), separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Job:
+        d = _loads(raw, "job")
+        return cls(
+            job_id=_field(d, "job_id", str, "job"),
+            variant_hash=_field(d, "variant_hash", str, "job"),
+            model=_field(d, "model", str, "job"),
+            voice=_field(d, "voice", str, "job"),
+            text=_field(d, "text", str, "job"),
+            user_id=_field(d, "user_id", int, "job"),
+            document_id=_field(d, "document_id", str, "job"),
+            block_idx=_field(d, "block_idx", int, "job"),
+            usage_multiplier=float(_field(d, "usage_multiplier", (int, float), "job")),
+            enqueued_at=float(_field(d, "enqueued_at", (int, float), "job")),
+        )
+
+
+@attrs.frozen
+class Result:
+    """A worker's result (SPEC section 5): audio (base64) or an error.
+
+    ``audio_base64`` stays encoded here; the hot path decodes it once, when it stores the audio.
+    """
+
+    job_id: str
+    variant_hash: str
+    model: str
+    voice: str
+    user_id: int
+    document_id: str
+    block_idx: int
+    text_length: int
+    usage_multiplier: float
+    worker_id: str
+    queue_wait_ms: float
+    processing_time_ms: float
+    audio_base64: str | None = None
+    duration_ms: int | None = None
+    content_type: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def for_job(
+        cls,
+        job: Job,
+        *,
+        worker_id: str,
+        queue_wait_ms: float,
+        processing_time_ms: float,
+        audio_base64: str | None = None,
+        duration_ms: int | None = None,
+        content_type: str | None = None,
+        error: str | None = None,
+    ) -> Result:
+        return cls(
+            job_id=job.job_id,
+            variant_hash=job.variant_hash,
+            model=job.model,
+            voice=job.voice,
+            user_id=job.user_id,
+            document_id=job.document_id,
+            block_idx=job.block_idx,
+            text_length=len(job.text),
+            usage_multiplier=job.usage_multiplier,
+            worker_id=worker_id,
+            queue_wait_ms=queue_wait_ms,
+            processing_time_ms=processing_time_ms,
+            audio_base64=audio_base64,
+            duration_ms=duration_ms,
+            content_type=content_type,
+            error=error,
+        )
+
+    def to_json(self) -> str:
+        d = attrs.asdict(self)
+        if self.error is None:
+            del d["error"]
+        else:
+            for k in ("audio_base64", "duration_ms", "content_type"):
+                del d[k]
+        return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Result:
+        d = _loads(raw, "result")
+        w = "result"
+        error = d.get("error")
+        if error is not None and not isinstance(error, str):
+            raise ContractError("result: field 'error' has the wrong type")
+        fields: dict[str, Any] = {}
+        if error is None:
+            fields["audio_base64"] = _field(d, "audio_base64", str, w)
+            fields["duration_ms"] = int(_field(d, "duration_ms", (int, float), w))
+            fields["content_type"] = _field(d, "content_type", str, w)
+        return cls(
+            job_id=_field(d, "job_id", str, w),
+            variant_hash=_field(d, "variant_hash", str, w),
+            model=_field(d, "model", str, w),
+            voice=_field(d, "voice", str, w),
+            user_id=_field(d, "user_id", int, w),
+            document_id=_field(d, "document_id", str, w),
+            block_idx=_field(d, "block_idx", int, w),
+            text_length=_field(d, "text_length", int, w),
+            usage_multiplier=float(_field(d, "usage_multiplier", (int, float), w)),
+            worker_id=str(d.get("worker_id", "")),
+            queue_wait_ms=float(d.get("queue_wait_ms") or 0.0),
+            processing_time_ms=float(d.get("processing_time_ms") or 0.0),
+            error=error,
+            **fields,
+        )
+
+
+@attrs.frozen
+class BillingEvent:
+    """What the hot path hands to the billing queue for one finalized synthesis."""
+
+    event_id: str  # the job id: usage_log.event_id
+    user_id: int  # the user whose request created the job pays
+    model: str
+    voice: str
+    variant_hash: str
+    text_length: int
+    usage_multiplier: float
+    duration_ms: int
+    document_id: str
+    block_idx: int
+    finalized_at: float
+
+    @property
+    def amount(self) -> int:
+        return usage_amount(self.text_length, self.usage_multiplier)
+
+    def to_json(self) -> str:
+        return json.dumps(attrs.asdict(self), separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> BillingEvent:
+        d = _loads(raw, "billing event")
+        w = "billing event"
+        event = cls(
+            event_id=_field(d, "event_id", str, w),
+            user_id=_field(d, "user_id", int, w),
+            model=_field(d, "model", str, w),
+            voice=_field(d, "voice", str, w),
+            variant_hash=_field(d, "variant_hash", str, w),
+            text_length=_field(d, "text_length", int, w),
+            usage_multiplier=float(_field(d, "usage_multiplier", (int, float), w)),
+            duration_ms=int(_field(d, "duration_ms", (int, float), w)),
+            document_id=_field(d, "document_id", str, w),
+            block_idx=_field(d, "block_idx", int, w),
+            finalized_at=float(_field(d, "finalized_at", (int, float), w)),
+        )
+        if not event.event_id:
+            raise ContractError(f"{w}: empty event_id")
+        if event.text_length < 0 or event.usage_multiplier < 0:
+            raise ContractError(f"{w}: negative text_length or usage_multiplier")
+        return event

@@ -1,0 +1,1 @@
+"""The gateway: WebSocket protocol, token auth, HTTP endpoints."""

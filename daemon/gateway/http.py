@@ -1,0 +1,125 @@
+"""The HTTP side (SPEC section 10): audio, health, metrics — a small ASGI app served by hypercorn.
+
+No framework: four routes do not need one. The app runs in Trio tasks inside the daemon's
+trio-asyncio loop, so it reaches Redis through the same store as everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+__all__ = ["HttpApp"]
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_AUDIO = re.compile(r"^/v1/audio/([0-9a-f]{16,128})$")
+
+
+class HttpApp:
+    """``health()`` returns (JSON-able report, healthy); ``refresh_metrics()`` updates gauges
+    before a scrape; ``get_audio(hash)`` returns (bytes, content type) or None;
+    ``dashboard()`` returns (body, content type) or None when there is none."""
+
+    def __init__(
+        self,
+        *,
+        get_audio: Callable[[str], Awaitable[tuple[bytes, str] | None]],
+        health: Callable[[], Awaitable[tuple[dict[str, Any], bool]]],
+        refresh_metrics: Callable[[], Awaitable[None]],
+        registry: Any,
+        dashboard: Callable[[str], Awaitable[tuple[bytes, str] | None]] | None = None,
+    ) -> None:
+        self.get_audio = get_audio
+        self.health = health
+        self.refresh_metrics = refresh_metrics
+        self.registry = registry
+        self.dashboard = dashboard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            await self._route(scope, send)
+        except trio.TooSlowError:
+            await _respond(send, 504, b"upstream timeout\n", "text/plain")
+        except Exception as exc:
+            # Redis down (or a bug): answer, do not let one request take the server down.
+            body = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
+            await _respond(send, 503, body, "application/json")
+
+    async def _route(self, scope: Scope, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        if method not in ("GET", "HEAD"):
+            await _respond(send, 405, b"method not allowed\n", "text/plain", [(b"allow", b"GET")])
+            return
+        m = _AUDIO.match(path)
+        if m:
+            audio = await self.get_audio(m.group(1))
+            if audio is None:
+                await _respond(send, 404, b"no such audio (unknown, or expired)\n", "text/plain")
+                return
+            data, content_type = audio
+            await _respond(
+                send,
+                200,
+                data if method == "GET" else b"",
+                content_type,
+                [(b"cache-control", b"private, max-age=60")],
+                content_length=len(data),
+            )
+            return
+        if path == "/healthz":
+            report, healthy = await self.health()
+            await _respond(
+                send, 200 if healthy else 503, json.dumps(report).encode(), "application/json"
+            )
+            return
+        if path == "/metrics":
+            await self.refresh_metrics()
+            await _respond(send, 200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+            return
+        if self.dashboard is not None:
+            page = await self.dashboard(path)
+            if page is not None:
+                await _respond(send, 200, page[0], page[1])
+                return
+        await _respond(send, 404, b"not found\n", "text/plain")
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    *,
+    content_length: int | None = None,
+) -> None:
+    all_headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body) if content_length is None else content_length).encode()),
+        (b"x-content-type-options", b"nosniff"),
+        *(headers or []),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": all_headers})
+    await send({"type": "http.response.body", "body": body})

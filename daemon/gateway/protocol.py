@@ -1,0 +1,181 @@
+"""The WebSocket protocol of SPEC section 4: frames in, validated; frames out, built.
+
+Pure functions, no I/O: ``parse_frame`` turns a text frame into a request or raises
+:class:`ProtocolError` whose message names the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "MAX_BLOCKS",
+    "MAX_BLOCK_IDX",
+    "MAX_DOCUMENT_ID",
+    "MAX_TEXT",
+    "Block",
+    "CursorMoved",
+    "ProtocolError",
+    "Synthesize",
+    "error_frame",
+    "parse_frame",
+    "status_frame",
+]
+
+MAX_DOCUMENT_ID = 128
+MAX_BLOCKS = 64
+MAX_BLOCK_IDX = 1_000_000
+MAX_TEXT = 2000
+
+
+class ProtocolError(Exception):
+    """A frame the gateway answers with an ``error`` frame (the connection stays open)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@attrs.frozen
+class Block:
+    idx: int
+    text: str
+
+
+@attrs.frozen
+class Synthesize:
+    document_id: str
+    model: str
+    voice: str | None
+    blocks: tuple[Block, ...]
+
+
+@attrs.frozen
+class CursorMoved:
+    document_id: str
+    block_idx: int
+
+
+def _bad(message: str) -> ProtocolError:
+    return ProtocolError("bad_request", message)
+
+
+def _int(value: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"{name}: must be an integer")
+    if not lo <= value <= hi:
+        raise _bad(f"{name}: must be {lo}..{hi}")
+    return value
+
+
+def _str(value: Any, name: str, lo: int, hi: int, what: str = "characters") -> str:
+    if not isinstance(value, str):
+        raise _bad(f"{name}: must be a string")
+    if not lo <= len(value) <= hi:
+        raise _bad(f"{name}: must be {lo}..{hi} {what}")
+    return value
+
+
+def _require(frame: Mapping[str, Any], name: str) -> Any:
+    if name not in frame:
+        raise _bad(f"{name}: missing")
+    return frame[name]
+
+
+def _document_id(frame: Mapping[str, Any]) -> str:
+    return _str(_require(frame, "document_id"), "document_id", 1, MAX_DOCUMENT_ID)
+
+
+def _synthesize(frame: Mapping[str, Any]) -> Synthesize:
+    document_id = _document_id(frame)
+    model = _require(frame, "model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model: must be a non-empty string")
+    voice = frame.get("voice")
+    if voice is not None and (not isinstance(voice, str) or not voice):
+        raise _bad("voice: must be a non-empty string")
+    raw_blocks = _require(frame, "blocks")
+    if not isinstance(raw_blocks, list):
+        raise _bad("blocks: must be a list")
+    if not 1 <= len(raw_blocks) <= MAX_BLOCKS:
+        raise _bad(f"blocks: must hold 1..{MAX_BLOCKS} blocks")
+    blocks = []
+    seen: set[int] = set()
+    for i, raw in enumerate(raw_blocks):
+        if not isinstance(raw, dict):
+            raise _bad(f"blocks[{i}]: must be an object")
+        idx = _int(_require_block(raw, i, "idx"), f"blocks[{i}].idx", 0, MAX_BLOCK_IDX)
+        text = _str(_require_block(raw, i, "text"), f"blocks[{i}].text", 1, MAX_TEXT)
+        if idx in seen:
+            raise _bad(f"blocks[{i}].idx: duplicate idx {idx}")
+        seen.add(idx)
+        blocks.append(Block(idx, text))
+    return Synthesize(document_id, model, voice, tuple(blocks))
+
+
+def _require_block(block: Mapping[str, Any], i: int, name: str) -> Any:
+    if name not in block:
+        raise _bad(f"blocks[{i}].{name}: missing")
+    return block[name]
+
+
+def _cursor_moved(frame: Mapping[str, Any]) -> CursorMoved:
+    document_id = _document_id(frame)
+    block_idx = _int(_require(frame, "block_idx"), "block_idx", 0, MAX_BLOCK_IDX)
+    return CursorMoved(document_id, block_idx)
+
+
+_PARSERS = {"synthesize": _synthesize, "cursor_moved": _cursor_moved}
+
+
+def parse_frame(message: str | bytes) -> Synthesize | CursorMoved:
+    """Validate one client frame. Model and voice names are checked later, against the catalog."""
+    if isinstance(message, bytes):
+        raise _bad("frame: must be a JSON text frame, not binary")
+    try:
+        frame = json.loads(message)
+    except ValueError as exc:
+        raise _bad(f"frame: not valid JSON: {exc.args[0] if exc.args else exc}") from None
+    if not isinstance(frame, dict):
+        raise _bad("frame: must be a JSON object")
+    kind = frame.get("type")
+    if kind is None:
+        raise _bad("type: missing")
+    if not isinstance(kind, str):
+        raise _bad("type: must be a string")
+    parser = _PARSERS.get(kind)
+    if parser is None:
+        raise _bad(f"type: unknown message type {kind[:40]!r}")
+    return parser(frame)
+
+
+def _dumps(frame: dict[str, Any]) -> str:
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+def error_frame(code: str, message: str) -> str:
+    return _dumps({"type": "error", "code": code, "message": message})
+
+
+def status_frame(
+    document_id: str, block_idx: int, status: str, model: str, voice: str, **extra: Any
+) -> str:
+    frame = {
+        "type": "status",
+        "document_id": document_id,
+        "block_idx": block_idx,
+        "status": status,
+        "model": model,
+        "voice": voice,
+    }
+    frame.update(extra)
+    return _dumps(frame)
+
+
+def evicted_frame(document_id: str, block_idxs: list[int]) -> str:
+    return _dumps({"type": "evicted", "document_id": document_id, "block_idxs": sorted(block_idxs)})

@@ -1,0 +1,74 @@
+"""Prometheus metrics (SPEC section 10), on a registry of the daemon's own.
+
+One registry per daemon instance (not the process-global one), so several daemons can run in one
+test process without colliding.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_SLOW = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.billing_queue_depth = Gauge(
+            "tts_billing_queue_depth", "Billing events produced and not yet billed", registry=r
+        )
+        self.billing_events = Counter(
+            "tts_billing_events", "Billing events billed (duplicates excluded)", registry=r
+        )
+        self.billing_duplicates = Counter(
+            "tts_billing_duplicates", "Billing events that were already billed", registry=r
+        )
+        self.billing_dead_letters = Counter(
+            "tts_billing_dead_letters", "Malformed billing events dead-lettered", registry=r
+        )
+        self.billing_batch_seconds = Histogram(
+            "tts_billing_batch_seconds", "Time to bill one batch", buckets=_SLOW, registry=r
+        )
+        self.request_pool_wait_seconds = Histogram(
+            "tts_request_pool_wait_seconds",
+            "Time the request path waited for a Postgres connection",
+            buckets=_FAST,
+            registry=r,
+        )
+        self.ack_seconds = Histogram(
+            "tts_ack_seconds", "synthesize received → statuses sent", buckets=_FAST, registry=r
+        )
+        self.hot_finalize_seconds = Histogram(
+            "tts_hot_finalize_seconds",
+            "Hot path: result claimed → finalized (stored, notified, billing queued)",
+            buckets=_FAST,
+            registry=r,
+        )
+        self.hot_results = Counter(
+            "tts_hot_results", "Results handled by the hot path", ["outcome"], registry=r
+        )
+        self.ws_connections = Gauge("tts_ws_connections", "Open WebSocket connections", registry=r)
+        self.service_restarts = Counter(
+            "tts_service_restarts", "Services restarted by the supervisor", ["service"], registry=r
+        )
+        self.requests = Counter(
+            "tts_synthesize_requests", "synthesize requests", ["outcome"], registry=r
+        )
+        self.blocks = Counter(
+            "tts_blocks", "Blocks requested, by first status", ["status"], registry=r
+        )
+        self.jobs_requeued = Counter(
+            "tts_jobs_requeued", "Jobs requeued by the visibility scanner", registry=r
+        )
+        self.jobs_dead_lettered = Counter(
+            "tts_jobs_dead_lettered", "Jobs moved to the DLQ after max_retries", registry=r
+        )
+        self.request_pool_in_use = Gauge(
+            "tts_request_pool_in_use", "Request pool connections in use", registry=r
+        )
+        self.billing_pool_in_use = Gauge(
+            "tts_billing_pool_in_use", "Billing pool connections in use", registry=r
+        )

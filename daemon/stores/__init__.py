@@ -1,0 +1,1 @@
+"""The only asyncio-flavoured code: Redis and Postgres access through trio-asyncio."""

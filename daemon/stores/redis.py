@@ -1,0 +1,509 @@
+"""Redis access: the one place that speaks redis-py's asyncio client, through trio-asyncio.
+
+Pattern (see docs/bridge.md): each unit of work is a plain asyncio coroutine, called from Trio with
+exactly one ``aio_as_trio`` crossing, under a Trio deadline. Clients have ``socket_timeout=None``
+(redis-py's own timeout path can swallow a cancel on Python 3.11), blocking reads use a connection
+of their own with a short server-side timeout, and nothing blocking is cancelled except at shutdown
+— and then only reads whose items survive it (BLMOVE into a claimed list, XREADGROUP).
+
+Every multi-key change is a Lua script (``lua/``), so a crash never leaves half of one behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import AsyncIterator, Callable, Sequence
+from importlib import resources
+from typing import Any
+
+import attrs
+import redis.asyncio as aioredis
+import trio
+import trio_asyncio
+from redis.exceptions import ResponseError
+
+from daemon.contracts import Keys
+
+__all__ = [
+    "BillingEntry",
+    "FinalizeArgs",
+    "RedisStore",
+    "is_redis_unavailable",
+    "open_redis",
+]
+
+CLOSE_TIMEOUT_S = 5.0
+
+_SCRIPT_NAMES = (
+    "enqueue",
+    "pull",
+    "push_result",
+    "claim",
+    "finalize",
+    "recover",
+    "requeue",
+    "evict",
+)
+
+
+def _load_scripts() -> dict[str, str]:
+    lua = resources.files("daemon.stores") / "lua"
+    common = (lua / "common.lua").read_text()
+    return {name: common + "\n" + (lua / f"{name}.lua").read_text() for name in _SCRIPT_NAMES}
+
+
+SCRIPTS = _load_scripts()
+
+
+def is_redis_unavailable(exc: BaseException) -> bool:
+    """True for the errors that mean "Redis is down or restarting": worth a retry with backoff."""
+    from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+
+    if isinstance(exc, ConnectionError | TimeoutError | BusyLoadingError | OSError):
+        return True
+    # A restarted server may answer with LOADING or MASTERDOWN as a ResponseError subclass.
+    return isinstance(exc, ResponseError) and str(exc).startswith(("LOADING", "MASTERDOWN"))
+
+
+def _make_client(url: str, *, max_connections: int, pool_timeout_s: float) -> aioredis.Redis:
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=pool_timeout_s,
+        socket_timeout=None,
+        socket_connect_timeout=5.0,
+        socket_keepalive=True,
+        retry_on_timeout=False,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+@attrs.frozen
+class FinalizeArgs:
+    """Everything ``finalize.lua`` needs for one result."""
+
+    raw: bytes
+    job_id: str
+    variant_hash: str
+    kind: str  # audio | skipped | error
+    model: str
+    voice: str
+    audio: bytes = b""
+    content_type: str = ""
+    duration_ms: int = 0
+    billing_event: str = ""
+    error: str = ""
+
+
+@attrs.frozen
+class BillingEntry:
+    """One stream entry of the billing queue: its id, and the raw event (None if unreadable)."""
+
+    entry_id: bytes
+    raw: bytes | None
+
+
+class RedisStore:
+    """Trio-facing Redis operations. Each method is one crossing and one unit of work.
+
+    ``open_redis`` builds one; ``dedicated()`` gives a store on a connection of its own for a
+    consumer's blocking reads.
+    """
+
+    def __init__(self, client: aioredis.Redis, *, url: str, command_timeout_s: float) -> None:
+        self._client = client
+        self.url = url
+        self.command_timeout_s = command_timeout_s
+        self._scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _cross(
+        self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None
+    ) -> Any:
+        with trio.fail_after(timeout_s or self.command_timeout_s):
+            return await trio_asyncio.aio_as_trio(fn)(*args)
+
+    async def _script(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        return await self._cross(self._scripts[name], list(keys), list(args))
+
+    @contextlib.asynccontextmanager
+    async def dedicated(self) -> AsyncIterator[RedisStore]:
+        """A store with its own single connection, for blocking reads that must not share one."""
+        client = aioredis.Redis.from_url(
+            self.url,
+            single_connection_client=True,
+            socket_timeout=None,
+            socket_connect_timeout=5.0,
+            socket_keepalive=True,
+        )
+        try:
+            yield RedisStore(client, url=self.url, command_timeout_s=self.command_timeout_s)
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+                await trio_asyncio.aio_as_trio(client.aclose)()
+
+    async def ping_ms(self) -> float:
+        """One PING through this store's client; the round trip in milliseconds."""
+
+        async def ping() -> float:
+            import time
+
+            t0 = time.perf_counter()
+            await self._client.ping()
+            return (time.perf_counter() - t0) * 1000.0
+
+        return await self._cross(ping)
+
+    async def execute(self, *args: Any) -> Any:
+        """A raw command (tools, tests, reports)."""
+        return await self._cross(self._client.execute_command, *args)
+
+    # -- gateway ----------------------------------------------------------------------------
+
+    async def enqueue_blocks(
+        self,
+        *,
+        user_id: int,
+        document_id: str,
+        model: str,
+        now: float,
+        rate_key: str,
+        rate_limit: int,
+        budget: int | None,
+        blocks: Sequence[tuple[int, str, str, int, str]],
+    ) -> tuple[str, list[str] | int]:
+        """Run ``enqueue.lua``. ``blocks``: (idx, variant_hash, job_id, cost, job_json).
+
+        Returns ("ok", [status per block]) or ("rate_limited", blocks already used this minute).
+        """
+        args: list[Any] = [
+            user_id,
+            document_id,
+            repr(now),
+            rate_limit,
+            -1 if budget is None else budget,
+            len(blocks),
+        ]
+        for block in blocks:
+            args.extend(block)
+        keys = [rate_key, Keys.JOBS, Keys.queue(model), Keys.processing(model)]
+        reply = await self._script("enqueue", keys, args)
+        head = reply[0].decode()
+        if head == "rate_limited":
+            return head, int(reply[1])
+        return head, [s.decode() for s in reply[1:]]
+
+    async def evict(
+        self, *, user_id: int, document_id: str, blocks: Sequence[tuple[int, str, str]]
+    ) -> list[int]:
+        """Run ``evict.lua``: ``blocks`` are (idx, variant_hash, model); returns evicted idxs."""
+        args: list[Any] = [user_id, document_id, len(blocks)]
+        for block in blocks:
+            args.extend(block)
+        reply = await self._script("evict", [], args)
+        return [int(i) for i in reply]
+
+    async def get_audio(self, variant_hash: str) -> tuple[bytes, str] | None:
+        async def get() -> Any:
+            return await self._client.hmget(Keys.audio(variant_hash), "data", "content_type")
+
+        data, content_type = await self._cross(get)
+        if data is None:
+            return None
+        return data, (content_type or b"application/octet-stream").decode()
+
+    async def audio_exists(self, variant_hash: str) -> bool:
+        return bool(await self._cross(self._client.exists, Keys.audio(variant_hash)))
+
+    # -- workers ----------------------------------------------------------------------------
+
+    async def pull_job(self, model: str) -> bytes | None:
+        """The atomic pull of SPEC section 5 (``pull.lua``)."""
+        keys = [Keys.queue(model), Keys.processing(model), Keys.JOBS]
+        return await self._script("pull", keys, [])
+
+    async def push_result(self, model: str, job_id: str, result_json: str) -> None:
+        await self._script(
+            "push_result", [Keys.RESULTS, Keys.processing(model)], [result_json, job_id]
+        )
+
+    async def requeue_stale(
+        self, model: str, *, visibility_timeout_s: float, max_retries: int, limit: int = 500
+    ) -> tuple[int, int]:
+        keys = [
+            Keys.processing(model),
+            Keys.queue(model),
+            Keys.JOBS,
+            Keys.RETRIES,
+            Keys.dlq(model),
+            Keys.RESULTS,
+        ]
+        requeued, dead = await self._script(
+            "requeue", keys, [visibility_timeout_s, max_retries, limit]
+        )
+        return int(requeued), int(dead)
+
+    # -- hot consumer -----------------------------------------------------------------------
+
+    async def claim_results(self, consumer_id: str, *, n: int, block_s: float) -> list[bytes]:
+        """Drain-on-wake: take up to ``n`` results into the consumer's claimed list.
+
+        Blocks (server side, up to ``block_s``) only when nothing is waiting. Use on a
+        ``dedicated()`` store: the BLMOVE holds its connection while it waits.
+        """
+        claimed = Keys.hot_claimed(consumer_id)
+        claim = self._scripts["claim"]
+        client = self._client
+
+        async def take() -> list[bytes]:
+            items = await claim([Keys.RESULTS, claimed], [n])
+            if items:
+                return items
+            first = await client.blmove(Keys.RESULTS, claimed, block_s, "RIGHT", "LEFT")
+            if first is None:
+                return []
+            rest = await claim([Keys.RESULTS, claimed], [n - 1]) if n > 1 else []
+            return [first, *rest]
+
+        return await self._cross(take, timeout_s=block_s + self.command_timeout_s)
+
+    async def finalize(self, consumer_id: str, f: FinalizeArgs, *, ttl_s: int) -> tuple[str, int]:
+        """Run ``finalize.lua`` for one result; returns (finalized|duplicate, waiters notified)."""
+        keys = [
+            Keys.hot_claimed(consumer_id),
+            Keys.BILLING,
+            Keys.JOBS,
+            Keys.processing(f.model),
+            Keys.queue(f.model),
+            Keys.RETRIES,
+        ]
+        args = [
+            f.raw,
+            f.job_id,
+            f.variant_hash,
+            f.kind,
+            f.audio,
+            f.content_type,
+            f.duration_ms,
+            ttl_s,
+            f.billing_event,
+            f.error,
+            f.model,
+            f.voice,
+        ]
+        outcome, n = await self._script("finalize", keys, args)
+        return outcome.decode(), int(n)
+
+    async def dead_letter_result(self, consumer_id: str, raw: bytes, reason_json: str) -> None:
+        """Move an undecodable result from the claimed list to ``tts:results:dead``."""
+        claimed = Keys.hot_claimed(consumer_id)
+
+        async def move() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.lpush(Keys.RESULTS_DEAD, reason_json)
+                pipe.lrem(claimed, 1, raw)
+                await pipe.execute()
+
+        await self._cross(move)
+
+    async def heartbeat(self, consumer_id: str, *, ttl_s: float) -> None:
+        """Mark the consumer alive (and registered: re-created if Redis lost it)."""
+
+        async def beat() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.sadd(Keys.HOT_CONSUMERS, consumer_id)
+                pipe.set(Keys.hot_alive(consumer_id), b"1", px=max(1, int(ttl_s * 1000)))
+                await pipe.execute()
+
+        await self._cross(beat)
+
+    async def recover_results(self, consumer_id: str, *, include_own: bool) -> int:
+        """Give dead consumers' (and with ``include_own`` our own) claimed results back."""
+        total = 0
+        while True:
+            moved = int(
+                await self._script(
+                    "recover",
+                    [Keys.HOT_CONSUMERS, Keys.RESULTS],
+                    [consumer_id, "1" if include_own else "0", 1000],
+                )
+            )
+            total += moved
+            if moved < 1000:
+                return total
+
+    async def unregister_consumer(self, consumer_id: str) -> None:
+        async def drop() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.srem(Keys.HOT_CONSUMERS, consumer_id)
+                pipe.delete(Keys.hot_alive(consumer_id))
+                await pipe.execute()
+
+        await self._cross(drop)
+
+    # -- billing queue ----------------------------------------------------------------------
+
+    async def read_billing(
+        self, consumer: str, *, count: int, block_ms: int, pending: bool = False
+    ) -> list[BillingEntry]:
+        """XREADGROUP: new entries (blocking up to ``block_ms``), or with ``pending`` this
+        consumer's own delivered-but-unacknowledged ones. Re-creates the group (and stream) on
+        NOGROUP, so a Redis that lost its data heals on the read path, not only at start-up.
+        """
+        client = self._client
+
+        async def read() -> list[BillingEntry]:
+            for attempt in range(2):
+                try:
+                    reply = await client.xreadgroup(
+                        Keys.BILLING_GROUP,
+                        consumer,
+                        {Keys.BILLING: "0" if pending else ">"},
+                        count=count,
+                        block=None if pending else block_ms,
+                    )
+                    break
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc) or attempt:
+                        raise
+                    await _ensure_billing_group(client)
+            entries: list[BillingEntry] = []
+            for _stream, items in reply or []:
+                for entry_id, fields in items:
+                    raw = fields.get(b"event") if fields else None
+                    entries.append(BillingEntry(entry_id, raw))
+            return entries
+
+        return await self._cross(read, timeout_s=block_ms / 1000 + self.command_timeout_s)
+
+    async def claim_stale_billing(
+        self, consumer: str, *, min_idle_ms: int, count: int
+    ) -> list[BillingEntry]:
+        """XAUTOCLAIM entries pending longer than ``min_idle_ms`` on other (dead) consumers."""
+        client = self._client
+
+        async def claim() -> list[BillingEntry]:
+            try:
+                reply = await client.xautoclaim(
+                    Keys.BILLING, Keys.BILLING_GROUP, consumer, min_idle_ms, "0-0", count=count
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await _ensure_billing_group(client)
+                return []
+            items = reply[1] if len(reply) > 1 else []
+            out = []
+            for item in items:
+                if item is None:
+                    continue
+                entry_id, fields = item
+                out.append(BillingEntry(entry_id, fields.get(b"event") if fields else None))
+            return out
+
+        return await self._cross(claim)
+
+    async def ack_billing(self, entry_ids: Sequence[bytes]) -> None:
+        """Acknowledge and delete billed entries, so the stream length is the backlog."""
+        if not entry_ids:
+            return
+
+        async def ack() -> None:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.xack(Keys.BILLING, Keys.BILLING_GROUP, *entry_ids)
+                pipe.xdel(Keys.BILLING, *entry_ids)
+                await pipe.execute()
+
+        client = self._client
+        await self._cross(ack)
+
+    async def dead_letter_billing(self, entry_id: bytes, reason_json: str) -> None:
+        async def move() -> None:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.lpush(Keys.BILLING_DEAD, reason_json)
+                pipe.xack(Keys.BILLING, Keys.BILLING_GROUP, entry_id)
+                pipe.xdel(Keys.BILLING, entry_id)
+                await pipe.execute()
+
+        client = self._client
+        await self._cross(move)
+
+    async def billing_depth(self) -> int:
+        """Billing events produced and not yet billed (the primary health signal)."""
+        return int(await self._cross(self._client.xlen, Keys.BILLING))
+
+    # -- notifications ----------------------------------------------------------------------
+
+    async def listen_notifications(
+        self, deliver: Callable[[int, bytes], None], *, ready: Callable[[], None]
+    ) -> None:
+        """Receive every user's status frames until cancelled; ``deliver(user_id, frame)`` is
+        called for each (synchronously, so it must not block). ``ready()`` once subscribed.
+
+        The whole listener is one asyncio coroutine (one crossing for its lifetime); it closes its
+        pub/sub connection itself when cancelled.
+        """
+        client = self._client
+        prefix = Keys.NOTIFY_PREFIX.encode()
+
+        async def listen() -> None:
+            # Subscribe confirmations are filtered here, not by redis-py: the first one proves the
+            # server has registered the subscription, so nothing published after ready() is lost.
+            pubsub = client.pubsub()
+            try:
+                await pubsub.psubscribe(prefix + b"*")
+                while True:
+                    msg = await pubsub.get_message(timeout=5.0)
+                    if msg is not None and msg["type"] == "psubscribe":
+                        break
+                ready()
+                while True:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is None or msg["type"] != "pmessage":
+                        continue
+                    channel = msg["channel"]
+                    try:
+                        user_id = int(channel[len(prefix) :])
+                    except ValueError:
+                        continue
+                    deliver(user_id, msg["data"])
+            finally:
+                await pubsub.aclose()
+
+        await trio_asyncio.aio_as_trio(listen)()
+
+
+async def _ensure_billing_group(client: aioredis.Redis) -> None:
+    # Start at 0, not $: if the stream survived but the group did not, its entries are unbilled.
+    try:
+        await client.xgroup_create(Keys.BILLING, Keys.BILLING_GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+@contextlib.asynccontextmanager
+async def open_redis(
+    url: str,
+    *,
+    max_connections: int = 64,
+    pool_timeout_s: float = 5.0,
+    command_timeout_s: float = 10.0,
+) -> AsyncIterator[RedisStore]:
+    """A :class:`RedisStore` on a bounded connection pool; closed (shielded) on exit.
+
+    Must run inside ``trio_asyncio.open_loop()``. Does not connect until first use.
+    """
+    client = _make_client(url, max_connections=max_connections, pool_timeout_s=pool_timeout_s)
+    try:
+        yield RedisStore(client, url=url, command_timeout_s=command_timeout_s)
+    finally:
+        with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            await trio_asyncio.aio_as_trio(client.aclose)()
+            await trio_asyncio.aio_as_trio(client.connection_pool.disconnect)()
+
+
+def billing_block_ms(block_s: float) -> int:
+    return max(1, math.ceil(block_s * 1000))
