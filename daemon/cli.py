@@ -94,9 +94,19 @@ def cmd_run(cfg: Config) -> int:
 async def _with_db(pg_url: str, fn, *args):  # type: ignore[no-untyped-def]
     from daemon.stores.pg import open_pg_pool
 
-    async with trio_asyncio.open_loop(), open_pg_pool(pg_url, size=1, min_size=1) as db:
-        await db.migrate()
-        return await fn(db, *args)
+    try:
+        async with trio_asyncio.open_loop(), open_pg_pool(pg_url, size=1, min_size=1) as db:
+            await db.migrate()
+            return await fn(db, *args)
+    except BaseExceptionGroup as group:
+        # The loop's nursery wraps the one error there is; callers handle it by its type.
+        raise _single(group) from None
+
+
+def _single(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def cmd_migrate(cfg: Config) -> int:
@@ -213,6 +223,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        return _describe(exc.exceptions[0])
+    exc = _single(exc)
     return f"{type(exc).__name__}: {exc}"

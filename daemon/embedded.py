@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -93,6 +94,13 @@ def _wait_until(check, timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise EmbeddedError(f"{what}: not ready after {timeout_s:.0f} s")
         time.sleep(0.05)
+
+
+def _pgserver_bin() -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset (CI, root)
+        from pgserver._commands import POSTGRES_BIN_PATH
+    return Path(POSTGRES_BIN_PATH)
 
 
 class EmbeddedRedis:
@@ -250,9 +258,7 @@ class EmbeddedPostgres:
         )
 
     def _bin(self, name: str) -> str:
-        from pgserver._commands import POSTGRES_BIN_PATH
-
-        return str(POSTGRES_BIN_PATH / name)
+        return str(_pgserver_bin() / name)
 
     def _run(self, args: list[str], timeout: float = START_TIMEOUT_S) -> None:
         result = subprocess.run(
@@ -300,7 +306,9 @@ class EmbeddedPostgres:
             return
         import pwd
 
-        from pgserver.utils import ensure_prefix_permissions, ensure_user_exists
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset (CI, root)
+            from pgserver.utils import ensure_prefix_permissions, ensure_user_exists
 
         ensure_user_exists(self.system_user)
         ensure_prefix_permissions(self.root)

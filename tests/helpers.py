@@ -1,0 +1,229 @@
+"""Test helpers: real clients for the real servers the tests start.
+
+Postgres and Redis are reached from tests through their own clients in a worker thread
+(``asyncio.run`` there), so a test never shares the daemon's trio-asyncio loop or pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import asyncpg
+import redis
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+__all__ = [
+    "WsClient",
+    "add_user",
+    "handshake_status",
+    "pg_fetch",
+    "pg_val",
+    "redis_call",
+    "wait_until",
+]
+
+
+async def _in_thread(fn: Callable[[], Any]) -> Any:
+    return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
+
+
+async def pg_fetch(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
+    async def q() -> list[dict[str, Any]]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [dict(r) for r in await conn.fetch(sql, *args)]
+        finally:
+            await conn.close()
+
+    return await _in_thread(lambda: asyncio.run(q()))
+
+
+async def pg_val(url: str, sql: str, *args: Any) -> Any:
+    rows = await pg_fetch(url, sql, *args)
+    return next(iter(rows[0].values())) if rows else None
+
+
+async def add_user(url: str, name: str, plan: str = "plus") -> tuple[int, str]:
+    """Create a user through the daemon's own code path; returns (id, token)."""
+    from daemon.stores.pg import _add_user
+
+    async def go() -> tuple[int, str]:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
+        try:
+            return await _add_user(pool, name, plan)
+        finally:
+            await pool.close()
+
+    return await _in_thread(lambda: asyncio.run(go()))
+
+
+async def handshake_status(
+    url: str, headers: dict[str, str] | None = None, *, ssl_context: Any = None
+) -> tuple[int, bytes]:
+    """Send a WebSocket upgrade request by hand; return the HTTP status and body.
+
+    (trio-websocket's client leaks its socket when a handshake is rejected, so rejection tests
+    speak the upgrade themselves — which is also the literal check of "HTTP 401".)
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    with trio.fail_after(10):
+        if ssl_context is not None:
+            stream: Any = await trio.open_ssl_over_tcp_stream(
+                parts.hostname, parts.port, ssl_context=ssl_context, https_compatible=True
+            )
+        else:
+            stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+        async with stream:
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+            lines = [
+                f"GET {target} HTTP/1.1",
+                f"Host: {parts.hostname}:{parts.port}",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version: 13",
+                *(f"{k}: {v}" for k, v in (headers or {}).items()),
+            ]
+            await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(body) < length:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                body += chunk
+    status = int(head.split(b" ", 2)[1])
+    return status, body
+
+
+async def redis_call(url: str, *args: Any) -> Any:
+    def call() -> Any:
+        client = redis.Redis.from_url(url)
+        try:
+            return client.execute_command(*args)
+        finally:
+            client.close()
+
+    return await _in_thread(call)
+
+
+async def wait_until(
+    check: Callable[[], Any], *, timeout_s: float = 20.0, interval_s: float = 0.05, what: str = ""
+) -> Any:
+    """Poll an async or sync ``check`` until it returns something truthy; fail after timeout.
+
+    For conditions that come true through the system's own work (a row committed, a key set):
+    the test does not guess how long that takes, it waits for it with a ceiling.
+    """
+    with trio.move_on_after(timeout_s) as scope:
+        while True:
+            value = check()
+            if hasattr(value, "__await__"):
+                value = await value
+            if value:
+                return value
+            await trio.sleep(interval_s)
+    if scope.cancelled_caught:
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what or check}")
+    return None
+
+
+class WsClient:
+    """A WebSocket client that records every frame it receives."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+
+    async def send(self, frame: dict[str, Any] | str) -> None:
+        await self.ws.send_message(frame if isinstance(frame, str) else json.dumps(frame))
+
+    async def synthesize(
+        self,
+        document_id: str,
+        texts: Iterable[str] | dict[int, str],
+        *,
+        model: str = "kokoro",
+        voice: str | None = None,
+    ) -> None:
+        items = texts.items() if isinstance(texts, dict) else enumerate(texts)
+        frame: dict[str, Any] = {
+            "type": "synthesize",
+            "document_id": document_id,
+            "model": model,
+            "blocks": [{"idx": i, "text": t} for i, t in items],
+        }
+        if voice is not None:
+            frame["voice"] = voice
+        await self.send(frame)
+
+    async def receive(self, timeout_s: float = 20.0) -> dict[str, Any]:
+        with trio.fail_after(timeout_s):
+            frame = json.loads(await self.ws.get_message())
+        self.frames.append(frame)
+        return frame
+
+    async def until(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 20.0
+    ) -> list[dict[str, Any]]:
+        """Receive frames until ``predicate(all frames so far)`` holds."""
+        with trio.fail_after(timeout_s):
+            while not predicate(self.frames):
+                await self.receive(timeout_s)
+        return self.frames
+
+    def statuses(self, document_id: str | None = None) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for f in self.frames:
+            if f.get("type") == "status" and document_id in (None, f["document_id"]):
+                out.setdefault(f["block_idx"], []).append(f["status"])
+        return out
+
+    def terminal(self, document_id: str | None = None) -> dict[int, dict[str, Any]]:
+        out = {}
+        for f in self.frames:
+            if (
+                f.get("type") == "status"
+                and f["status"] in ("cached", "skipped", "error")
+                and document_id in (None, f["document_id"])
+            ):
+                out[f["block_idx"]] = f
+        return out
+
+    @classmethod
+    def connect(cls, url: str, token: str | None = None, *, query_token: bool = False, **kw: Any):
+        headers = []
+        if token is not None and not query_token:
+            headers.append(("Authorization", f"Bearer {token}"))
+        if token is not None and query_token:
+            url = f"{url}?token={token}"
+        return _Connect(cls, url, headers, kw)
+
+
+class _Connect:
+    def __init__(self, cls: type[WsClient], url: str, headers: list, kw: dict) -> None:
+        self._cm = open_websocket_url(url, extra_headers=headers, **kw)
+        self._cls = cls
+
+    async def __aenter__(self) -> WsClient:
+        return self._cls(await self._cm.__aenter__())
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        return await self._cm.__aexit__(*exc)
