@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= conf/daemon.toml
 STAMP  := $(VENV)/.installed
+# make stress: both architectures, same load and seed; figures and plot under var/.
+STRESS_ARGS ?= --compare --json var/stress.json --plot var/stress.png
 
 .PHONY: install run test lint format stress bench clean
 
@@ -34,6 +36,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 stress: $(STAMP)
+	mkdir -p var
 	$(BIN)/python tools/stress.py $(STRESS_ARGS)
 
 bench: $(STAMP)

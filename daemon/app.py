@@ -174,6 +174,9 @@ class Daemon:
             open_pg_pool(
                 self.pg_url,
                 size=cfg.postgres.request_pool_size,
+                # Open every connection at start: a connection made under load pays its
+                # authentication (SCRAM) on the request path, right in the middle of a burst.
+                min_size=cfg.postgres.request_pool_size,
                 acquire_timeout_s=cfg.postgres.acquire_timeout_s,
                 command_timeout_s=cfg.postgres.command_timeout_s,
             ) as db,

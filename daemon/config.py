@@ -124,7 +124,7 @@ class WorkersConfig:
     # Jobs a simulated worker pulls and finishes together, like a GPU batch (bursty results).
     batch: int = 1
     # Simulated audio: sample rate of the 16-bit mono WAV and speaking rate (chars per second).
-    sample_rate: int = 8000
+    sample_rate: int = 6000  # 16-bit mono: 12 KB/s, about 60 KB for five seconds (SPEC 11)
     speech_chars_per_s: float = 15.0
     # A job held by a worker longer than this goes back to the queue.
     visibility_timeout_s: float = 30.0

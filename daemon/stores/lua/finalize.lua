@@ -7,6 +7,8 @@
 -- ARGV: 1 raw result (to acknowledge), 2 job_id, 3 variant_hash, 4 kind (audio|skipped|error),
 --       5 audio bytes, 6 content_type, 7 duration_ms, 8 ttl_s, 9 billing event JSON,
 --       10 error message, 11 model, 12 voice
+-- An empty ARGV[9] queues no billing event: only tools/inline.py (the pre-split baseline, which
+-- bills inside the handler) passes one; the daemon never does.
 local job_id, hash, kind = ARGV[2], ARGV[3], ARGV[4]
 local inflight_key = 'tts:inflight:' .. hash
 if redis.call('GET', inflight_key) ~= job_id then
@@ -23,7 +25,9 @@ if kind == 'audio' then
   local audio_key = 'tts:audio:' .. hash
   redis.call('HSET', audio_key, 'data', ARGV[5], 'content_type', ARGV[6], 'duration_ms', ARGV[7])
   redis.call('EXPIRE', audio_key, tonumber(ARGV[8]))
-  redis.call('XADD', KEYS[2], '*', 'event', ARGV[9])
+  if ARGV[9] ~= '' then
+    redis.call('XADD', KEYS[2], '*', 'event', ARGV[9])
+  end
   frame['status'] = 'cached'
   frame['audio_url'] = '/v1/audio/' .. hash
 elseif kind == 'skipped' then

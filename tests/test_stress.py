@@ -1,0 +1,108 @@
+"""tools/stress.py at a tiny scale: both architectures run, complete and reconcile.
+
+The thresholds (split within 1.5× of idle, inline starving) belong to the stress run itself
+(`make stress`, docs/stress.md), not to a timed test on a shared machine: this checks that the
+tool works and that its result has the shape of SPEC section 8.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.xdist_group("stress")
+
+RUN_FIELDS = {
+    "idle_ack_ms": {"p50", "p99"},
+    "ack_ms": {"p50", "p95", "p99", "max"},
+    "audio_ms": {"p50", "p99"},
+    "pool_wait_ms": {"p50", "p99", "max"},
+}
+SCALARS = (
+    "pool_timeouts",
+    "requests",
+    "blocks",
+    "errors",
+    "events_billed",
+    "billing_events_per_s",
+    "billing_drain_s",
+    "reconciliation_delta",
+    "rss_mb_max",
+)
+
+
+def test_small_compare_completes_with_the_spec_shape(tmp_path: Path) -> None:
+    out = tmp_path / "stress.json"
+    plot = tmp_path / "stress.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "stress.py"),
+            "--compare",
+            "--users",
+            "2",
+            "--workers",
+            "1",
+            "--blocks",
+            "4",
+            "--buffer",
+            "2",
+            "--idle-probes",
+            "5",
+            "--probe-hz",
+            "20",
+            "--playback-speed",
+            "50",
+            "--worker-batch",
+            "4",
+            "--worker-latency-ms",
+            "20",
+            "--worker-jitter-ms",
+            "5",
+            "--seek-every-s",
+            "0.3",
+            "--txn-delay-ms",
+            "5",
+            "--max-load-s",
+            "60",
+            "--json",
+            str(out),
+            "--plot",
+            str(plot),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {"split", "inline"}
+    assert result["params"]["users"] == 2 and result["params"]["workers"] == 1
+    for arch, run in result["runs"].items():
+        for field, keys in RUN_FIELDS.items():
+            assert set(run[field]) >= keys, (arch, field)
+            assert all(isinstance(run[field][k], int | float) for k in keys)
+        for field in SCALARS:
+            assert isinstance(run[field], int | float), (arch, field)
+        # Both runs did the work and closed their books.
+        assert run["verified"] == {
+            "all_blocks_terminal": True,
+            "billing_drained": True,
+            "billed_equals_requested": True,
+            "reconciliation_zero": True,
+        }, arch
+        assert run["blocks"] >= 2 * 4 + 5
+        assert run["events_billed"] == run["blocks"] - run["blocks_evicted"]
+        assert run["reconciliation_delta"] == 0
+        assert run["idle_ack_ms"]["p50"] > 0 and run["ack_ms"]["p50"] > 0
+        assert run["rss_mb_max"] > 10
+    assert set(result["targets"]) == {"split_ack_p99_within_1.5x_idle", "inline_starves"}
+    assert plot.stat().st_size > 10_000
+    assert "split" in proc.stdout and "inline" in proc.stdout

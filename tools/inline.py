@@ -1,0 +1,194 @@
+"""The pre-split architecture, for comparison only: billing inside each result handler.
+
+This is the design the split replaced (DESIGN-NOTE.md): one task per result, at most
+``hot.concurrency`` at once, each storing the audio, notifying the listener and then billing —
+block variant metadata, ``record_usage`` with its ``FOR UPDATE`` on the subscription row, the
+engagement stats — in one transaction on the **request path's shared pool**, holding a connection
+while it waits for the row lock. Under a burst the pool runs dry and ``synthesize`` (whose usage
+check needs a connection of the same pool) waits.
+
+It lives under ``tools/`` and is never part of ``tts-daemon run``. It reuses the project's own
+``record_usage`` and stores; the same ``billing.txn_delay_ms`` is applied inside each billing
+transaction, so both architectures pay the same per-commit cost. Unlike the system it models, a
+billing that times out waiting for a connection is retried, so that a run's reconciliation can
+still close at 0 and the comparison is about latency, not lost money.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import attrs
+import trio
+
+from daemon.app import Daemon
+from daemon.config import BillingConfig, PostgresConfig
+from daemon.contracts import BillingEvent, ContractError, Result
+from daemon.hot.consumer import HotConsumer
+from daemon.outage import Outage
+from daemon.stores.ledger import record_usage
+from daemon.stores.pg import PgPool
+from daemon.stores.redis import is_redis_unavailable
+from daemon.supervisor import ServiceSpec
+
+__all__ = ["InlineDaemon", "InlineHotConsumer"]
+
+_VARIANT_SQL = """
+INSERT INTO block_variants AS b (hash, model, voice, text_length, duration_ms)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (hash) DO UPDATE SET duration_ms = EXCLUDED.duration_ms, updated_at = now()
+"""
+_STATS_SQL = """
+INSERT INTO user_voice_stats AS s
+       (user_id, model, voice, month, total_characters, total_duration_ms, synth_count)
+VALUES ($1, $2, $3, date_trunc('month', now() AT TIME ZONE 'UTC')::date, $4, $5, 1)
+ON CONFLICT (user_id, model, voice, month) DO UPDATE
+   SET total_characters = s.total_characters + EXCLUDED.total_characters,
+       total_duration_ms = s.total_duration_ms + EXCLUDED.total_duration_ms,
+       synth_count = s.synth_count + 1
+"""
+
+
+async def bill_inline(
+    pool: asyncpg.Pool,
+    event: BillingEvent,
+    usage_type: str,
+    *,
+    acquire_timeout_s: float,
+    txn_delay_s: float,
+) -> float:
+    """The old handler's Postgres phase, one transaction; returns seconds waited for the pool."""
+    t0 = time.perf_counter()
+    conn = await pool.acquire(timeout=acquire_timeout_s)
+    waited = time.perf_counter() - t0
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                _VARIANT_SQL,
+                event.variant_hash,
+                event.model,
+                event.voice,
+                event.text_length,
+                event.duration_ms,
+            )
+            record = await record_usage(
+                event.user_id, usage_type, event.amount, event.event_id, conn, commit=False
+            )
+            if not record.duplicate:
+                await conn.execute(
+                    _STATS_SQL,
+                    event.user_id,
+                    event.model,
+                    event.voice,
+                    event.text_length,
+                    event.duration_ms,
+                )
+            if txn_delay_s > 0:
+                await asyncio.sleep(txn_delay_s)
+    finally:
+        await pool.release(conn)
+    return waited
+
+
+@attrs.define
+class InlineHotConsumer(HotConsumer):
+    """A result consumer that bills inline, on the request pool (the pre-split design)."""
+
+    db: PgPool | None = None
+    pg_cfg: PostgresConfig = attrs.Factory(PostgresConfig)
+    billing_cfg: BillingConfig = attrs.Factory(BillingConfig)
+    usage_types: dict[str, str] = attrs.Factory(dict)
+    billing_retries: int = 0
+
+    async def handle(self, raw: bytes, claimed_at: float) -> None:
+        try:
+            result = Result.from_json(raw)
+            args, event = self._finalize_args(raw, result)
+        except ContractError as exc:
+            await self._dead_letter(raw, str(exc))
+            return
+        # Store and notify, with no billing event queued: billing happens right here instead.
+        args = attrs.evolve(args, billing_event="")
+        outage = Outage("hot", self.events)
+        while True:
+            try:
+                outcome, notified = await self.store.finalize(
+                    self.consumer_id, args, ttl_s=self.cfg.audio_ttl_s
+                )
+                break
+            except Exception as exc:
+                if not is_redis_unavailable(exc):
+                    raise
+                await outage.failed(exc, "Redis")
+        finalized = time.perf_counter()
+        self.metrics.hot_finalize_seconds.observe(finalized - claimed_at)
+        if outcome == "duplicate" or event is None:
+            return
+        await self._bill(event)
+        self.events.emit(
+            "synthesis_complete",
+            job_id=result.job_id,
+            variant_hash=result.variant_hash,
+            user_id=result.user_id,
+            model=result.model,
+            voice=result.voice,
+            text_length=result.text_length,
+            queue_wait_ms=round(result.queue_wait_ms, 3),
+            worker_ms=round(result.processing_time_ms, 3),
+            finalize_ms=round((finalized - claimed_at) * 1000, 3),
+            cache_store_ms=round((finalized - claimed_at) * 1000, 3),
+            notify_ms=round((finalized - claimed_at) * 1000, 3),
+            status=args.kind,
+            notified=notified,
+            billed=True,
+            handler_ms=round((time.perf_counter() - claimed_at) * 1000, 3),
+        )
+
+    async def _bill(self, event: BillingEvent) -> None:
+        assert self.db is not None
+        usage_type = self.usage_types[event.model]
+        while True:
+            try:
+                await self.db.run(
+                    bill_inline,
+                    event,
+                    usage_type,
+                    acquire_timeout_s=self.pg_cfg.acquire_timeout_s,
+                    txn_delay_s=self.billing_cfg.txn_delay_ms / 1000.0,
+                )
+                return
+            except (TimeoutError, asyncpg.PostgresConnectionError, OSError) as exc:
+                self.billing_retries += 1
+                self.events.error("hot", f"inline billing failed, retrying: {exc!r}")
+                await trio.sleep(0.1)
+
+
+class InlineDaemon(Daemon):
+    """The daemon with the pre-split result handler: no billing consumer, billing inline."""
+
+    def hot_service(self) -> ServiceSpec:
+        assert self.store is not None and self.request_db is not None
+        consumer = InlineHotConsumer(
+            store=self.store,
+            cfg=self.cfg.hot,
+            events=self.events,
+            metrics=self.metrics,
+            consumer_id=self.instance_id,
+            block_s=self.cfg.redis.block_s,
+            db=self.request_db,
+            pg_cfg=self.cfg.postgres,
+            billing_cfg=self.cfg.billing,
+        )
+        self.hot = consumer
+
+        async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            catalog = await self.request_db.catalog()  # type: ignore[union-attr]
+            consumer.usage_types = {m: i["usage_type"] for m, i in catalog.models.items()}
+            await consumer.run(stopping=self.consumers_stopping, task_status=task_status)
+
+        return ServiceSpec("hot", run)
+
+    def billing_service(self) -> ServiceSpec | None:
+        return None

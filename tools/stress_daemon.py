@@ -1,0 +1,80 @@
+"""Run the daemon for tools/stress.py as its own process: ``split`` (as designed) or ``inline``.
+
+    python tools/stress_daemon.py --arch split --config run.toml --redis-url URL --pg-url URL \
+        --samples samples.json
+
+Prints the same "serving ws://… and http://…" line as ``tts-daemon run``; SIGTERM stops it
+gracefully. At exit it writes the request path's raw pool-wait samples (seconds) to ``--samples``
+so the stress tool can report exact percentiles (the /metrics histogram only has buckets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from daemon.app import Daemon
+from daemon.config import load_config
+from tools.inline import InlineDaemon
+
+
+def _tap_pool_waits(daemon: Daemon, samples: list[tuple[float, float]]) -> None:
+    """Record every request-path pool wait (time, seconds) next to the daemon's histogram."""
+    histogram = daemon.metrics.request_pool_wait_seconds
+    observe = histogram.observe
+
+    def record(value: float, *args: object, **kwargs: object) -> None:
+        samples.append((time.time(), value))
+        observe(value, *args, **kwargs)
+
+    histogram.observe = record  # type: ignore[method-assign]
+
+
+async def _main(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config)
+    cls = InlineDaemon if args.arch == "inline" else Daemon
+    daemon = cls(cfg, args.redis_url, args.pg_url)
+    samples: list[tuple[float, float]] = []
+    _tap_pool_waits(daemon, samples)
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    async for _ in signals:
+                        daemon.request_stop()
+
+                nursery.start_soon(watch)
+                await nursery.start(daemon.run)
+                assert daemon.addresses is not None
+                print(
+                    f"stress-daemon {args.arch}: serving {daemon.addresses.ws_url} and "
+                    f"{daemon.addresses.http_url}",
+                    flush=True,
+                )
+                await daemon.stopped.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        await trio.Path(args.samples).write_text(json.dumps({"pool_wait_s": samples}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--arch", choices=("split", "inline"), required=True)
+    p.add_argument("--config", required=True)
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--pg-url", required=True)
+    p.add_argument("--samples", required=True)
+    trio.run(_main, p.parse_args())
+
+
+if __name__ == "__main__":
+    main()
