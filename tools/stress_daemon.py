@@ -4,8 +4,9 @@
         --samples samples.json
 
 Prints the same "serving ws://… and http://…" line as ``tts-daemon run``; SIGTERM stops it
-gracefully. At exit it writes the request path's raw pool-wait samples (seconds) to ``--samples``
-so the stress tool can report exact percentiles (the /metrics histogram only has buckets).
+gracefully. At exit it writes raw samples (seconds) of the request path's pool waits and of the
+gateway's own ack time (frame received → statuses queued) to ``--samples``, so the stress tool can
+report exact percentiles (the /metrics histograms only have buckets).
 """
 
 from __future__ import annotations
@@ -26,16 +27,15 @@ from daemon.config import load_config
 from tools.inline import InlineDaemon
 
 
-def _tap_pool_waits(daemon: Daemon, samples: list[tuple[float, float]]) -> None:
-    """Record every request-path pool wait (time, seconds) next to the daemon's histogram."""
-    histogram = daemon.metrics.request_pool_wait_seconds
-    observe = histogram.observe
+def _tap(histogram: object, samples: list[tuple[float, float]]) -> None:
+    """Record every observation (time, seconds) of a daemon histogram, next to the histogram."""
+    observe = histogram.observe  # type: ignore[attr-defined]
 
     def record(value: float, *args: object, **kwargs: object) -> None:
         samples.append((time.time(), value))
         observe(value, *args, **kwargs)
 
-    histogram.observe = record  # type: ignore[method-assign]
+    histogram.observe = record  # type: ignore[attr-defined]
 
 
 async def _main(args: argparse.Namespace) -> None:
@@ -43,7 +43,9 @@ async def _main(args: argparse.Namespace) -> None:
     cls = InlineDaemon if args.arch == "inline" else Daemon
     daemon = cls(cfg, args.redis_url, args.pg_url)
     samples: list[tuple[float, float]] = []
-    _tap_pool_waits(daemon, samples)
+    gateway_acks: list[tuple[float, float]] = []
+    _tap(daemon.metrics.request_pool_wait_seconds, samples)
+    _tap(daemon.metrics.ack_seconds, gateway_acks)
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
@@ -63,7 +65,9 @@ async def _main(args: argparse.Namespace) -> None:
                 await daemon.stopped.wait()
                 nursery.cancel_scope.cancel()
     finally:
-        await trio.Path(args.samples).write_text(json.dumps({"pool_wait_s": samples}))
+        await trio.Path(args.samples).write_text(
+            json.dumps({"pool_wait_s": samples, "gateway_ack_s": gateway_acks})
+        )
 
 
 def main() -> None:
