@@ -38,11 +38,16 @@ class Connection:
 
     # -- frames out -------------------------------------------------------------------------
 
-    def push(self, text: str) -> None:
-        """Queue a frame for the client without blocking; a full queue closes the connection."""
+    def notify(self, text: str) -> None:
+        """Queue a notification (a status published by a worker or the hot path); held back while
+        a request's own replies are being produced (see :meth:`hold`)."""
         if self._held is not None:
             self._held.append(text)
             return
+        self.push(text)
+
+    def push(self, text: str) -> None:
+        """Queue a frame for the client without blocking; a full queue closes the connection."""
         try:
             self._send.send_nowait(text)
         except trio.WouldBlock:
@@ -58,7 +63,7 @@ class Connection:
     def release(self) -> None:
         held, self._held = self._held or [], None
         for text in held:
-            self.push(text)
+            self.notify(text)
 
     def note_status(self, document_id: str, block_idx: int, status: str) -> None:
         if status in ("cached", "skipped", "error"):

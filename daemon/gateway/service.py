@@ -202,7 +202,7 @@ class Gateway:
         for conn in list(conns):
             if document_id in conn.documents:
                 conn.note_status(document_id, block_idx, status)
-                conn.push(text)
+                conn.notify(text)
 
     # -- one connection ---------------------------------------------------------------------
 
