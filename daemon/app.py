@@ -351,6 +351,7 @@ class Daemon:
             "events": {
                 "written": self.events.written,
                 "dropped": self.events.dropped,
+                "write_errors": self.events.write_errors,
                 "path": str(self.cfg.events_path),
             },
         }
