@@ -30,7 +30,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["EventLog", "log_files", "utc_iso"]
+__all__ = ["EventLog", "log_files", "rotation_names", "utc_iso"]
 
 
 def utc_iso(ts: float | None = None) -> str:
@@ -200,7 +200,12 @@ class EventLog:
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
 
 
+def rotation_names(path: Path, backups: int) -> list[Path]:
+    """Every file name of an events log at ``path`` with ``backups`` rotations, oldest first."""
+    return [path.with_name(f"{path.name}.{i}") for i in range(backups, 0, -1)] + [path]
+
+
 def log_files(path: Path, backups: int) -> list[Path]:
-    """The files of an events log at ``path`` with ``backups`` rotations, oldest first."""
-    candidates = [path.with_name(f"{path.name}.{i}") for i in range(backups, 0, -1)] + [path]
-    return [p for p in candidates if p.exists()]
+    """The files of an events log at ``path`` with ``backups`` rotations that exist, oldest
+    first."""
+    return [p for p in rotation_names(path, backups) if p.exists()]

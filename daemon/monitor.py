@@ -22,8 +22,12 @@ the live reconciliation every ``monitor.interval_s`` over this daemon's synthese
 ``monitor.max_scan`` entries a round, from the time of the oldest one on). It owns a Postgres pool
 of one connection — never the request pool, never the billing pool — and runs in the daemon's
 process off the hot path: its work is chunked with checkpoints in between, so it cannot hold the
-event loop for long. It is supervised and not critical: if it fails, the supervisor restarts it
-with backoff while everything else serves.
+event loop for long, and a round that took T waits at least 9 T before the next, so it never
+takes more than about a tenth of the process (measured here with billing stopped and 50,000
+events waiting: a 4.3 s round, event-loop stalls of 13 ms p99 and 26 ms at most; with billing
+healthy a round looks up only the last seconds' syntheses and takes milliseconds). It is
+supervised and not critical: if it fails, the supervisor restarts it with backoff while
+everything else serves.
 
 It logs an ``error`` when the delta finds events it had not reported yet (naming them), when
 liveness fails and when the oldest waiting billing event crosses ``monitor.lag_red_s``; and a
@@ -61,7 +65,13 @@ __all__ = [
     "scan_billing_stream",
 ]
 
-CHUNK = 1000  # stream entries per XRANGE, ids per usage_log query
+# Work between two checkpoints, kept small: redis-py parses a reply in one go, in the event loop
+# the hot path shares (measured here: ~0.05 ms of parsing per stream entry, without hiredis).
+STREAM_CHUNK = 100  # stream entries per XRANGE
+ID_CHUNK = 1000  # ids per usage_log query
+# A round that took T waits at least DUTY × T before the next: the monitor never takes more
+# than ~1/(DUTY+1) of the process, however large the backlog it has to look through.
+DUTY = 9.0
 _EVENT_ID = re.compile(rb'"event_id"\s*:\s*"([^"\\]*)"')
 
 
@@ -93,23 +103,25 @@ async def scan_billing_stream(
     wanted: Collection[str] | None,
     *,
     start: str = "-",
+    end: str = "+",
     max_entries: int | None = None,
 ) -> tuple[set[str], int, bool]:
-    """Read ``tts:billing`` from ``start`` in chunks; return (event ids seen that are in
-    ``wanted`` — every id when ``wanted`` is None —, entries read, whether the scan reached the
-    end or found everything wanted). Stops after ``max_entries`` entries (then incomplete)."""
+    """Read ``tts:billing`` from ``start`` to ``end`` in chunks; return (event ids seen that are
+    in ``wanted`` — every id when ``wanted`` is None —, entries read, whether the scan reached
+    the end or found everything wanted). Stops after ``max_entries`` entries (then
+    incomplete)."""
     found: set[str] = set()
     scanned = 0
     cursor: str | bytes = start
     want = None if wanted is None else set(wanted)
     while want is None or len(found) < len(want):
-        reply = await store.execute("XRANGE", Keys.BILLING, cursor, "+", "COUNT", CHUNK)
+        reply = await store.execute("XRANGE", Keys.BILLING, cursor, end, "COUNT", STREAM_CHUNK)
         for _entry_id, fields in reply or []:
             event_id = event_id_of((fields or {}).get(b"event"))
             if event_id is not None and (want is None or event_id in want):
                 found.add(event_id)
         scanned += len(reply or [])
-        if not reply or len(reply) < CHUNK:
+        if not reply or len(reply) < STREAM_CHUNK:
             return found, scanned, True
         last = reply[-1][0]
         cursor = b"(" + (last if isinstance(last, bytes) else str(last).encode())
@@ -124,8 +136,8 @@ async def billed_among(db: PgPool, ids: Iterable[str]) -> set[str]:
     """The ids that have a ``usage_log`` row (one query per chunk of ids)."""
     ids = list(ids)
     out: set[str] = set()
-    for i in range(0, len(ids), CHUNK * 5):
-        chunk = ids[i : i + CHUNK * 5]
+    for i in range(0, len(ids), ID_CHUNK):
+        chunk = ids[i : i + ID_CHUNK]
         rows = await db.fetch(
             "SELECT event_id FROM usage_log WHERE event_id = ANY($1::text[])", chunk
         )
@@ -276,9 +288,9 @@ class Monitor:
                     self.pool = pool
                     while not stopping.is_set():
                         with trio.fail_after(self.pg_cfg.command_timeout_s * 4):
-                            await self.reconcile_once()
+                            rec = await self.reconcile_once()
                         outage.ok()
-                        with trio.move_on_after(self.cfg.interval_s):
+                        with trio.move_on_after(max(self.cfg.interval_s, rec.took_s * DUTY)):
                             await stopping.wait()
             except Exception as exc:
                 if not _unavailable(exc):
@@ -303,9 +315,20 @@ class Monitor:
             start = str(max(0, int((oldest + offset - 5.0) * 1000)))
 
         async def waiting(ids: Collection[str]) -> tuple[set[str], int, bool]:
-            return await scan_billing_stream(
-                self.store, ids, start=start, max_entries=self.cfg.max_scan
+            budget = self.cfg.max_scan
+            found, scanned, complete = await scan_billing_stream(
+                self.store, ids, start=start, max_entries=budget
             )
+            if complete and len(found) < len(ids) and start != "-" and scanned < budget:
+                # Not all there after the estimated start: look before it too (a clock that
+                # jumped, a log line written late) rather than call an event missing.
+                rest = set(ids) - found
+                early, more, complete = await scan_billing_stream(
+                    self.store, rest, start="-", end=f"({start}", max_entries=budget - scanned
+                )
+                found |= early
+                scanned += more
+            return found, scanned, complete
 
         async def billed(ids: Iterable[str]) -> set[str]:
             return await billed_among(pool, ids)

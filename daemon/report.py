@@ -41,7 +41,7 @@ import trio_asyncio
 
 from daemon.config import Config, ConfigError, load_config
 from daemon.contracts import MODELS, Keys
-from daemon.events import log_files
+from daemon.events import rotation_names
 from daemon.monitor import (
     billed_among,
     dead_letter_counts,
@@ -122,7 +122,8 @@ def _inode(path: Path) -> int | None:
 
 
 def read_log(paths: Iterable[Path], *, since: float | None = None) -> LogScan:
-    """Read events logs (each path: its rotated files too, oldest first)."""
+    """Read events log files in the order given (oldest first: ``rotation_names``); names that
+    do not exist are skipped. ``since``: ignore events older than this unix time."""
     scan = LogScan()
     for handle_path, handle in _open_consistently(list(paths)):
         scan.files.append(handle_path)
@@ -497,7 +498,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     now = time.time()
     log_paths = [cfg.events_path, *(Path(p) for p in args.events)]
-    files = [f for p in log_paths for f in log_files(p, cfg.log.backups)]
+    # Every name a rotation may use, whether it exists now or not: a rotation between listing
+    # and opening must not hide a file (missing ones are skipped when opened).
+    files = [f for p in log_paths for f in rotation_names(p, cfg.log.backups)]
     scan = read_log(files, since=None if args.since_s is None else now - args.since_s)
     from daemon.cli import resolve_servers
 

@@ -45,6 +45,7 @@ GRADES = ("green", "amber", "red")
 SERIES_SPAN_S = 10.0
 CURRENT_SPAN_S = 60.0
 MAX_RECENT = 50  # errors and restarts kept for the page
+MAX_QUANTILE_SAMPLES = 5000  # finalize times a quantile is computed from, at most (the newest)
 
 
 # -- grading ---------------------------------------------------------------------------------
@@ -388,9 +389,11 @@ class OpsStats:
         return found
 
     def _finalize_since(self, t: float) -> list[float]:
+        # The newest MAX_QUANTILE_SAMPLES at most: the sort that follows runs in the event loop
+        # the hot path shares, so its cost is bounded whatever the result rate.
         out = []
         for ts, ms in reversed(self.finalize):
-            if ts < t:
+            if ts < t or len(out) >= MAX_QUANTILE_SAMPLES:
                 break
             out.append(ms)
         return out

@@ -12,6 +12,7 @@ import trio
 
 from daemon.app import Daemon, open_daemon
 from daemon.config import Config
+from daemon.contracts import Keys
 from daemon.supervisor import ServiceSpec
 from tests.conftest import make_config
 from tests.helpers import WsClient, add_user, pg_fetch, pg_val, wait_until
@@ -270,3 +271,64 @@ async def test_dashboard_routes_serve_the_page_and_vendored_files(daemon: Daemon
     assert data.headers["cache-control"] == "no-store"
     assert {"request", "hot", "billing", "reconciliation", "series", "batches"} <= set(body)
     assert body["services"]["billing"]["state"] == "running"
+
+
+async def test_live_reconciliation_does_not_call_an_event_missing_when_its_log_line_came_late(
+    tmp_path: Path, redis_url: str, pg_url: str
+) -> None:
+    """The stream scan starts at the time the events were logged (minus a margin); an event
+    appended to the stream long before its line was logged must still be found, not reported."""
+    import json
+    import time
+
+    import trio_asyncio
+
+    from daemon.config import MonitorConfig, PostgresConfig
+    from daemon.events import EventLog
+    from daemon.metrics import Metrics
+    from daemon.monitor import Monitor
+    from daemon.stats import OpsStats
+    from daemon.stores.pg import open_pg_pool
+    from daemon.stores.redis import open_redis
+
+    async with (
+        trio_asyncio.open_loop(),
+        open_redis(redis_url) as store,
+        open_pg_pool(pg_url, size=1) as pool,
+    ):
+        ids = [f"{i:032x}" for i in range(250)]  # more than one XRANGE chunk
+        for job_id in ids:
+            event = {"event_id": job_id, "user_id": 1, "model": "kokoro", "voice": "af_heart"}
+            await store.execute("XADD", Keys.BILLING, "*", "event", json.dumps(event))
+        late = time.time() + 120.0  # the lines were "logged" two minutes after the XADDs
+        stats = OpsStats(MonitorConfig(), Metrics(), clock=lambda: late)
+        for job_id in ids:
+            stats.on_event({"event": "synthesis_complete", "job_id": job_id, "finalize_ms": 1.0})
+        log = EventLog(tmp_path / "events.jsonl")
+        seen: list[dict] = []
+        log.add_listener(seen.append)
+        monitor = Monitor(
+            store=store,
+            pg_url=pg_url,
+            pg_cfg=PostgresConfig(),
+            cfg=MonitorConfig(),
+            stats=stats,
+            events=log,
+            metrics=Metrics(),
+            models=["kokoro"],
+            pool=pool,
+        )
+        rec = await monitor.reconcile_once()
+        assert (rec.delta, rec.waiting, rec.complete) == (0, 250, True)
+        # One of them really is gone: exactly that one is named, and an error says so.
+        await store.execute("XDEL", Keys.BILLING, (await _first_entry(store)))
+        rec = await monitor.reconcile_once()
+        assert (rec.delta, rec.waiting) == (1, 249)
+        assert rec.missing == [(ids[0], "lost: in neither")]
+        (error,) = [e for e in seen if e["event"] == "error"]
+        assert error["service"] == "monitor" and error["job_ids"] == [ids[0]]
+
+
+async def _first_entry(store: Any) -> bytes:
+    (entry,) = await store.execute("XRANGE", Keys.BILLING, "-", "+", "COUNT", 1)
+    return entry[0]

@@ -157,3 +157,29 @@ async def test_a_bad_configuration_is_red_with_one_line(tmp_path: Path) -> None:
     result = await run_report(config)
     assert result.returncode == 2
     assert result.stderr.decode().strip() == "report: monitor.delta_red: must be >= 1, got 0"
+
+
+def test_the_log_is_read_across_every_rotated_file_oldest_first(tmp_path: Path) -> None:
+    from daemon.events import rotation_names
+    from daemon.report import read_log
+
+    path = tmp_path / "events.jsonl"
+
+    def line(event: str, **fields: Any) -> str:
+        return json.dumps({"ts": "2026-01-01T00:00:00.000Z", "event": event, **fields}) + "\n"
+
+    path.with_name("events.jsonl.2").write_text(line("synthesis_complete", job_id="a", billed=True))
+    path.with_name("events.jsonl.1").write_text(
+        line("billing_processed", events_count=1, users_count=1, duration_ms=2.0, text_length=5)
+    )
+    path.write_text(
+        line("synthesis_complete", job_id="b", billed=True)
+        + "not json\n"
+        + line("synthesis_complete", job_id="c", billed=False)
+        + line("error", service="events", message="3 events dropped", dropped=3)
+    )
+    scan = read_log(rotation_names(path, 5))
+    assert [p.name for p in scan.files] == ["events.jsonl.2", "events.jsonl.1", "events.jsonl"]
+    assert list(scan.synthesized) == ["a", "b"]  # c queued nothing to bill
+    assert scan.unbilled_syntheses == 1 and scan.bad_lines == 1
+    assert len(scan.batches) == 1 and scan.dropped[0][1] == 3

@@ -36,7 +36,7 @@ class Dashboard:
 
     def __init__(self, data: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         self.data = data
-        self._files: dict[str, tuple[bytes, str] | None] = {}
+        self._files: dict[str, tuple[bytes, str]] = {}
 
     async def __call__(self, path: str) -> tuple[bytes, str] | None:
         """(body, content type) for a dashboard path; ``None`` for any other path."""
@@ -51,11 +51,14 @@ class Dashboard:
         return None
 
     def file(self, name: str) -> tuple[bytes, str] | None:
-        if name not in self._files:
-            content_type = next((t for suffix, t in _TYPES.items() if name.endswith(suffix)), None)
-            node = resources.files("daemon.gateway") / "static" / name
-            if content_type is None or not node.is_file():
-                self._files[name] = None
-            else:
-                self._files[name] = (node.read_bytes(), content_type)
+        """A file of ``static/`` (cached once read; misses are not cached, so requests for
+        made-up names cannot grow the cache)."""
+        cached = self._files.get(name)
+        if cached is not None:
+            return cached
+        content_type = next((t for suffix, t in _TYPES.items() if name.endswith(suffix)), None)
+        node = resources.files("daemon.gateway") / "static" / name
+        if content_type is None or not node.is_file():
+            return None
+        self._files[name] = (node.read_bytes(), content_type)
         return self._files[name]
