@@ -69,7 +69,7 @@
       },
       {
         label: "batch size (events)", scale: "events", stroke: COLORS.blue, fill: COLORS.barFill,
-        paths: uPlot.paths.bars({ size: [0.5, 14] }), points: { show: false },
+        paths: uPlot.paths.bars({ size: [0.5, 14, 3] }), points: { show: false },
       },
     ], [msAxis, { scale: "events", label: "events", side: 1, grid: { show: false }, size: 60 }],
     { events: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } });
