@@ -19,6 +19,7 @@ import functools
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,13 @@ import trio_asyncio
 from daemon.billing.consumer import BillingConsumer, FaultPoint, _no_fault
 from daemon.config import Config
 from daemon.events import EventLog
+from daemon.gateway.dashboard import Dashboard
 from daemon.gateway.service import Gateway, GatewayAddresses
 from daemon.hashing import VariantHasher
 from daemon.hot.consumer import HotConsumer
 from daemon.metrics import Metrics
+from daemon.monitor import Monitor
+from daemon.stats import OpsStats
 from daemon.stores.pg import PgPool, open_pg_pool
 from daemon.stores.redis import RedisStore, open_redis
 from daemon.supervisor import ServiceSpec, Supervisor
@@ -79,6 +83,11 @@ class Daemon:
     stopped: trio.Event = attrs.Factory(trio.Event)
     _stop_requested: trio.Event = attrs.Factory(trio.Event)
     _cancel_scope: trio.CancelScope | None = None
+    # Operations: the dashboard's statistics (fed by the events log) and the monitor service.
+    stats: OpsStats = attrs.field(init=False)
+    monitor: Monitor | None = None
+    _dashboard: Dashboard = attrs.field(init=False)
+    _failure_logged_at: dict[str, float] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         log = self.cfg.log
@@ -86,6 +95,9 @@ class Daemon:
             self.cfg.events_path, max_bytes=log.max_bytes, backups=log.backups, buffer=log.buffer
         )
         self.supervisor = Supervisor(self.cfg.supervisor, self.events, self.metrics)
+        self.stats = OpsStats(self.cfg.monitor, self.metrics)
+        self.events.add_listener(self.stats.on_event)
+        self._dashboard = Dashboard(self.dashboard_data)
 
     # -- control ----------------------------------------------------------------------------
 
@@ -147,6 +159,30 @@ class Daemon:
             specs.append(ServiceSpec(f"worker-{i}", run, critical=False))
         return specs
 
+    def monitor_service(self) -> ServiceSpec | None:
+        """The dashboard's sampler and the live reconciliation (``monitor.enabled``)."""
+        if not self.cfg.monitor.enabled:
+            return None
+        assert self.store is not None
+        self.monitor = Monitor(
+            store=self.store,
+            pg_url=self.pg_url,
+            pg_cfg=self.cfg.postgres,
+            cfg=self.cfg.monitor,
+            stats=self.stats,
+            events=self.events,
+            metrics=self.metrics,
+            models=self.cfg.workers.models,
+            connections=lambda: self.gateway.connection_count if self.gateway else 0,
+        )
+        # Observation only: it stops with the gateway, at the first stage of a shutdown.
+        return ServiceSpec(
+            "monitor",
+            functools.partial(self.monitor.run, stopping=self.gateway_stopping),
+            critical=False,
+            fail_start_up=False,
+        )
+
     # -- running ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
@@ -157,8 +193,16 @@ class Daemon:
                 await infra.start(self.events.run)
                 try:
                     await self._run_services(task_status)
+                except Exception as exc:
+                    # Start-up failed or a critical service escalated: whoever tails the log
+                    # must see why the daemon is gone, not only its stderr.
+                    self.events.error(
+                        "daemon", f"daemon stopped by a failure: {_describe(exc)}", fatal=True
+                    )
+                    raise
                 finally:
                     self.events.close()
+                    await self.events.drain()
         self.stopped.set()
 
     async def _run_services(self, task_status: trio.TaskStatus[Daemon]) -> None:
@@ -203,6 +247,9 @@ class Daemon:
                     billing = self.billing_service()
                     if billing is not None:
                         await consumers.start(sup.supervise, billing)
+                    monitor = self.monitor_service()
+                    if monitor is not None:
+                        await consumers.start(sup.supervise, monitor)
                     async with trio.open_nursery() as workers:
                         for spec in self.worker_services():
                             await workers.start(sup.supervise, spec)
@@ -263,6 +310,9 @@ class Daemon:
             "size": self.cfg.postgres.billing_pool_size,
             "in_use": billing_pool.in_use() if billing_pool is not None else None,
         }
+        if self.monitor is not None:
+            pool = self.monitor.pool
+            out["monitor"] = {"size": 1, "in_use": pool.in_use() if pool is not None else None}
         return out
 
     async def billing_depth(self) -> int | None:
@@ -271,15 +321,28 @@ class Daemon:
         try:
             with trio.fail_after(1.0):
                 return await self.store.billing_depth()
-        except Exception:
+        except Exception as exc:
+            self._log_failure("billing queue depth unavailable", exc)
             return None
 
+    def _log_failure(self, what: str, exc: BaseException) -> None:
+        """An ``error`` event for a failure of an observability call, at most once a minute per
+        kind: a scraper polling every second must not flood the log (lesson 4)."""
+        now = time.monotonic()
+        if now - self._failure_logged_at.get(what, float("-inf")) < 60.0:
+            return
+        self._failure_logged_at[what] = now
+        self.events.error("http", f"{what}: {_describe(exc)}")
+
     async def health(self) -> tuple[dict[str, Any], bool]:
+        """``GET /healthz``: each service's state, ``billing_queue_depth`` and pool use; healthy
+        (200) when the gateway and the hot path run, else 503."""
         services = {name: st.as_dict() for name, st in self.supervisor.states.items()}
         healthy = (
             all(self.supervisor.state(name) == "running" for name in ("gateway", "hot"))
             and not self.gateway_stopping.is_set()
         )
+        rec = self.stats.reconciliation
         report = {
             "status": "ok" if healthy else "unavailable",
             "instance": self.instance_id,
@@ -287,6 +350,13 @@ class Daemon:
             "billing_queue_depth": await self.billing_depth(),
             "pools": self.pools(),
             "connections": self.gateway.connection_count if self.gateway else 0,
+            "reconciliation_delta": rec.delta,
+            "events": {
+                "written": self.events.written,
+                "dropped": self.events.dropped,
+                "write_errors": self.events.write_errors,
+                "path": str(self.cfg.events_path),
+            },
         }
         return report, healthy
 
@@ -299,10 +369,35 @@ class Daemon:
             self.metrics.request_pool_in_use.set(pools["request"]["in_use"])
         if pools["billing"]["in_use"] is not None:
             self.metrics.billing_pool_in_use.set(pools["billing"]["in_use"])
+        # Every supervised service has its restart counter from the start (0), so that a scrape
+        # shows tts_service_restarts_total{service=...} before the first restart.
+        for name in self.supervisor.states:
+            self.metrics.service_restarts.labels(name)
 
     async def dashboard(self, path: str) -> tuple[bytes, str] | None:
         """The dashboard pages; ``None`` for paths that are not the dashboard's."""
-        return None
+        try:
+            return await self._dashboard(path)
+        except Exception as exc:
+            self._log_failure("dashboard failed", exc)
+            raise
+
+    async def dashboard_data(self) -> dict[str, Any]:
+        """The JSON ``/dashboard`` polls: the statistics, plus the services and pools now."""
+        data = self.stats.snapshot()
+        data["instance"] = self.instance_id
+        data["services"] = {name: st.as_dict() for name, st in self.supervisor.states.items()}
+        data["pools"] = self.pools()
+        data["connections"] = self.gateway.connection_count if self.gateway else 0
+        data["events"] = {"written": self.events.written, "dropped": self.events.dropped}
+        return data
+
+
+def _describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @contextlib.asynccontextmanager

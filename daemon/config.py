@@ -24,6 +24,7 @@ __all__ = [
     "GatewayConfig",
     "HotConfig",
     "LogConfig",
+    "MonitorConfig",
     "PostgresConfig",
     "RedisConfig",
     "SupervisorConfig",
@@ -155,6 +156,33 @@ class LogConfig:
 
 
 @attrs.frozen
+class MonitorConfig:
+    """The live view (dashboard, reconciliation) and the thresholds it and tools/report.sh use."""
+
+    enabled: bool = True
+    # Dashboard samples (latencies, rates, queue depth) are taken this often.
+    sample_s: float = 1.0
+    # The live reconciliation runs this often, on a one-connection Postgres pool of its own.
+    interval_s: float = 5.0
+    # The live reconciliation covers this daemon's syntheses of the last window_s; the dashboard's
+    # charts show as much history.
+    window_s: float = 900.0
+    # Liveness: synthesis seen in the last liveness_window_s but no billing_processed → red.
+    # Syntheses younger than liveness_grace_s do not count yet (billing has not had its turn).
+    liveness_window_s: float = 120.0
+    liveness_grace_s: float = 5.0
+    # Reconciliation delta (events neither billed nor waiting): amber from, red from.
+    delta_amber: int = 1
+    delta_red: int = 10
+    # Age of the oldest billing event still waiting: amber from, red from.
+    lag_amber_s: float = 30.0
+    lag_red_s: float = 300.0
+    # Bounds on the live reconciliation's work per round.
+    max_tracked: int = 100000
+    max_scan: int = 50000
+
+
+@attrs.frozen
 class Config:
     data: DataConfig = DataConfig()
     gateway: GatewayConfig = GatewayConfig()
@@ -165,6 +193,7 @@ class Config:
     workers: WorkersConfig = WorkersConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     log: LogConfig = LogConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
     @property
     def events_path(self) -> Path:
@@ -190,6 +219,7 @@ _SECTIONS: dict[str, type] = {
     "workers": WorkersConfig,
     "supervisor": SupervisorConfig,
     "log": LogConfig,
+    "monitor": MonitorConfig,
 }
 
 # Extra rules beyond the type: (predicate, what is wrong).
@@ -241,6 +271,17 @@ _RULES: dict[str, tuple[Any, str]] = {
     "log.max_bytes": (lambda v: v >= 4096, "must be >= 4096"),
     "log.backups": _AT_LEAST_1,
     "log.buffer": _AT_LEAST_1,
+    "monitor.sample_s": (lambda v: 0.05 <= v <= 60, "must be 0.05..60"),
+    "monitor.interval_s": (lambda v: 0.1 <= v <= 3600, "must be 0.1..3600"),
+    "monitor.window_s": (lambda v: 10 <= v <= 86400, "must be 10..86400"),
+    "monitor.liveness_window_s": _POSITIVE,
+    "monitor.liveness_grace_s": _NON_NEGATIVE,
+    "monitor.delta_amber": _AT_LEAST_1,
+    "monitor.delta_red": _AT_LEAST_1,
+    "monitor.lag_amber_s": _POSITIVE,
+    "monitor.lag_red_s": _POSITIVE,
+    "monitor.max_tracked": (lambda v: 100 <= v <= 10_000_000, "must be 100..10000000"),
+    "monitor.max_scan": (lambda v: 100 <= v <= 10_000_000, "must be 100..10000000"),
 }
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -303,6 +344,13 @@ def _check_cross_field(cfg: Config) -> None:
     ):
         if url and not url.startswith(schemes):
             raise ConfigError(f"{url_key}: must start with one of {', '.join(schemes)}")
+    m = cfg.monitor
+    if m.delta_red < m.delta_amber:
+        raise ConfigError("monitor.delta_red: must be >= monitor.delta_amber")
+    if m.lag_red_s < m.lag_amber_s:
+        raise ConfigError("monitor.lag_red_s: must be >= monitor.lag_amber_s")
+    if m.liveness_grace_s >= m.liveness_window_s:
+        raise ConfigError("monitor.liveness_grace_s: must be < monitor.liveness_window_s")
     known = {"kokoro", "premium"}
     for model in cfg.workers.models:
         if model not in known:

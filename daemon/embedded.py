@@ -79,6 +79,8 @@ def _port_free(port: int) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # a half-written pid file; psutil would raise ValueError
+        return False
     try:
         p = psutil.Process(pid)
         return p.status() != psutil.STATUS_ZOMBIE

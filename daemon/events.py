@@ -4,6 +4,17 @@ Producers call :meth:`EventLog.emit`, which never blocks: it puts the event on a
 channel, and one writer task (:meth:`EventLog.run`) appends batches to the file from a worker
 thread, rotating by size (``events.jsonl`` → ``.1`` … ``.N``). If the channel is full the event is
 dropped and counted (``dropped``) rather than stalling the hot path; the count is itself logged.
+
+Each file stays within ``max_bytes`` (a batch that does not fit is split across a rotation; only a
+single line longer than ``max_bytes`` makes a file larger), and at most ``backups`` rotated files
+are kept, so the log's disk use is bounded by ``(backups + 1) × max_bytes``. Lines are written
+whole, with ``O_APPEND``: ``tail -F`` (capital F: it follows the name across rotations) shows
+complete JSON objects, and so does a second daemon appending to the same file.
+
+In-process consumers (the dashboard's statistics) register with :meth:`EventLog.add_listener`
+instead of re-reading the file. A listener runs inside :meth:`emit` — on the hot path — so it must
+be quick and must not block; one that raises is reported once as an ``error`` event and never
+breaks the emitter.
 """
 
 from __future__ import annotations
@@ -12,13 +23,14 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import trio
 
-__all__ = ["EventLog", "utc_iso"]
+__all__ = ["EventLog", "log_files", "rotation_names", "utc_iso"]
 
 
 def utc_iso(ts: float | None = None) -> str:
@@ -46,17 +58,24 @@ class EventLog:
         self._send, self._receive = trio.open_memory_channel[str](buffer)
         self.dropped = 0
         self.written = 0
-        self._listeners: list[Any] = []
+        self.write_errors = 0
+        self._finished = trio.Event()
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._broken_listeners: set[int] = set()
 
-    def add_listener(self, fn: Any) -> None:
-        """``fn(record: dict)`` is called for each emitted event (dashboard, tests)."""
+    def add_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        """``fn(record: dict)`` is called for each emitted event (dashboard, tests). It runs
+        inside :meth:`emit`, so it must not block; it must not change ``record`` either."""
         self._listeners.append(fn)
 
     def emit(self, event: str, /, **fields: Any) -> None:
         """Log ``event`` with ``fields``; never blocks, never raises for a full buffer."""
         record = {"ts": utc_iso(), "event": event, **fields}
         for fn in self._listeners:
-            fn(record)
+            try:
+                fn(record)
+            except Exception as exc:
+                self._listener_failed(fn, exc)
         line = json.dumps(record, default=_default, separators=(",", ":"), ensure_ascii=False)
         try:
             self._send.send_nowait(line)
@@ -69,10 +88,32 @@ class EventLog:
     def error(self, service: str, message: str, /, **context: Any) -> None:
         self.emit("error", service=service, message=message, **context)
 
+    def _listener_failed(self, fn: Callable[..., Any], exc: Exception) -> None:
+        # Reported once per listener: a listener that fails on every event must not double the
+        # log's volume (lesson 4), and must not take the emitter (the hot path) down with it.
+        if id(fn) in self._broken_listeners:
+            return
+        self._broken_listeners.add(id(fn))
+        name = getattr(fn, "__qualname__", repr(fn))
+        self.error("events", f"event listener {name} failed: {type(exc).__name__}: {exc}")
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The writer task. Runs until the log is closed by :meth:`aclose`; then drains."""
+        """The writer task. Runs until the log is closed by :meth:`close`; then drains."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         task_status.started()
+        try:
+            await self._write_loop()
+        finally:
+            self._finished.set()
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """After :meth:`close`: wait (shielded, at most ``timeout_s``) until the writer has
+        written everything buffered. For a daemon going down on an error, whose nursery would
+        otherwise cancel the writer — and lose the very event that says why."""
+        with trio.move_on_after(timeout_s, shield=True):
+            await self._finished.wait()
+
+    async def _write_loop(self) -> None:
         reported_drops = 0
         async with self._receive:
             while True:
@@ -89,17 +130,24 @@ class EventLog:
                 if self.dropped != reported_drops:
                     n = self.dropped - reported_drops
                     reported_drops = self.dropped
-                    batch.append(
-                        json.dumps(
-                            {
-                                "ts": utc_iso(),
-                                "event": "error",
-                                "service": "events",
-                                "message": f"{n} events dropped: the log writer fell behind",
-                            }
-                        )
-                    )
+                    batch.append(self._drop_report(n))
                 await trio.to_thread.run_sync(self._write, batch)
+
+    def _drop_report(self, n: int) -> str:
+        # Straight into the batch (the channel is what overflowed), and to the listeners.
+        record = {
+            "ts": utc_iso(),
+            "event": "error",
+            "service": "events",
+            "message": f"{n} events dropped: the log writer fell behind",
+            "dropped": n,
+        }
+        for fn in self._listeners:
+            try:
+                fn(record)
+            except Exception as exc:
+                self._listener_failed(fn, exc)
+        return json.dumps(record, separators=(",", ":"))
 
     def close(self) -> None:
         """Stop accepting events; the writer drains what is buffered and returns. Events emitted
@@ -107,23 +155,42 @@ class EventLog:
         self._send.close()
 
     def _write(self, lines: list[str]) -> None:
-        data = ("\n".join(lines) + "\n").encode()
         try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            size = 0
-        if size and size + len(data) > self.max_bytes:
-            self._rotate()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            self.written += len(lines)
+                size = self.path.stat().st_size
+            except FileNotFoundError:
+                size = 0
+            chunk: list[bytes] = []
+            chunk_bytes = 0
+            for line in lines:
+                data = line.encode() + b"\n"
+                if size + chunk_bytes + len(data) > self.max_bytes and (size or chunk):
+                    # This line would overflow the file: write what fits, then rotate.
+                    self._append(chunk, len(chunk))
+                    self._rotate()
+                    size, chunk, chunk_bytes = 0, [], 0
+                chunk.append(data)
+                chunk_bytes += len(data)
+            self._append(chunk, len(chunk))
         except OSError as exc:  # a full disk must not take the daemon down with it
+            self.write_errors += 1
             print(f"tts-daemon: cannot write events log {self.path}: {exc}", file=sys.stderr)
+
+    def _append(self, chunk: list[bytes], count: int) -> None:
+        if not chunk:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            # One write per chunk: a reader (tail -F) sees whole lines.
+            os.write(fd, b"".join(chunk))
+        finally:
+            os.close(fd)
+        self.written += count
+
+    def files(self) -> list[Path]:
+        """The log's files that exist, oldest first (``.N`` … ``.1``, then the live file)."""
+        return log_files(self.path, self.backups)
 
     def _rotate(self) -> None:
         for i in range(self.backups - 1, 0, -1):
@@ -131,3 +198,14 @@ class EventLog:
             if src.exists():
                 os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+
+
+def rotation_names(path: Path, backups: int) -> list[Path]:
+    """Every file name of an events log at ``path`` with ``backups`` rotations, oldest first."""
+    return [path.with_name(f"{path.name}.{i}") for i in range(backups, 0, -1)] + [path]
+
+
+def log_files(path: Path, backups: int) -> list[Path]:
+    """The files of an events log at ``path`` with ``backups`` rotations that exist, oldest
+    first."""
+    return [p for p in rotation_names(path, backups) if p.exists()]

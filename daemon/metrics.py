@@ -72,3 +72,37 @@ class Metrics:
         self.billing_pool_in_use = Gauge(
             "tts_billing_pool_in_use", "Billing pool connections in use", registry=r
         )
+        # -- operations (the live reconciliation, the events log, dead letters) ---------------
+        self.reconciliation_delta = Gauge(
+            "tts_billing_reconciliation_delta",
+            "Synthesized events of the live window neither billed nor waiting in the billing queue",
+            registry=r,
+        )
+        self.billing_oldest_age_seconds = Gauge(
+            "tts_billing_oldest_event_age_seconds",
+            "Age of the oldest billing event still waiting (0 when the queue is empty)",
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            "tts_dead_letter_depth",
+            "Entries in a dead-letter list (tts:dlq:{model}, tts:results:dead, tts:billing:dead)",
+            ["queue"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "tts_errors",
+            "error events logged, by the service that reported them",
+            ["service"],
+            registry=r,
+        )
+        self.events_dropped = Counter(
+            "tts_events_dropped",
+            "Events the log dropped because its writer fell behind",
+            registry=r,
+        )
+        self.monitor_seconds = Histogram(
+            "tts_monitor_reconcile_seconds",
+            "Time one live reconciliation round took",
+            buckets=_SLOW,
+            registry=r,
+        )

@@ -1,4 +1,5 @@
-"""The HTTP side (SPEC section 10): audio, health, metrics — a small ASGI app served by hypercorn.
+"""The HTTP side (SPEC section 10): audio, health, metrics, dashboard — a small ASGI app served by
+hypercorn.
 
 No framework: four routes do not need one. The app runs in Trio tasks inside the daemon's
 trio-asyncio loop, so it reaches Redis through the same store as everything else.
@@ -21,6 +22,17 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _AUDIO = re.compile(r"^/v1/audio/([0-9a-f]{16,128})$")
+# The dashboard loads nothing from anywhere else (its chart library is vendored), so it can say
+# so; and its data is live, so nothing of it is cached.
+_DASHBOARD_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+        b"frame-ancestors 'none'",
+    ),
+    (b"cache-control", b"no-store"),
+    (b"referrer-policy", b"no-referrer"),
+]
 
 
 class HttpApp:
@@ -92,7 +104,10 @@ class HttpApp:
         if self.dashboard is not None:
             page = await self.dashboard(path)
             if page is not None:
-                await _respond(send, 200, page[0], page[1])
+                body = page[0] if method == "GET" else b""
+                await _respond(
+                    send, 200, body, page[1], _DASHBOARD_HEADERS, content_length=len(page[0])
+                )
                 return
         await _respond(send, 404, b"not found\n", "text/plain")
 

@@ -1,0 +1,528 @@
+"""``tools/report.sh``: the health report of the billing pipeline (SPEC section 7).
+
+Reads the events log (every rotated file), Redis and Postgres, prints what an operator or a
+monitoring agent needs, and exits 0 (green), 1 (amber: look soon) or 2 (red: act now — or the
+report could not be made). docs/operations.md says what to do for each finding.
+
+- ``billing_processed``: batches, events and characters billed, batch time p50/p95/max,
+  throughput while busy and over the period the log covers.
+- The reconciliation delta, exact: every ``job_id`` the log has as synthesized (and queued for
+  billing), looked up in ``usage_log`` and in the ``tts:billing`` stream in the order
+  ``daemon.monitor`` explains, so a daemon billing while the report runs cannot fool it. The
+  missing ones are named, with the reason when the billing dead-letter list has them.
+- Liveness: synthesis in the last ``monitor.liveness_window_s`` but no ``billing_processed`` → red.
+- The billing queue: depth and the age of the oldest waiting event (``monitor.lag_*``).
+- Dead-letter lists, restarts and errors from the log, and ``/healthz`` of a daemon running with
+  this configuration, when one answers.
+
+Works beside a running daemon and alone: servers are resolved as the CLI does (configured URLs,
+else the embedded servers under ``data.dir``, shared with a daemon that runs them or started for
+the report and stopped after it). Read-only: it changes nothing anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+import trio_asyncio
+
+from daemon.config import Config, ConfigError, load_config
+from daemon.contracts import MODELS, Keys
+from daemon.events import rotation_names
+from daemon.monitor import (
+    billed_among,
+    dead_letter_counts,
+    dead_lettered_events,
+    oldest_waiting_age_s,
+    reconcile,
+    scan_billing_stream,
+)
+from daemon.stats import Finding, assess, liveness_failed, percentile, worst
+
+__all__ = ["LogScan", "main", "read_log"]
+
+DEFAULT_CONFIG = Path("conf/daemon.toml")
+EXIT = {"green": 0, "amber": 1, "red": 2}
+
+
+# -- the events log --------------------------------------------------------------------------
+
+
+@attrs.define
+class LogScan:
+    """What the report takes from the events log."""
+
+    files: list[Path] = attrs.Factory(list)
+    lines: int = 0
+    bad_lines: int = 0
+    first_ts: float | None = None
+    last_ts: float | None = None
+    # job_id → (ts, user_id, model, text_length) of syntheses whose billing event was queued
+    synthesized: dict[str, tuple[float, Any, Any, Any]] = attrs.Factory(dict)
+    unbilled_syntheses: int = 0  # synthesis_complete with billed=false (nothing to bill)
+    # (ts, events_count, duration_ms, users_count, text_length, billed, duplicates, dead)
+    batches: list[tuple[float, int, float, int, int, int, int, int]] = attrs.Factory(list)
+    restarts: list[dict[str, Any]] = attrs.Factory(list)
+    errors: list[dict[str, Any]] = attrs.Factory(list)
+    dropped: list[tuple[float, int]] = attrs.Factory(list)
+
+
+def _ts(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+def _open_consistently(paths: Sequence[Path]) -> list[tuple[Path, Any]]:
+    """Open every file of a log so that a rotation in between cannot make us read one file
+    twice or miss one: open all, then check that each name still has the inode we opened;
+    if not (rotated meanwhile), try again."""
+    for _ in range(5):
+        handles = []
+        try:
+            for p in paths:
+                try:
+                    handles.append((p, open(p, "rb")))  # noqa: SIM115 (closed by the caller)
+                except FileNotFoundError:
+                    continue
+            same = all(os.fstat(f.fileno()).st_ino == _inode(p) for p, f in handles)
+        except BaseException:
+            for _, f in handles:
+                f.close()
+            raise
+        if same:
+            return handles
+        for _, f in handles:
+            f.close()
+        time.sleep(0.05)
+    return handles
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def read_log(paths: Iterable[Path], *, since: float | None = None) -> LogScan:
+    """Read events log files in the order given (oldest first: ``rotation_names``); names that
+    do not exist are skipped. ``since``: ignore events older than this unix time."""
+    scan = LogScan()
+    for handle_path, handle in _open_consistently(list(paths)):
+        scan.files.append(handle_path)
+        with handle:
+            for raw in handle:
+                scan.lines += 1
+                try:
+                    record = json.loads(raw)
+                    ts = _ts(record["ts"])
+                    event = record["event"]
+                except (ValueError, KeyError, TypeError):
+                    scan.bad_lines += 1
+                    continue
+                if ts is None:
+                    scan.bad_lines += 1
+                    continue
+                if since is not None and ts < since:
+                    continue
+                scan.first_ts = ts if scan.first_ts is None else min(scan.first_ts, ts)
+                scan.last_ts = ts if scan.last_ts is None else max(scan.last_ts, ts)
+                _take(scan, event, ts, record)
+    return scan
+
+
+def _take(scan: LogScan, event: str, ts: float, r: dict[str, Any]) -> None:
+    if event == "synthesis_complete":
+        if r.get("billed", True) and isinstance(r.get("job_id"), str):
+            scan.synthesized[r["job_id"]] = (
+                ts,
+                r.get("user_id"),
+                r.get("model"),
+                r.get("text_length"),
+            )
+        else:
+            scan.unbilled_syntheses += 1
+    elif event == "billing_processed":
+        n = int(r.get("events_count") or 0)
+        scan.batches.append(
+            (
+                ts,
+                n,
+                float(r.get("duration_ms") or 0.0),
+                int(r.get("users_count") or 0),
+                int(r.get("text_length") or 0),
+                int(r.get("billed", n) or 0),
+                int(r.get("duplicates") or 0),
+                int(r.get("dead_lettered") or 0),
+            )
+        )
+    elif event == "service_restarted":
+        scan.restarts.append({"ts": ts, **{k: r.get(k) for k in ("service", "attempt", "reason")}})
+    elif event == "error":
+        scan.errors.append({"ts": ts, "service": r.get("service"), "message": r.get("message")})
+        if r.get("service") == "events" and r.get("dropped"):
+            scan.dropped.append((ts, int(r["dropped"])))
+
+
+# -- Redis and Postgres ----------------------------------------------------------------------
+
+
+async def _servers_part(cfg: Config, redis_url: str, pg_url: str, ids: list[str]) -> dict[str, Any]:
+    from daemon.stores.pg import open_pg_pool
+    from daemon.stores.redis import open_redis
+
+    out: dict[str, Any] = {}
+    async with (
+        trio_asyncio.open_loop(),
+        open_redis(redis_url, max_connections=2, command_timeout_s=30.0) as store,
+        open_pg_pool(pg_url, size=1, min_size=1, command_timeout_s=120.0) as db,
+    ):
+        with trio.fail_after(15):
+            await store.execute("PING")
+        out["schema"] = bool(await db.fetchval("SELECT to_regclass('usage_log') IS NOT NULL"))
+
+        async def billed(chunk: Iterable[str]) -> set[str]:
+            return await billed_among(db, chunk) if out["schema"] else set()
+
+        async def waiting(chunk: Any) -> tuple[set[str], int, bool]:
+            return await scan_billing_stream(store, chunk)
+
+        out["result"] = await reconcile(ids, billed=billed, waiting=waiting)
+        out["dead_events"] = await dead_lettered_events(store) if out["result"].missing else {}
+        out["lag_s"], _ = await oldest_waiting_age_s(store)
+        out["depth"] = int(await store.execute("XLEN", Keys.BILLING))
+        models = set(cfg.workers.models) | set(MODELS)
+        out["dead_letters"] = await dead_letter_counts(store, models)
+    return out
+
+
+def _healthz(cfg: Config) -> dict[str, Any] | None:
+    """/healthz of a daemon running with this configuration, if one answers on its port."""
+    g = cfg.gateway
+    if not g.http_port:
+        return None
+    tls = bool(g.tls_cert and g.tls_key)
+    host = "127.0.0.1" if g.host in ("0.0.0.0", "::", "") else g.host
+    url = f"{'https' if tls else 'http'}://{host}:{g.http_port}/healthz"
+    context = None
+    if tls:
+        # Our own daemon on our own host; its certificate may be self-signed.
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, timeout=2.0, context=context) as response:
+            return {"url": url, "status": response.status, "body": json.loads(response.read())}
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.loads(exc.read())
+        except ValueError:
+            body = None
+        return {"url": url, "status": exc.code, "body": body}
+    except (OSError, ValueError) as exc:
+        return {"url": url, "status": None, "error": str(exc)}
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def build_report(
+    cfg: Config,
+    scan: LogScan,
+    servers: dict[str, Any],
+    health: dict[str, Any] | None,
+    *,
+    now: float,
+    log_paths: Sequence[Path],
+) -> dict[str, Any]:
+    m = cfg.monitor
+    result = servers["result"]
+    batches = scan.batches
+    durations = [b[2] for b in batches]
+    events_billed = sum(b[5] for b in batches)
+    busy_s = sum(durations) / 1000
+    period_s = (scan.last_ts - scan.first_ts) if scan.first_ts and scan.last_ts else 0.0
+    recent = now - m.window_s
+    restarts_recent: dict[str, int] = {}
+    restarts_all: dict[str, int] = {}
+    for r in scan.restarts:
+        service = str(r.get("service"))
+        restarts_all[service] = restarts_all.get(service, 0) + 1
+        if r["ts"] >= recent:
+            restarts_recent[service] = restarts_recent.get(service, 0) + 1
+    dropped_recent = sum(n for ts, n in scan.dropped if ts >= recent)
+    missing = sorted(result.missing, key=lambda j: scan.synthesized[j][0])
+    dead = servers.get("dead_events", {})
+    live_failed = liveness_failed(
+        [v[0] for v in scan.synthesized.values()], [b[0] for b in batches], now, m
+    )
+    findings = assess(
+        m,
+        delta=len(result.missing),
+        missing_sample=missing,
+        reconciliation_complete=result.complete,
+        liveness_failed=live_failed,
+        lag_s=servers["lag_s"],
+        depth=servers["depth"],
+        dead_letters=servers["dead_letters"],
+        restarts=restarts_recent,
+        events_dropped=dropped_recent,
+    )
+    if not scan.files:
+        findings.append(
+            Finding("amber", f"no events log at {log_paths[0]}: the reconciliation covers nothing")
+        )
+    if not servers["schema"]:
+        findings.append(Finding("amber", "Postgres has no usage_log table (not migrated?)"))
+    if health is not None and health.get("status") not in (None, 200):
+        findings.append(
+            Finding("red", f"daemon unhealthy: {health['url']} answered {health['status']}")
+        )
+    return {
+        "generated_at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
+        "grade": worst(f.level for f in findings),
+        "findings": [f.as_dict() for f in findings],
+        "log": {
+            "files": [str(p) for p in scan.files],
+            "lines": scan.lines,
+            "bad_lines": scan.bad_lines,
+            "from": _iso(scan.first_ts),
+            "to": _iso(scan.last_ts),
+        },
+        "billing_processed": {
+            "batches": len(batches),
+            "events": sum(b[1] for b in batches),
+            "events_billed": events_billed,
+            "duplicates": sum(b[6] for b in batches),
+            "dead_lettered": sum(b[7] for b in batches),
+            "characters": sum(b[4] for b in batches),
+            "batch_ms": {
+                "p50": _r(percentile(durations, 0.5)),
+                "p95": _r(percentile(durations, 0.95)),
+                "max": _r(max(durations)) if durations else None,
+            },
+            "events_per_s_busy": _r(events_billed / busy_s) if busy_s > 0 else None,
+            "events_per_s_period": _r(events_billed / period_s) if period_s > 0 else None,
+            "last_batch_age_s": _r(now - batches[-1][0]) if batches else None,
+        },
+        "queue": {"depth": servers["depth"], "oldest_waiting_s": _r(servers["lag_s"])},
+        "reconciliation": {
+            "synthesized": len(scan.synthesized),
+            "billed": len(result.billed),
+            "waiting": len(result.waiting),
+            "missing": len(result.missing),
+            "complete": result.complete,
+            "missing_job_ids": [
+                {
+                    "job_id": j,
+                    "ts": _iso(scan.synthesized[j][0]),
+                    "user_id": scan.synthesized[j][1],
+                    "model": scan.synthesized[j][2],
+                    "text_length": scan.synthesized[j][3],
+                    "reason": f"dead-lettered: {dead[j]}" if j in dead else "lost: in neither",
+                }
+                for j in missing
+            ],
+        },
+        "liveness": {
+            "ok": not live_failed,
+            "window_s": m.liveness_window_s,
+            "last_synthesis_age_s": _r(now - max(v[0] for v in scan.synthesized.values()))
+            if scan.synthesized
+            else None,
+        },
+        "dead_letters": servers["dead_letters"],
+        "restarts": {"total": restarts_all, "recent": restarts_recent},
+        "errors": {"total": len(scan.errors), "last": scan.errors[-5:]},
+        "events_dropped": sum(n for _, n in scan.dropped),
+        "daemon": health,
+    }
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _n(value: Any) -> str:
+    return "–" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:,.1f}"
+
+
+def render(report: dict[str, Any], *, max_missing: int = 50) -> str:
+    """The report as text for a person (or a mail from cron)."""
+    b = report["billing_processed"]
+    q = report["queue"]
+    rec = report["reconciliation"]
+    live = report["liveness"]
+    log = report["log"]
+    lines = [f"tts-daemon billing report — {report['generated_at']}"]
+    files = log["files"]
+    lines.append(
+        f"events log: {', '.join(files) if files else 'none found'} · {log['lines']:,} lines"
+        f" from {log['from'] or '–'} to {log['to'] or '–'}"
+        + (f" · {log['bad_lines']} unreadable" if log["bad_lines"] else "")
+    )
+    lines += [
+        "",
+        "billing_processed",
+        f"  batches            {_n(b['batches'])}",
+        f"  events billed      {_n(b['events_billed'])}   (duplicates {_n(b['duplicates'])},"
+        f" dead-lettered {_n(b['dead_lettered'])})",
+        f"  characters billed  {_n(b['characters'])}",
+        f"  batch time         p50 {_n(b['batch_ms']['p50'])} ms · p95 {_n(b['batch_ms']['p95'])}"
+        f" ms · max {_n(b['batch_ms']['max'])} ms",
+        f"  throughput         {_n(b['events_per_s_busy'])} events/s while busy ·"
+        f" {_n(b['events_per_s_period'])} events/s over the period",
+        f"  last batch         {_age(b['last_batch_age_s'])}",
+        "",
+        f"billing queue        depth {_n(q['depth'])} · oldest waiting"
+        f" {'–' if q['oldest_waiting_s'] is None else _age(q['oldest_waiting_s'])}",
+        "",
+        "reconciliation (exact, by job_id)",
+        f"  synthesized        {_n(rec['synthesized'])}",
+        f"  billed             {_n(rec['billed'])}",
+        f"  waiting            {_n(rec['waiting'])}",
+        f"  delta              {_n(rec['missing'])}   (neither billed nor waiting)",
+        "",
+        f"liveness             {'ok' if live['ok'] else 'FAILED'} (window {live['window_s']:g} s;"
+        f" last synthesis {_age(live['last_synthesis_age_s'])})",
+        "dead letters         "
+        + " · ".join(f"{k} {v}" for k, v in sorted(report["dead_letters"].items())),
+        "restarts             "
+        + (
+            ", ".join(
+                f"{k} {v} (recent {report['restarts']['recent'].get(k, 0)})"
+                for k, v in sorted(report["restarts"]["total"].items())
+            )
+            or "none"
+        ),
+        f"errors               {report['errors']['total']}"
+        + (f" · events dropped {report['events_dropped']}" if report["events_dropped"] else ""),
+    ]
+    for e in report["errors"]["last"]:
+        lines.append(f"  {_iso(e['ts'])}  {e['service']}: {str(e['message'])[:160]}")
+    d = report["daemon"]
+    if d is None:
+        lines.append("daemon               not probed (gateway.http_port is 0)")
+    elif d.get("status") is None:
+        lines.append(f"daemon               not reachable at {d['url']} (not running here?)")
+    else:
+        lines.append(f"daemon               {d['url']} answered {d['status']}")
+    lines.append("")
+    lines.append(f"{report['grade'].upper()}  (exit {EXIT[report['grade']]})")
+    for f in report["findings"]:
+        lines.append(f"  [{f['level']}] {f['what']}")
+    if rec["missing_job_ids"]:
+        lines.append("")
+        lines.append("missing job_ids (neither billed nor waiting):")
+        for item in rec["missing_job_ids"][:max_missing]:
+            lines.append(
+                f"  {item['job_id']}  user {item['user_id']}  {item['model']}"
+                f"  {item['text_length']} chars  {item['ts']}  {item['reason']}"
+            )
+        if len(rec["missing_job_ids"]) > max_missing:
+            lines.append(f"  … and {len(rec['missing_job_ids']) - max_missing} more (--json)")
+    return "\n".join(lines)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tools/report.sh",
+        description="Health report of the billing pipeline: exit 0 green, 1 amber, 2 red.",
+    )
+    p.add_argument(
+        "--config", metavar="PATH", help=f"TOML configuration (default {DEFAULT_CONFIG})"
+    )
+    p.add_argument(
+        "--events",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="another daemon's events log to include (repeatable; rotated files are read too)",
+    )
+    p.add_argument(
+        "--since-s",
+        type=float,
+        metavar="N",
+        help="only the events of the last N seconds (default: everything the log holds)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--max-missing", type=int, default=50, metavar="N", help="job_ids to list")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config_path = args.config
+    if config_path is None and DEFAULT_CONFIG.is_file():
+        config_path = DEFAULT_CONFIG
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return 2
+    now = time.time()
+    log_paths = [cfg.events_path, *(Path(p) for p in args.events)]
+    # Every name a rotation may use, whether it exists now or not: a rotation between listing
+    # and opening must not hide a file (missing ones are skipped when opened).
+    files = [f for p in log_paths for f in rotation_names(p, cfg.log.backups)]
+    scan = read_log(files, since=None if args.since_s is None else now - args.since_s)
+    from daemon.cli import resolve_servers
+
+    try:
+        with resolve_servers(cfg) as (redis_url, pg_url):
+            servers = trio.run(_servers_part, cfg, redis_url, pg_url, list(scan.synthesized))
+    except Exception as exc:
+        print(f"report: RED — cannot read Redis/Postgres: {_describe(exc)}", file=sys.stderr)
+        return 2
+    report = build_report(cfg, scan, servers, _healthz(cfg), now=time.time(), log_paths=log_paths)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(render(report, max_missing=args.max_missing))
+    return EXIT[report["grade"]]
+
+
+def _describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Helpers for the operations tests: the events log, /metrics, config files, billing gates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon.config import Config, load_config
+
+__all__ = [
+    "BillingGate",
+    "events_of",
+    "read_events",
+    "scrape",
+    "write_config",
+]
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Every event in an events log file (and its rotations), oldest first."""
+    from daemon.events import log_files
+
+    out = []
+    for p in log_files(path, 10):
+        for line in p.read_text().splitlines():
+            out.append(json.loads(line))
+    return out
+
+
+def events_of(path: Path, name: str) -> list[dict[str, Any]]:
+    return [e for e in read_events(path) if e["event"] == name]
+
+
+async def scrape(http_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics, parsed with prometheus_client's own parser: {(sample, labels): value}."""
+    async with httpx.AsyncClient(base_url=http_url) as http:
+        response = await http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    out = {}
+    for family in text_string_to_metric_families(response.text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def write_config(tmp_path: Path, redis_url: str, pg_url: str, **sections: dict[str, Any]) -> Path:
+    """A TOML configuration on the test's servers (as an operator would write it)."""
+    base: dict[str, dict[str, Any]] = {
+        "data": {"dir": str(tmp_path / "data")},
+        "gateway": {"ws_port": 0, "http_port": 0, "close_grace_s": 1.0},
+        "redis": {"url": redis_url, "block_s": 0.2},
+        "postgres": {"url": pg_url},
+        "workers": {"simulated": 2, "latency_ms": 5.0, "jitter_ms": 2.0, "scan_interval_s": 0.2},
+        "hot": {"heartbeat_s": 0.5, "consumer_ttl_s": 3.0},
+        "billing": {"claim_idle_s": 5.0},
+        "supervisor": {"backoff_min_s": 0.05, "backoff_max_s": 0.5, "shutdown_timeout_s": 5.0},
+        "log": {"events_path": str(tmp_path / "log" / "events.jsonl")},
+        "monitor": {"sample_s": 0.2, "interval_s": 0.3},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    path = tmp_path / "daemon.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def config_of(path: Path) -> Config:
+    return load_config(path)
+
+
+class BillingGate:
+    """A ``billing_fault`` that holds each batch before it is billed while the gate is closed:
+    the batch's events stay pending in the stream (read, not acknowledged) until it opens."""
+
+    def __init__(self) -> None:
+        self._open = trio.Event()
+        self._open.set()
+        self.holding = 0
+
+    def close(self) -> None:
+        if self._open.is_set():
+            self._open = trio.Event()
+
+    def open(self) -> None:
+        self._open.set()
+
+    async def __call__(self, point: str) -> None:
+        if point == "billing.before_batch" and not self._open.is_set():
+            self.holding += 1
+            try:
+                await self._open.wait()
+            finally:
+                self.holding -= 1
