@@ -79,6 +79,7 @@ BAD_FRAMES: list[tuple[str, Any, str, str]] = [
     ("type not a string", {"type": 5}, "bad_request", "type: must be a string"),
     ("unknown type", {"type": "subscribe"}, "bad_request", "type: unknown message type"),
     ("deep nesting", "[" * 5000 + "]" * 5000, "bad_request", "frame: JSON nested too deeply"),
+    ("nesting over 16", '{"type":' * 17 + "1" + "}" * 17, "bad_request", "frame: JSON nested"),
     ("huge integer", '{"type": ' + "9" * 5000 + "}", "bad_request", "frame: not valid JSON"),
     ("no document_id", without(syn(), "document_id"), "bad_request", "document_id: missing"),
     ("empty document_id", syn(""), "bad_request", "document_id: must be 1..128 characters"),

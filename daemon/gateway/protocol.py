@@ -18,6 +18,7 @@ __all__ = [
     "MAX_BLOCK_IDX",
     "MAX_DOCUMENT_ID",
     "MAX_NAME",
+    "MAX_NESTING",
     "MAX_TEXT",
     "Block",
     "CursorMoved",
@@ -34,6 +35,7 @@ MAX_BLOCKS = 64
 MAX_BLOCK_IDX = 1_000_000
 MAX_TEXT = 2000
 MAX_NAME = 64  # model and voice names; the catalog decides which exist
+MAX_NESTING = 16  # a valid frame needs 3 (frame → blocks → block); room for future fields
 
 
 class ProtocolError(Exception):
@@ -151,6 +153,23 @@ def _cursor_moved(frame: Mapping[str, Any]) -> CursorMoved:
 _PARSERS = {"synthesize": _synthesize, "cursor_moved": _cursor_moved}
 
 
+def _too_deep(value: Any) -> bool:
+    """More than MAX_NESTING levels of objects/arrays? (Iterative: no recursion to exhaust.)"""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > MAX_NESTING:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 def parse_frame(message: str | bytes) -> Synthesize | CursorMoved:
     """Validate one client frame. Model and voice names are checked later, against the catalog."""
     if isinstance(message, bytes | bytearray):
@@ -160,7 +179,10 @@ def parse_frame(message: str | bytes) -> Synthesize | CursorMoved:
     except ValueError as exc:
         raise _bad(f"frame: not valid JSON: {exc.args[0] if exc.args else exc}") from None
     except RecursionError:
-        raise _bad("frame: JSON nested too deeply") from None
+        raise _bad(f"frame: JSON nested too deeply (at most {MAX_NESTING} levels)") from None
+    if _too_deep(frame):
+        # Whether json.loads gives up (above) depends on the caller's stack depth; this does not.
+        raise _bad(f"frame: JSON nested too deeply (at most {MAX_NESTING} levels)")
     if not isinstance(frame, dict):
         raise _bad("frame: must be a JSON object")
     kind = frame.get("type")
