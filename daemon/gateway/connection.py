@@ -49,6 +49,8 @@ class Connection:
     conn_id: str = attrs.Factory(new_conn_id)
     # The blocks this connection waits for a terminal status of → (model, voice).
     pending: dict[PendingKey, tuple[str, str]] = attrs.Factory(dict)
+    # Waits a request in progress has registered before its Redis script ran (not yet in Redis).
+    requesting: set[PendingKey] = attrs.Factory(set)
     close_code: int = 1000
     close_reason: str = ""
     _held: list[tuple[PendingKey, str, str]] | None = None

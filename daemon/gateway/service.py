@@ -5,8 +5,9 @@ from Postgres (the request pool — the only Postgres the request path touches),
 Redis script that answers each block from the cache, joins it to an in-flight job or creates a job
 within the allowance and the rate limit. Statuses go back at once; later ones (``processing``,
 ``cached`` …) arrive over Redis pub/sub, published by the workers' pull and the hot path, and are
-routed here to the connections of that user that asked for that document — in any daemon sharing
-the Redis.
+routed here to the one connection that waits for that block (each published status names it) — in
+any daemon sharing the Redis. After the subscription is lost and comes back, open waits are
+re-read from Redis, since pub/sub is at-most-once.
 """
 
 from __future__ import annotations
@@ -219,7 +220,10 @@ class Gateway:
         is dropped by the connection's routing, so nobody hears a terminal status twice.
         """
         waits = [
-            (conn, key, mv) for conn in self.by_conn.values() for key, mv in conn.pending.items()
+            (conn, key, mv)
+            for conn in self.by_conn.values()
+            for key, mv in conn.pending.items()
+            if key not in conn.requesting  # its script has not run yet: nothing to re-read
         ]
         self.resyncs += 1
         if not waits:
@@ -502,6 +506,7 @@ class Gateway:
         added = [key for key in keys if key not in conn.pending]
         for key in added:
             conn.pending[key] = (req.model, voice)
+        conn.requesting.update(added)
         conn.hold()
         try:
             try:
@@ -559,6 +564,7 @@ class Gateway:
                     conn.pending[key] = (req.model, voice)
                     conn.push(status_frame(req.document_id, block.idx, status, req.model, voice))
         finally:
+            conn.requesting.difference_update(added)
             conn.release()
         self.metrics.requests.labels("ok").inc()
         self.metrics.ack_seconds.observe(time.perf_counter() - t0)
