@@ -439,6 +439,25 @@ async def test_rate_limit_per_user(tmp_path: Path, redis_url: str, pg_url: str) 
     assert fits["type"] == "status" and fits["block_idx"] == 2
 
 
+async def test_blocks_waited_for_per_connection_are_capped(
+    tmp_path: Path, redis_url: str, pg_url: str
+) -> None:
+    cfg = make_config(tmp_path, gateway={"max_pending_blocks": 3}, workers={"simulated": 0})
+    _, token = await add_user(pg_url, "hoarder", "unlimited")
+    async with open_daemon(cfg, redis_url, pg_url) as d, WsClient.connect(ws_url(d), token) as c:
+        await c.synthesize("d", ["One.", "Two."])
+        await c.until(lambda fs: len(fs) == 2)
+        await c.synthesize("d", {2: "Three.", 3: "Four."})
+        refused = await c.receive()
+        assert refused["code"] == "rate_limited"
+        assert refused["message"].startswith("blocks: this connection already waits for 2 blocks")
+        await c.send({"type": "cursor_moved", "document_id": "d", "block_idx": 5})
+        assert (await c.receive())["block_idxs"] == [0, 1]
+        await c.synthesize("d", {2: "Three.", 3: "Four."})  # room again
+        await c.until(lambda fs: len(fs) == 6)
+        assert first_statuses(c, "d") == {0: "queued", 1: "queued", 2: "queued", 3: "queued"}
+
+
 # -- eviction ----------------------------------------------------------------------------------
 
 
