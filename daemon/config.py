@@ -60,6 +60,10 @@ class GatewayConfig:
     close_grace_s: float = 2.0
     # The variant-hash HMAC key; "" → generated once under data.dir/secrets.
     variant_secret_path: str = ""
+    # Open connections one user may hold (more get HTTP 429 at the handshake).
+    max_connections_per_user: int = 50
+    # Blocks one connection may wait for at once (a synthesize beyond it gets rate_limited).
+    max_pending_blocks: int = 4096
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The server TLS context when both ``tls_cert`` and ``tls_key`` are set, else ``None``."""
@@ -235,6 +239,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "gateway.send_queue_frames": _AT_LEAST_1,
     "gateway.max_connections": _AT_LEAST_1,
     "gateway.close_grace_s": _NON_NEGATIVE,
+    "gateway.max_connections_per_user": _AT_LEAST_1,
+    "gateway.max_pending_blocks": _AT_LEAST_1,
     "redis.max_connections": _AT_LEAST_1,
     "redis.pool_timeout_s": _POSITIVE,
     "redis.command_timeout_s": _POSITIVE,

@@ -49,10 +49,10 @@ class Keys:
     # Internal. The Lua scripts build the per-variant keys from these same prefixes.
     AUDIO_PREFIX = "tts:audio:"  # hash: data, content_type, duration_ms (TTL hot.audio_ttl_s)
     INFLIGHT_PREFIX = "tts:inflight:"  # variant → job id of the job that will produce it
-    WAITERS_PREFIX = "tts:waiters:"  # variant → set of "user|block_idx|document_id"
+    WAITERS_PREFIX = "tts:waiters:"  # variant → set of "user|block_idx|conn_id|document_id"
     NOTIFY_PREFIX = "tts:notify:"  # pub/sub channel per user: status frames as JSON
     RETRIES = "tts:retries"  # job id → visibility timeouts so far
-    RATE_PREFIX = "tts:rate:"  # user:minute → blocks requested in that minute
+    RATE_PREFIX = "tts:rate:"  # user → token bucket (hash: tokens, ts) of blocks requested
 
     RESULTS_DEAD = "tts:results:dead"  # undecodable results, with the reason
     HOT_CONSUMERS = "tts:hot:consumers"  # set of hot consumer ids
@@ -74,6 +74,10 @@ class Keys:
     @staticmethod
     def waiters(variant_hash: str) -> str:
         return Keys.WAITERS_PREFIX + variant_hash
+
+    @staticmethod
+    def rate(user_id: int) -> str:
+        return f"{Keys.RATE_PREFIX}{user_id}"
 
     @staticmethod
     def notify(user_id: int) -> str:

@@ -1,15 +1,52 @@
 """``variant_hash``: a keyed hash of (text, model, voice), so an audio URL does not reveal whether a
-given text was ever synthesized (SPEC section 5). The key is generated once under data.dir."""
+given text was ever synthesized (SPEC section 5). The key is generated once under data.dir.
+
+Daemons that share one Redis must share this key (``gateway.variant_secret_path`` naming the same
+file): two keys give two hashes for the same audio, and requests through different daemons would
+then neither share jobs nor find each other's cached audio.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import secrets
 from pathlib import Path
 
-from daemon.embedded import read_secret
+__all__ = ["VariantHasher", "load_or_create_key"]
 
-__all__ = ["VariantHasher"]
+MIN_KEY_CHARS = 16
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """The key stored at ``path``; generated (mode 0600) if there is none.
+
+    Created atomically (written to a temporary file, then hard-linked into place, which fails if
+    the file exists), so a daemon starting beside another never reads a half-written key.
+    """
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process won the race: use its key
+        finally:
+            tmp.unlink(missing_ok=True)
+        key = path.read_text().strip()
+    if len(key) < MIN_KEY_CHARS:
+        raise ValueError(f"variant hash key {path}: too short (at least {MIN_KEY_CHARS} chars)")
+    return key.encode()
 
 
 class VariantHasher:
@@ -18,7 +55,7 @@ class VariantHasher:
 
     @classmethod
     def from_file(cls, path: Path) -> VariantHasher:
-        return cls(read_secret(path, nbytes=32).encode())
+        return cls(load_or_create_key(path))
 
     def __call__(self, text: str, model: str, voice: str) -> str:
         # Length-prefixed fields: ("ab", "c") and ("a", "bc") must not collide.

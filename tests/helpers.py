@@ -221,9 +221,17 @@ class _Connect:
     def __init__(self, cls: type[WsClient], url: str, headers: list, kw: dict) -> None:
         self._cm = open_websocket_url(url, extra_headers=headers, **kw)
         self._cls = cls
+        self._ws: WebSocketConnection | None = None
 
     async def __aenter__(self) -> WsClient:
-        return self._cls(await self._cm.__aenter__())
+        self._ws = await self._cm.__aenter__()
+        return self._cls(self._ws)
 
     async def __aexit__(self, *exc: Any) -> Any:
-        return await self._cm.__aexit__(*exc)
+        try:
+            return await self._cm.__aexit__(*exc)
+        finally:
+            # trio-websocket's client never closes its socket when the server closed the
+            # connection first (1009, 1013, 1001): its aclose() returns early. Close it here.
+            if self._ws is not None:
+                await self._ws._stream.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from urllib.parse import parse_qs, urlsplit
 
@@ -9,7 +10,15 @@ import trio
 
 from daemon.stores.pg import PgPool
 
-__all__ = ["TokenCache", "token_from_request"]
+__all__ = ["TokenCache", "plausible_token", "token_from_request"]
+
+# Tokens are "tts_" + 43 URL-safe characters (``user add``); allow some room for other issuers.
+_TOKEN = re.compile(r"[A-Za-z0-9_\-.~+/=]{8,256}")
+
+
+def plausible_token(token: str) -> bool:
+    """Could this be a token at all? Junk is refused without a database query."""
+    return _TOKEN.fullmatch(token) is not None
 
 
 def token_from_request(headers: list[tuple[bytes, bytes]], path: str) -> str | None:

@@ -1,20 +1,44 @@
-"""One client's WebSocket connection: its outgoing queue, its documents, its pending blocks.
+"""One client's WebSocket connection: its outgoing queue and the blocks it waits for.
 
 Frames to the client — replies and notifications alike — go through one bounded queue and one
 writer task, so they leave in order. A client that does not read fills its queue; it is then
 closed with 1013 (try again later) rather than letting its frames pile up in memory.
+
+Notifications are routed per connection: each waits for a set of blocks, keyed by
+``(document_id, block_idx, variant_hash)``. A notification for a block the connection does not
+wait for (evicted, already answered, or asked for by a request that failed) is dropped, and a
+terminal status ends the wait — so each block gets exactly one terminal status on this connection.
 """
 
 from __future__ import annotations
+
+import secrets
 
 import attrs
 import trio
 from trio_websocket import WebSocketConnection
 
-__all__ = ["CLOSE_GOING_AWAY", "CLOSE_TOO_SLOW", "Connection"]
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_TOO_BIG",
+    "CLOSE_TOO_SLOW",
+    "TERMINAL",
+    "Connection",
+    "PendingKey",
+]
 
 CLOSE_GOING_AWAY = 1001
+CLOSE_TOO_BIG = 1009
 CLOSE_TOO_SLOW = 1013
+
+TERMINAL = frozenset({"cached", "skipped", "error"})
+
+PendingKey = tuple[str, int, str]  # (document_id, block_idx, variant_hash)
+
+
+def new_conn_id() -> str:
+    """An id for a connection's waits in Redis, unique across daemons (alphanumeric)."""
+    return secrets.token_hex(8)
 
 
 @attrs.define(eq=False)
@@ -22,12 +46,14 @@ class Connection:
     user_id: int
     ws: WebSocketConnection
     queue_size: int
-    documents: set[str] = attrs.Factory(set)
-    # (document_id, block_idx) → (variant_hash, model) for blocks with no terminal status yet
-    pending: dict[tuple[str, int], tuple[str, str]] = attrs.Factory(dict)
+    conn_id: str = attrs.Factory(new_conn_id)
+    # The blocks this connection waits for a terminal status of → (model, voice).
+    pending: dict[PendingKey, tuple[str, str]] = attrs.Factory(dict)
+    # Waits a request in progress has registered before its Redis script ran (not yet in Redis).
+    requesting: set[PendingKey] = attrs.Factory(set)
     close_code: int = 1000
     close_reason: str = ""
-    _held: list[str] | None = None
+    _held: list[tuple[PendingKey, str, str]] | None = None
     _send: trio.MemorySendChannel[str] = attrs.field(init=False)
     _receive: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
     reader_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
@@ -38,14 +64,6 @@ class Connection:
 
     # -- frames out -------------------------------------------------------------------------
 
-    def notify(self, text: str) -> None:
-        """Queue a notification (a status published by a worker or the hot path); held back while
-        a request's own replies are being produced (see :meth:`hold`)."""
-        if self._held is not None:
-            self._held.append(text)
-            return
-        self.push(text)
-
     def push(self, text: str) -> None:
         """Queue a frame for the client without blocking; a full queue closes the connection."""
         try:
@@ -55,19 +73,33 @@ class Connection:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
+    def notify(self, key: PendingKey, status: str, text: str) -> None:
+        """A status from Redis for one of this connection's waits (or a stale one: dropped)."""
+        if self._held is not None:
+            if len(self._held) >= self.queue_size:
+                self.abort(CLOSE_TOO_SLOW, "client too slow: too many notifications held")
+                return
+            self._held.append((key, status, text))
+            return
+        self._route(key, status, text)
+
+    def _route(self, key: PendingKey, status: str, text: str) -> None:
+        if key not in self.pending:
+            return
+        if status in TERMINAL:
+            del self.pending[key]
+        self.push(text)
+
     def hold(self) -> None:
-        """Hold notifications back while a request's own replies are being produced, so that a
-        block's ``queued`` always precedes its ``cached`` even if the job finishes at once."""
+        """Hold notifications back while a request's own replies are produced, so that a block's
+        first status always precedes its later ones, even if its job finishes at once."""
         self._held = []
 
     def release(self) -> None:
+        """Let held notifications through, judged against the waits as they are now."""
         held, self._held = self._held or [], None
-        for text in held:
-            self.notify(text)
-
-    def note_status(self, document_id: str, block_idx: int, status: str) -> None:
-        if status in ("cached", "skipped", "error"):
-            self.pending.pop((document_id, block_idx), None)
+        for key, status, text in held:
+            self._route(key, status, text)
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ Pure functions, no I/O: ``parse_frame`` turns a text frame into a request or rai
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,8 @@ __all__ = [
     "MAX_BLOCKS",
     "MAX_BLOCK_IDX",
     "MAX_DOCUMENT_ID",
+    "MAX_NAME",
+    "MAX_NESTING",
     "MAX_TEXT",
     "Block",
     "CursorMoved",
@@ -23,6 +26,7 @@ __all__ = [
     "Synthesize",
     "error_frame",
     "parse_frame",
+    "quote",
     "status_frame",
 ]
 
@@ -30,6 +34,8 @@ MAX_DOCUMENT_ID = 128
 MAX_BLOCKS = 64
 MAX_BLOCK_IDX = 1_000_000
 MAX_TEXT = 2000
+MAX_NAME = 64  # model and voice names; the catalog decides which exist
+MAX_NESTING = 16  # a valid frame needs 3 (frame → blocks → block); room for future fields
 
 
 class ProtocolError(Exception):
@@ -73,11 +79,27 @@ def _int(value: Any, name: str, lo: int, hi: int) -> int:
     return value
 
 
-def _str(value: Any, name: str, lo: int, hi: int, what: str = "characters") -> str:
+# JSON may carry escaped lone surrogates ("\\ud800"): they are not text, cannot be encoded as
+# UTF-8 (for Redis, the worker, the reply) and are refused wherever a string is accepted.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Control characters have no place in an identifier; NUL in particular cannot be stored in Postgres
+# text/jsonb, where document_id ends up (the billing details).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _str(
+    value: Any, name: str, lo: int, hi: int, *, what: str = "characters", ident: bool = False
+) -> str:
     if not isinstance(value, str):
         raise _bad(f"{name}: must be a string")
     if not lo <= len(value) <= hi:
         raise _bad(f"{name}: must be {lo}..{hi} {what}")
+    if _SURROGATE.search(value):
+        raise _bad(f"{name}: must be valid Unicode (no lone surrogates)")
+    if ident and _CONTROL.search(value):
+        raise _bad(f"{name}: must not contain control characters")
+    if "\x00" in value:
+        raise _bad(f"{name}: must not contain NUL characters")
     return value
 
 
@@ -88,17 +110,15 @@ def _require(frame: Mapping[str, Any], name: str) -> Any:
 
 
 def _document_id(frame: Mapping[str, Any]) -> str:
-    return _str(_require(frame, "document_id"), "document_id", 1, MAX_DOCUMENT_ID)
+    return _str(_require(frame, "document_id"), "document_id", 1, MAX_DOCUMENT_ID, ident=True)
 
 
 def _synthesize(frame: Mapping[str, Any]) -> Synthesize:
     document_id = _document_id(frame)
-    model = _require(frame, "model")
-    if not isinstance(model, str) or not model:
-        raise _bad("model: must be a non-empty string")
+    model = _str(_require(frame, "model"), "model", 1, MAX_NAME, ident=True)
     voice = frame.get("voice")
-    if voice is not None and (not isinstance(voice, str) or not voice):
-        raise _bad("voice: must be a non-empty string")
+    if voice is not None:
+        voice = _str(voice, "voice", 1, MAX_NAME, ident=True)
     raw_blocks = _require(frame, "blocks")
     if not isinstance(raw_blocks, list):
         raise _bad("blocks: must be a list")
@@ -133,14 +153,36 @@ def _cursor_moved(frame: Mapping[str, Any]) -> CursorMoved:
 _PARSERS = {"synthesize": _synthesize, "cursor_moved": _cursor_moved}
 
 
+def _too_deep(value: Any) -> bool:
+    """More than MAX_NESTING levels of objects/arrays? (Iterative: no recursion to exhaust.)"""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > MAX_NESTING:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 def parse_frame(message: str | bytes) -> Synthesize | CursorMoved:
     """Validate one client frame. Model and voice names are checked later, against the catalog."""
-    if isinstance(message, bytes):
+    if isinstance(message, bytes | bytearray):
         raise _bad("frame: must be a JSON text frame, not binary")
     try:
         frame = json.loads(message)
     except ValueError as exc:
         raise _bad(f"frame: not valid JSON: {exc.args[0] if exc.args else exc}") from None
+    except RecursionError:
+        raise _bad(f"frame: JSON nested too deeply (at most {MAX_NESTING} levels)") from None
+    if _too_deep(frame):
+        # Whether json.loads gives up (above) depends on the caller's stack depth; this does not.
+        raise _bad(f"frame: JSON nested too deeply (at most {MAX_NESTING} levels)")
     if not isinstance(frame, dict):
         raise _bad("frame: must be a JSON object")
     kind = frame.get("type")
@@ -150,8 +192,13 @@ def parse_frame(message: str | bytes) -> Synthesize | CursorMoved:
         raise _bad("type: must be a string")
     parser = _PARSERS.get(kind)
     if parser is None:
-        raise _bad(f"type: unknown message type {kind[:40]!r}")
+        raise _bad(f"type: unknown message type {quote(kind)}")
     return parser(frame)
+
+
+def quote(value: str, limit: int = 40) -> str:
+    """A client-supplied string quoted for an error message: cut short, escaped (repr)."""
+    return repr(value[:limit]) + ("…" if len(value) > limit else "")
 
 
 def _dumps(frame: dict[str, Any]) -> str:
@@ -159,7 +206,12 @@ def _dumps(frame: dict[str, Any]) -> str:
 
 
 def error_frame(code: str, message: str) -> str:
-    return _dumps({"type": "error", "code": code, "message": message})
+    # ASCII-only: an error message may quote client input, and must be sendable whatever it holds.
+    return json.dumps(
+        {"type": "error", "code": code, "message": message},
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
 
 
 def status_frame(

@@ -5,14 +5,16 @@ from Postgres (the request pool — the only Postgres the request path touches),
 Redis script that answers each block from the cache, joins it to an in-flight job or creates a job
 within the allowance and the rate limit. Statuses go back at once; later ones (``processing``,
 ``cached`` …) arrive over Redis pub/sub, published by the workers' pull and the hot path, and are
-routed here to the connections of that user that asked for that document — in any daemon sharing
-the Redis.
+routed here to the one connection that waits for that block (each published status names it) — in
+any daemon sharing the Redis. After the subscription is lost and comes back, open waits are
+re-read from Redis, since pub/sub is at-most-once.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -25,10 +27,10 @@ from hypercorn.trio import serve as hypercorn_serve
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from daemon.config import GatewayConfig
-from daemon.contracts import Job, Keys, usage_amount
+from daemon.contracts import Job, usage_amount
 from daemon.events import EventLog
-from daemon.gateway.auth import TokenCache, token_from_request
-from daemon.gateway.connection import CLOSE_GOING_AWAY, Connection
+from daemon.gateway.auth import TokenCache, plausible_token, token_from_request
+from daemon.gateway.connection import CLOSE_GOING_AWAY, CLOSE_TOO_BIG, Connection, PendingKey
 from daemon.gateway.http import HttpApp
 from daemon.gateway.protocol import (
     CursorMoved,
@@ -37,8 +39,10 @@ from daemon.gateway.protocol import (
     error_frame,
     evicted_frame,
     parse_frame,
+    quote,
     status_frame,
 )
+from daemon.gateway.ratelimit import RateLimiter
 from daemon.hashing import VariantHasher
 from daemon.metrics import Metrics
 from daemon.stores.pg import Catalog, PgPool
@@ -77,12 +81,23 @@ class Gateway:
     refresh_metrics: Callable[[], Awaitable[None]]
     dashboard: Callable[[str], Awaitable[tuple[bytes, str] | None]] | None = None
     by_user: dict[int, set[Connection]] = attrs.Factory(dict)
+    by_conn: dict[str, Connection] = attrs.Factory(dict)
+    # Connections open or being authenticated (a slot is taken before the token lookup).
     connection_count: int = 0
+    # Times the notification listener re-subscribed and re-checked the open waits.
+    resyncs: int = 0
     tokens: TokenCache = attrs.field(init=False)
+    rate: RateLimiter = attrs.field(init=False)
     addresses: GatewayAddresses | None = None
+    _auth_limiter: trio.CapacityLimiter = attrs.field(init=False)
+    _stopping: bool = False
 
     def __attrs_post_init__(self) -> None:
         self.tokens = TokenCache(self.db)
+        self.rate = RateLimiter(self.cfg.rate_limit_blocks_per_min)
+        # Handshakes may use at most half of the request pool, so a flood of (bad-token)
+        # handshakes cannot starve the synthesize path of connections.
+        self._auth_limiter = trio.CapacityLimiter(max(1, self.db.size // 2))
 
     # -- the service ------------------------------------------------------------------------
 
@@ -96,9 +111,12 @@ class Gateway:
         queued, close it with 1001, and give up on stragglers after ``close_grace_s``.
 
         ``started()`` with the bound ports, once notifications are subscribed and both listeners
-        accept. A port of 0 in the config binds a free port.
+        accept. A port of 0 in the config binds a free port. Errors of one connection end that
+        connection only (logged as ``error`` events); Redis lost by the notification listener is
+        retried every second. Anything else ends the service (the supervisor restarts it).
         """
         ssl_context = self.cfg.ssl_context()
+        self._stopping = False
         async with trio.open_nursery() as root:
             await root.start(self._listen_notifications)
             async with trio.open_nursery() as conns:
@@ -111,6 +129,7 @@ class Gateway:
                             self.cfg.ws_port,
                             ssl_context,
                             handler_nursery=conns,
+                            # trio-websocket counts characters; _read_loop checks the bytes.
                             max_message_size=self.cfg.max_message_bytes,
                             message_queue_size=4,
                             connect_timeout=10.0,
@@ -124,10 +143,10 @@ class Gateway:
                     )
                     task_status.started(self.addresses)
                     await stopping.wait()
+                    self._stopping = True
                     listeners.cancel_scope.cancel()
-                for conn_set in list(self.by_user.values()):
-                    for conn in list(conn_set):
-                        conn.begin_close(CLOSE_GOING_AWAY, "server shutting down")
+                for conn in list(self.by_conn.values()):
+                    conn.begin_close(CLOSE_GOING_AWAY, "server shutting down")
                 conns.cancel_scope.deadline = trio.current_time() + self.cfg.close_grace_s
             root.cancel_scope.cancel()
 
@@ -170,26 +189,92 @@ class Gateway:
                     if not started:
                         started = True
                         task_status.started()
+                    else:
+                        # Pub/sub is at-most-once: statuses published while we were not
+                        # subscribed are gone. Re-read what they would have said.
+                        await self._resync_or_log()
             except Exception as exc:
-                if not is_redis_unavailable(exc):
+                lost, other = (
+                    exc.split(is_redis_unavailable)
+                    if isinstance(exc, BaseExceptionGroup)
+                    else ((exc, None) if is_redis_unavailable(exc) else (None, exc))
+                )
+                if other is not None:
                     raise
-                self.events.error("gateway", f"notification listener lost Redis: {exc}")
+                self.events.error("gateway", f"notification listener lost Redis: {lost!r}")
                 ready = trio.Event()
                 await trio.sleep(1.0)
+
+    async def _resync_or_log(self) -> None:
+        try:
+            await self.resync()
+        except Exception as exc:
+            self.events.error("gateway", f"resync after reconnecting failed: {exc!r}")
+
+    async def resync(self) -> None:
+        """Re-check every open wait against Redis and answer those whose status was lost.
+
+        A block whose audio is cached gets ``cached``; one whose job is gone without audio
+        (failed, skipped, or evicted by Redis losing data) gets ``error`` (recoverable: ask
+        again). A block still in flight keeps waiting. A status that also arrives over pub/sub
+        is dropped by the connection's routing, so nobody hears a terminal status twice.
+        """
+        waits = [
+            (conn, key, mv)
+            for conn in self.by_conn.values()
+            for key, mv in conn.pending.items()
+            if key not in conn.requesting  # its script has not run yet: nothing to re-read
+        ]
+        self.resyncs += 1
+        if not waits:
+            return
+        hashes = sorted({key[2] for _, key, _ in waits})
+        with trio.fail_after(self.store.command_timeout_s):
+            states = dict(zip(hashes, await self.store.variant_states(hashes), strict=True))
+        for conn, (document_id, block_idx, variant_hash), (model, voice) in waits:
+            cached, in_flight = states[variant_hash]
+            if cached:
+                text = status_frame(
+                    document_id,
+                    block_idx,
+                    "cached",
+                    model,
+                    voice,
+                    audio_url=f"/v1/audio/{variant_hash}",
+                )
+                conn.notify((document_id, block_idx, variant_hash), "cached", text)
+            elif not in_flight:
+                text = status_frame(
+                    document_id,
+                    block_idx,
+                    "error",
+                    model,
+                    voice,
+                    error="status lost while the server was disconnected from Redis; ask again",
+                    recoverable=True,
+                )
+                conn.notify((document_id, block_idx, variant_hash), "error", text)
 
     # -- notifications from Redis -----------------------------------------------------------
 
     def _deliver(self, user_id: int, data: bytes) -> None:
-        conns = self.by_user.get(user_id)
-        if not conns:
-            return
+        """Route one published status to the connection that waits for it (called by the
+        listener, synchronously). Only the user's own connections can match: the channel names
+        the user, and the connection must belong to that user."""
         try:
             frame = json.loads(data)
+            conn_id = frame["conn"]
             document_id = frame["document_id"]
-            block_idx = int(frame["block_idx"])
+            block_idx = frame["block_idx"]
+            variant_hash = frame["variant_hash"]
             status = frame["status"]
-        except (ValueError, KeyError, TypeError):
-            self.events.error("gateway", "malformed notification", data=data[:200])
+            if not isinstance(block_idx, int) or not isinstance(status, str):
+                raise TypeError("block_idx or status of the wrong type")
+        except (ValueError, KeyError, TypeError) as exc:
+            self.events.error("gateway", f"malformed notification: {exc}", data=data[:200])
+            return
+        conn = self.by_conn.get(conn_id) if isinstance(conn_id, str) else None
+        if conn is None or conn.user_id != user_id:
             return
         text = status_frame(
             document_id,
@@ -199,14 +284,21 @@ class Gateway:
             frame.get("voice", ""),
             **{k: frame[k] for k in ("audio_url", "error", "recoverable") if k in frame},
         )
-        for conn in list(conns):
-            if document_id in conn.documents:
-                conn.note_status(document_id, block_idx, status)
-                conn.notify(text)
+        conn.notify((document_id, block_idx, variant_hash), status, text)
 
     # -- one connection ---------------------------------------------------------------------
 
     async def _handle_request(self, request: WebSocketRequest) -> None:
+        """One WebSocket connection, from handshake to close. Nothing a client does — vanish
+        mid-handshake, send garbage — may escape from here: it would take the gateway down."""
+        try:
+            await self._serve_request(request)
+        except ConnectionClosed:
+            pass
+        except Exception as exc:
+            self.events.error("gateway", f"connection failed: {type(exc).__name__}: {exc}")
+
+    async def _serve_request(self, request: WebSocketRequest) -> None:
         path = request.path
         if path.split("?", 1)[0] != WS_PATH:
             await request.reject(404, body=b"no such endpoint\n")
@@ -214,40 +306,61 @@ class Gateway:
         if self.connection_count >= self.cfg.max_connections:
             await request.reject(503, body=b"too many connections\n")
             return
-        token = token_from_request(request.headers, path)
+        self.connection_count += 1  # the slot is ours from here, released in the finally
+        try:
+            conn = await self._authenticate(request)
+            if conn is None:
+                return
+            self._register(conn)
+            try:
+                await self._run_connection(conn)
+            finally:
+                self._unregister(conn)
+                with trio.move_on_after(2, shield=True):
+                    await conn.ws.aclose(conn.close_code, conn.close_reason)
+                if conn.pending and not self._stopping:
+                    await self._forget(conn)
+        finally:
+            self.connection_count -= 1
+
+    async def _authenticate(self, request: WebSocketRequest) -> Connection | None:
+        """The connection for a valid token; else the handshake is rejected and None."""
+        token = token_from_request(request.headers, request.path)
         if token is None:
             await request.reject(
                 401, extra_headers=[(b"WWW-Authenticate", b"Bearer")], body=b"missing token\n"
             )
-            return
-        try:
-            with trio.fail_after(self.db.acquire_timeout_s + 5):
-                user, waited = await self.tokens.lookup(token)
-        except Exception as exc:
-            self.events.error("gateway", f"token lookup failed: {type(exc).__name__}: {exc}")
-            await request.reject(503, body=b"authentication unavailable, try again\n")
-            return
-        if waited:
-            self.metrics.request_pool_wait_seconds.observe(waited)
+            return None
+        user = None
+        if plausible_token(token):
+            try:
+                with trio.fail_after(self.db.acquire_timeout_s + 5):
+                    async with self._auth_limiter:
+                        user, waited = await self.tokens.lookup(token)
+            except Exception as exc:
+                self.events.error("gateway", f"token lookup failed: {type(exc).__name__}: {exc}")
+                await request.reject(503, body=b"authentication unavailable, try again\n")
+                return None
+            if waited:
+                self.metrics.request_pool_wait_seconds.observe(waited)
         if user is None:
             await request.reject(
                 401, extra_headers=[(b"WWW-Authenticate", b"Bearer")], body=b"invalid token\n"
             )
-            return
+            return None
+        if len(self.by_user.get(user[0], ())) >= self.cfg.max_connections_per_user:
+            await request.reject(429, body=b"too many connections for this user\n")
+            return None
         ws = await request.accept()
-        conn = Connection(user[0], ws, self.cfg.send_queue_frames)
-        self._register(conn)
-        try:
-            with conn.scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write_then_close, conn)
-                    with conn.reader_scope:
-                        await self._read_loop(conn)
-                    conn.close_queue()
-        finally:
-            self._unregister(conn)
-            with trio.move_on_after(2, shield=True):
-                await ws.aclose(conn.close_code, conn.close_reason)
+        return Connection(user[0], ws, self.cfg.send_queue_frames)
+
+    async def _run_connection(self, conn: Connection) -> None:
+        with conn.scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_then_close, conn)
+                with conn.reader_scope:
+                    await self._read_loop(conn)
+                conn.close_queue()
 
     async def _write_then_close(self, conn: Connection) -> None:
         try:
@@ -257,23 +370,53 @@ class Gateway:
 
     def _register(self, conn: Connection) -> None:
         self.by_user.setdefault(conn.user_id, set()).add(conn)
-        self.connection_count += 1
-        self.metrics.ws_connections.set(self.connection_count)
+        self.by_conn[conn.conn_id] = conn
+        self.metrics.ws_connections.set(len(self.by_conn))
 
     def _unregister(self, conn: Connection) -> None:
+        self.by_conn.pop(conn.conn_id, None)
         conns = self.by_user.get(conn.user_id)
         if conns is not None:
             conns.discard(conn)
             if not conns:
                 del self.by_user[conn.user_id]
-        self.connection_count -= 1
-        self.metrics.ws_connections.set(self.connection_count)
+                self.rate.forget(conn.user_id)
+        self.metrics.ws_connections.set(len(self.by_conn))
+
+    async def _forget(self, conn: Connection) -> None:
+        """The client left: it stops waiting for its blocks, and a queued job nobody else waits
+        for leaves the queue (no GPU time, and no bill, for audio nobody will hear). Not done at
+        shutdown: clients then reconnect elsewhere and their queued jobs must still be there."""
+        blocks = [(doc, idx, h, model) for (doc, idx, h), (model, _) in conn.pending.items()]
+        conn.pending.clear()
+        with trio.move_on_after(2, shield=True):
+            try:
+                await self.store.evict(
+                    user_id=conn.user_id, conn_id=conn.conn_id, blocks=blocks, only_queued=False
+                )
+            except Exception as exc:
+                self.events.error(
+                    "gateway",
+                    f"could not drop a closed connection's waits: {exc}",
+                    user_id=conn.user_id,
+                )
 
     async def _read_loop(self, conn: Connection) -> None:
+        max_bytes = self.cfg.max_message_bytes
         while True:
             try:
                 message = await conn.ws.get_message()
             except ConnectionClosed:
+                return
+            # trio-websocket limits text frames in characters; the limit is in bytes (UTF-8 may
+            # take up to 4 per character), so a frame it let through may still be too big.
+            if (
+                isinstance(message, str)
+                and len(message) * 4 > max_bytes
+                and len(message.encode("utf-8", "surrogatepass")) > max_bytes
+            ):
+                self.metrics.requests.labels("too_big").inc()
+                conn.abort(CLOSE_TOO_BIG, f"message over {max_bytes} bytes")
                 return
             try:
                 request = parse_frame(message)
@@ -282,6 +425,7 @@ class Gateway:
                 else:
                     await self._cursor_moved(conn, request)
             except ProtocolError as exc:
+                self.metrics.requests.labels(exc.code).inc()
                 conn.push(error_frame(exc.code, exc.message))
             except Exception as exc:
                 # Redis or Postgres down, a pool timeout, or a bug: the client hears, the
@@ -301,25 +445,47 @@ class Gateway:
                 )
 
     async def _synthesize(self, conn: Connection, req: Synthesize) -> None:
+        """Validate against the catalog and limits, read the budget (request pool), run
+        ``enqueue.lua`` once, then one status per block. A request either fails as a whole with
+        one ``error`` frame, or every block gets its first status here and later exactly one
+        terminal status (unless evicted)."""
         t0 = time.perf_counter()
         model = self.catalog.models.get(req.model)
         if model is None:
-            raise ProtocolError("unknown_model", f"model: unknown model {req.model[:64]!r}")
+            raise ProtocolError("unknown_model", f"model: unknown model {quote(req.model)}")
         voice = req.voice or model["default_voice"]
         if voice not in self.catalog.voices.get(req.model, ()):
             raise ProtocolError(
-                "unknown_voice", f"voice: unknown voice {voice[:64]!r} for {req.model}"
+                "unknown_voice", f"voice: unknown voice {quote(voice)} for model {req.model}"
             )
-        multiplier = model["usage_multiplier"]
-        with trio.fail_after(self.db.acquire_timeout_s + 5):
-            budget, waited = await self.db.budget(conn.user_id)
+        n = len(req.blocks)
+        if len(conn.pending) + n > self.cfg.max_pending_blocks:
+            raise ProtocolError(
+                "rate_limited",
+                f"blocks: this connection already waits for {len(conn.pending)} blocks "
+                f"(at most {self.cfg.max_pending_blocks}); move the cursor or wait",
+            )
+        retry = self.rate.retry_after_s(conn.user_id, n)
+        if retry is not None:
+            raise self._rate_limited(n, retry)
+
+        t_pool = time.perf_counter()
+        try:
+            with trio.fail_after(self.db.acquire_timeout_s + 5):
+                budget, waited = await self.db.budget(conn.user_id)
+        except (TimeoutError, trio.TooSlowError):
+            # Starvation must show in the histogram, not only in the error count.
+            self.metrics.request_pool_wait_seconds.observe(time.perf_counter() - t_pool)
+            raise
         self.metrics.request_pool_wait_seconds.observe(waited)
+
+        multiplier = model["usage_multiplier"]
         now = time.time()
         blocks = []
-        hashes = []
+        keys: list[PendingKey] = []
         for block in req.blocks:
             variant_hash = self.hasher(block.text, req.model, voice)
-            hashes.append(variant_hash)
+            keys.append((req.document_id, block.idx, variant_hash))
             job = Job(
                 job_id=uuid.uuid4().hex,
                 variant_hash=variant_hash,
@@ -334,30 +500,43 @@ class Gateway:
             )
             cost = usage_amount(len(block.text), multiplier)
             blocks.append((block.idx, variant_hash, job.job_id, cost, job.to_json()))
-        conn.documents.add(req.document_id)
+
+        # Wait for the blocks before the script runs (a status may be published before its
+        # reply reaches us); hold notifications until this request's replies are queued.
+        added = [key for key in keys if key not in conn.pending]
+        for key in added:
+            conn.pending[key] = (req.model, voice)
+        conn.requesting.update(added)
         conn.hold()
         try:
-            head, statuses = await self.store.enqueue_blocks(
-                user_id=conn.user_id,
-                document_id=req.document_id,
-                model=req.model,
-                now=now,
-                rate_key=f"{Keys.RATE_PREFIX}{conn.user_id}:{int(now // 60)}",
-                rate_limit=self.cfg.rate_limit_blocks_per_min,
-                budget=budget.for_type(model["usage_type"]),
-                blocks=blocks,
-            )
-            if head == "rate_limited":
-                self.metrics.requests.labels("rate_limited").inc()
-                raise ProtocolError(
-                    "rate_limited",
-                    f"rate limit: at most {self.cfg.rate_limit_blocks_per_min} blocks a minute",
+            try:
+                head, result = await self.store.enqueue_blocks(
+                    user_id=conn.user_id,
+                    conn_id=conn.conn_id,
+                    document_id=req.document_id,
+                    model=req.model,
+                    now=now,
+                    rate_limit=self.cfg.rate_limit_blocks_per_min,
+                    budget=budget.for_type(model["usage_type"]),
+                    blocks=blocks,
                 )
-            assert isinstance(statuses, list)
-            for block, variant_hash, status in zip(req.blocks, hashes, statuses, strict=True):
+            except BaseException:
+                # No reply: the client hears an error for the request as a whole, so nothing it
+                # asked for here may be answered later (the script may still have run).
+                for key in added:
+                    conn.pending.pop(key, None)
+                raise
+            if head == "rate_limited":
+                for key in added:
+                    conn.pending.pop(key, None)
+                assert isinstance(result, int)
+                raise self._rate_limited(n, float("inf") if result < 0 else result / 1000)
+            assert isinstance(result, list)
+            self.rate.consume(conn.user_id, n)
+            for block, key, status in zip(req.blocks, keys, result, strict=True):
                 self.metrics.blocks.labels(status).inc()
                 if status == "cached":
-                    conn.pending.pop((req.document_id, block.idx), None)
+                    conn.pending.pop(key, None)
                     conn.push(
                         status_frame(
                             req.document_id,
@@ -365,11 +544,11 @@ class Gateway:
                             "cached",
                             req.model,
                             voice,
-                            audio_url=f"/v1/audio/{variant_hash}",
+                            audio_url=f"/v1/audio/{key[2]}",
                         )
                     )
                 elif status == "limit":
-                    conn.pending.pop((req.document_id, block.idx), None)
+                    conn.pending.pop(key, None)
                     conn.push(
                         status_frame(
                             req.document_id,
@@ -382,24 +561,40 @@ class Gateway:
                         )
                     )
                 else:
-                    conn.pending[(req.document_id, block.idx)] = (variant_hash, req.model)
+                    conn.pending[key] = (req.model, voice)
                     conn.push(status_frame(req.document_id, block.idx, status, req.model, voice))
         finally:
+            conn.requesting.difference_update(added)
             conn.release()
         self.metrics.requests.labels("ok").inc()
         self.metrics.ack_seconds.observe(time.perf_counter() - t0)
 
-    async def _cursor_moved(self, conn: Connection, req: CursorMoved) -> None:
-        candidates = [
-            (idx, variant_hash, model)
-            for (doc, idx), (variant_hash, model) in conn.pending.items()
-            if doc == req.document_id
-        ]
-        evicted = []
-        if candidates:
-            evicted = await self.store.evict(
-                user_id=conn.user_id, document_id=req.document_id, blocks=candidates
+    def _rate_limited(self, n: int, retry_after_s: float) -> ProtocolError:
+        limit = self.cfg.rate_limit_blocks_per_min
+        if math.isinf(retry_after_s):
+            return ProtocolError(
+                "rate_limited",
+                f"blocks: {n} blocks in one request exceed the rate limit of {limit} a minute",
             )
-            for idx in evicted:
-                conn.pending.pop((req.document_id, idx), None)
-        conn.push(evicted_frame(req.document_id, evicted))
+        retry = max(retry_after_s, 0.1)
+        return ProtocolError(
+            "rate_limited", f"rate limit: at most {limit} blocks a minute; retry in {retry:.1f} s"
+        )
+
+    async def _cursor_moved(self, conn: Connection, req: CursorMoved) -> None:
+        """Evict this connection's queued blocks of the document; reply with one ``evicted``."""
+        candidates = [
+            (key, model) for key, (model, _) in conn.pending.items() if key[0] == req.document_id
+        ]
+        evicted: set[int] = set()
+        if candidates:
+            positions = await self.store.evict(
+                user_id=conn.user_id,
+                conn_id=conn.conn_id,
+                blocks=[(doc, idx, h, model) for (doc, idx, h), model in candidates],
+            )
+            for i in positions:
+                key = candidates[i][0]
+                conn.pending.pop(key, None)
+                evicted.add(key[1])
+        conn.push(evicted_frame(req.document_id, sorted(evicted)))

@@ -166,20 +166,22 @@ class RedisStore:
         self,
         *,
         user_id: int,
+        conn_id: str,
         document_id: str,
         model: str,
         now: float,
-        rate_key: str,
         rate_limit: int,
         budget: int | None,
         blocks: Sequence[tuple[int, str, str, int, str]],
     ) -> tuple[str, list[str] | int]:
         """Run ``enqueue.lua``. ``blocks``: (idx, variant_hash, job_id, cost, job_json).
 
-        Returns ("ok", [status per block]) or ("rate_limited", blocks already used this minute).
+        Returns ("ok", [status per block]) — each one of cached, queued, processing, limit — or
+        ("rate_limited", milliseconds until the user's bucket holds enough; -1 never).
         """
         args: list[Any] = [
             user_id,
+            conn_id,
             document_id,
             repr(now),
             rate_limit,
@@ -188,7 +190,7 @@ class RedisStore:
         ]
         for block in blocks:
             args.extend(block)
-        keys = [rate_key, Keys.JOBS, Keys.queue(model), Keys.processing(model)]
+        keys = [Keys.rate(user_id), Keys.JOBS, Keys.queue(model), Keys.processing(model)]
         reply = await self._script("enqueue", keys, args)
         head = reply[0].decode()
         if head == "rate_limited":
@@ -196,14 +198,38 @@ class RedisStore:
         return head, [s.decode() for s in reply[1:]]
 
     async def evict(
-        self, *, user_id: int, document_id: str, blocks: Sequence[tuple[int, str, str]]
+        self,
+        *,
+        user_id: int,
+        conn_id: str,
+        blocks: Sequence[tuple[str, int, str, str]],
+        only_queued: bool = True,
     ) -> list[int]:
-        """Run ``evict.lua``: ``blocks`` are (idx, variant_hash, model); returns evicted idxs."""
-        args: list[Any] = [user_id, document_id, len(blocks)]
+        """Run ``evict.lua`` for one connection's waits. ``blocks``: (document_id, idx,
+        variant_hash, model). With ``only_queued`` (cursor_moved) only blocks whose job is still
+        queued are evicted; without (the connection closed) every wait goes.
+
+        Returns the positions (0-based, in ``blocks``) of the blocks evicted.
+        """
+        args: list[Any] = [user_id, conn_id, "queued" if only_queued else "all", len(blocks)]
         for block in blocks:
             args.extend(block)
         reply = await self._script("evict", [], args)
-        return [int(i) for i in reply]
+        return [int(i) - 1 for i in reply]
+
+    async def variant_states(self, hashes: Sequence[str]) -> list[tuple[bool, bool]]:
+        """(audio cached, job in flight) for each variant: what a lost notification would have
+        said (the gateway's resync after its pub/sub connection was lost)."""
+
+        async def states() -> list[tuple[bool, bool]]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for h in hashes:
+                    pipe.exists(Keys.audio(h))
+                    pipe.exists(Keys.inflight(h))
+                replies = await pipe.execute()
+            return [(bool(a), bool(f)) for a, f in zip(replies[::2], replies[1::2], strict=True)]
+
+        return await self._cross(states)
 
     async def get_audio(self, variant_hash: str) -> tuple[bytes, str] | None:
         async def get() -> Any:

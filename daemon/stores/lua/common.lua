@@ -1,12 +1,21 @@
 -- Shared by the scripts below (prepended to each at load time).
--- Waiter members are "user|block_idx|document_id"; document_id goes last as it may hold '|'.
+-- Waiter members are "user|block_idx|conn_id|document_id": one per WebSocket connection waiting
+-- for a block (conn_id is alphanumeric; document_id goes last as it may hold '|'). Each waiter gets
+-- the frame on its user's channel, with conn and variant_hash for the gateway's routing (the
+-- gateway strips them before the frame reaches the client).
+local function tts_waiter(user, idx, conn, doc)
+  return user .. '|' .. idx .. '|' .. conn .. '|' .. doc
+end
+
 local function tts_notify(hash, frame)
   local members = redis.call('SMEMBERS', 'tts:waiters:' .. hash)
+  frame['variant_hash'] = hash
   for _, m in ipairs(members) do
-    local user, idx, doc = string.match(m, '^(%d+)|(%d+)|(.*)$')
+    local user, idx, conn, doc = string.match(m, '^(%d+)|(%d+)|(%w+)|(.*)$')
     if user then
       frame['document_id'] = doc
       frame['block_idx'] = tonumber(idx)
+      frame['conn'] = conn
       redis.call('PUBLISH', 'tts:notify:' .. user, cjson.encode(frame))
     end
   end

@@ -1,30 +1,50 @@
--- The gateway's synthesize: rate limit, then per block: cached, join an in-flight job, or create
--- one if the user's budget allows. Atomic, so two requests for one variant always share one job.
--- KEYS: 1 rate counter, 2 tts:jobs, 3 tts:queue:{model}, 4 tts:processing:{model}
--- ARGV: 1 user_id, 2 document_id, 3 now, 4 rate limit, 5 budget (-1: unlimited), 6 block count,
+-- The gateway's synthesize, atomic: the user's rate limit, then per block: answer from the cache,
+-- join an in-flight job for the same variant (from any user, any daemon), or create a job if the
+-- user's budget allows. Atomic, so two requests for one variant always share one job.
+-- KEYS: 1 the user's rate bucket (tts:rate:{user}), 2 tts:jobs, 3 tts:queue:{model},
+--       4 tts:processing:{model}
+-- ARGV: 1 user_id, 2 conn_id, 3 document_id, 4 now (queue score), 5 rate limit (blocks a minute),
+--       6 budget (-1: unlimited), 7 block count,
 --       then per block: block_idx, variant_hash, job_id, cost, job_json
--- Returns {"rate_limited", used} or {"ok", status...} with status one of
---   cached | queued | processing | limit
-local user, doc, now = ARGV[1], ARGV[2], ARGV[3]
-local limit, budget, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-if used + n > limit then
-  return {'rate_limited', used}
+-- Returns {"rate_limited", retry_after_ms} (-1: the request alone exceeds the limit), or
+--         {"ok", status...} with status one of cached | queued | processing | limit
+local user, conn, doc, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local limit, budget, n = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+
+-- Token bucket: holds at most `limit` blocks, refills at `limit` a minute (Redis's clock, so every
+-- daemon sharing this Redis agrees). A request takes all its blocks or none.
+if n > limit then
+  return {'rate_limited', '-1'}
 end
-redis.call('INCRBY', KEYS[1], n)
+local t = tts_now()
+local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(bucket[1]) or limit
+local last = tonumber(bucket[2]) or t
+tokens = math.min(limit, tokens + math.max(0, t - last) * limit / 60)
+if tokens < n then
+  return {'rate_limited', tostring(math.ceil((n - tokens) * 60000 / limit))}
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - n), 'ts', tostring(t))
 redis.call('EXPIRE', KEYS[1], 120)
+
 local out = {'ok'}
 for i = 0, n - 1 do
-  local base = 7 + i * 5
+  local base = 8 + i * 5
   local idx, hash, job_id = ARGV[base], ARGV[base + 1], ARGV[base + 2]
   local cost, job_json = tonumber(ARGV[base + 3]), ARGV[base + 4]
   local status
   if redis.call('EXISTS', 'tts:audio:' .. hash) == 1 then
     status = 'cached'
   else
-    local waiter = user .. '|' .. idx .. '|' .. doc
+    local waiter = tts_waiter(user, idx, conn, doc)
     local inflight_key = 'tts:inflight:' .. hash
     local existing = redis.call('GET', inflight_key)
+    -- An in-flight key whose job is gone (dead-lettered, or lost with Redis data) would leave its
+    -- waiters waiting forever: start a new job instead. Its result is the one finalized (the old
+    -- job's error result, if any, no longer matches the in-flight key: a duplicate).
+    if existing and redis.call('HEXISTS', KEYS[2], existing) == 0 then
+      existing = nil
+    end
     if existing then
       redis.call('SADD', 'tts:waiters:' .. hash, waiter)
       if redis.call('ZSCORE', KEYS[4], existing) then status = 'processing' else status = 'queued' end
@@ -34,7 +54,8 @@ for i = 0, n - 1 do
       if budget >= 0 then budget = budget - cost end
       redis.call('SET', inflight_key, job_id)
       redis.call('HSET', KEYS[2], job_id, job_json)
-      redis.call('ZADD', KEYS[3], now, job_id)
+      -- Blocks of one request get increasing scores, so workers take them in reading order.
+      redis.call('ZADD', KEYS[3], now + i * 0.00001, job_id)
       redis.call('SADD', 'tts:waiters:' .. hash, waiter)
       status = 'queued'
     end

@@ -1,22 +1,30 @@
--- cursor_moved: drop this user's waiters on still-queued jobs of one document; a job nobody
--- waits for any more leaves the queue. Jobs a worker already holds are not touched.
--- ARGV: 1 user_id, 2 document_id, 3 count, then per block: block_idx, variant_hash, model
--- Returns the evicted block indexes.
-local user, doc, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+-- A connection stops waiting for some of its blocks, atomically.
+--   mode "queued" (cursor_moved): only blocks whose job is still queued (not pulled by a worker)
+--     are evicted; a block a worker holds keeps its waiter and gets its terminal status.
+--   mode "all" (the connection closed): every waiter of the connection goes.
+-- A queued job nobody waits for any more leaves the queue; a job another waiter (another
+-- connection, another user) still wants stays. Jobs a worker holds are never touched.
+-- ARGV: 1 user_id, 2 conn_id, 3 mode, 4 count, then per block: document_id, block_idx,
+--       variant_hash, model
+-- Returns the 1-based positions (in the block list) of the evicted blocks.
+local user, conn, mode, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local evicted = {}
 for i = 0, n - 1 do
-  local idx, hash, model = ARGV[4 + i * 3], ARGV[5 + i * 3], ARGV[6 + i * 3]
+  local base = 5 + i * 4
+  local doc, idx, hash, model = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
   local inflight_key = 'tts:inflight:' .. hash
+  local waiters = 'tts:waiters:' .. hash
+  local queue = 'tts:queue:' .. model
   local job_id = redis.call('GET', inflight_key)
-  if job_id and redis.call('ZSCORE', 'tts:queue:' .. model, job_id) then
-    local waiters = 'tts:waiters:' .. hash
-    if redis.call('SREM', waiters, user .. '|' .. idx .. '|' .. doc) == 1 then
-      evicted[#evicted + 1] = tonumber(idx)
-      if redis.call('SCARD', waiters) == 0 then
-        redis.call('ZREM', 'tts:queue:' .. model, job_id)
+  local queued = job_id and redis.call('ZSCORE', queue, job_id)
+  if mode == 'all' or queued then
+    if redis.call('SREM', waiters, tts_waiter(user, idx, conn, doc)) == 1 then
+      evicted[#evicted + 1] = i + 1
+      if queued and redis.call('SCARD', waiters) == 0 then
+        redis.call('ZREM', queue, job_id)
         redis.call('HDEL', 'tts:jobs', job_id)
         redis.call('HDEL', 'tts:retries', job_id)
-        redis.call('DEL', inflight_key, waiters)
+        redis.call('DEL', inflight_key)
       end
     end
   end

@@ -1,0 +1,76 @@
+"""Helpers of the gateway tests: a GPU worker the test drives by hand, and small readers.
+
+The worker speaks the worker contract (SPEC section 5) with the very Lua scripts the package ships
+to workers, through its own Redis client — so a test decides exactly when a job is pulled and when
+it finishes, and can look at the queue in between.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from daemon.audio import wav_bytes
+from daemon.contracts import Job, Keys, Result
+from daemon.stores.redis import SCRIPTS
+from tests.helpers import WsClient, redis_call, wait_until
+
+__all__ = ["ManualWorker", "job_ids", "queue_ids", "status_frames"]
+
+
+class ManualWorker:
+    """Pull and finish jobs when the test says so (run the daemon with ``workers.simulated=0``)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+
+    async def _eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        return await redis_call(self.redis_url, "EVAL", SCRIPTS[script], len(keys), *keys, *args)
+
+    async def pull(self, model: str = "kokoro") -> Job | None:
+        raw = await self._eval("pull", [Keys.queue(model), Keys.processing(model), Keys.JOBS], [])
+        return None if raw is None else Job.from_json(raw)
+
+    async def pull_wait(self, model: str = "kokoro") -> Job:
+        return await wait_until(lambda: self.pull(model), what=f"a {model} job to pull")
+
+    async def finish(self, job: Job, *, error: str | None = None) -> None:
+        """Push the job's result as a worker does; the daemon's hot path takes it from there."""
+        if error is None:
+            audio = wav_bytes(200)
+            result = Result.for_job(
+                job,
+                worker_id="test-worker",
+                queue_wait_ms=1.0,
+                processing_time_ms=1.0,
+                audio_base64=base64.b64encode(audio).decode(),
+                duration_ms=200,
+                content_type="audio/wav",
+            )
+        else:
+            result = Result.for_job(
+                job, worker_id="test-worker", queue_wait_ms=1.0, processing_time_ms=1.0, error=error
+            )
+        await self._eval(
+            "push_result",
+            [Keys.RESULTS, Keys.processing(job.model)],
+            [result.to_json(), job.job_id],
+        )
+
+
+async def queue_ids(redis_url: str, model: str = "kokoro") -> list[str]:
+    return [m.decode() for m in await redis_call(redis_url, "ZRANGE", Keys.queue(model), 0, -1)]
+
+
+async def job_ids(redis_url: str) -> list[str]:
+    return [k.decode() for k in await redis_call(redis_url, "HKEYS", Keys.JOBS)]
+
+
+def status_frames(client: WsClient, document_id: str, block_idx: int) -> list[dict[str, Any]]:
+    return [
+        f
+        for f in client.frames
+        if f.get("type") == "status"
+        and f["document_id"] == document_id
+        and f["block_idx"] == block_idx
+    ]

@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""Gateway benchmark: ``synthesize`` → first status, with many connections at once.
+
+Starts its own embedded Redis and PostgreSQL in a temporary directory and a daemon in this process
+(``daemon.app.open_daemon``), creates users, and measures:
+
+- **baseline**: one connection sending requests one after another (the same request shape);
+- **load**: ``--connections`` authenticated connections (loopback) that each send one request at
+  the same moment, ``--rounds`` times (a burst of that many ``synthesize`` at once).
+
+Each request is one sentence-sized block with a text never seen before (so every request creates a
+job: the full path — token-cached auth, budget query on the request pool, ``enqueue.lua``). The
+billing path is idle: no workers run, so nothing is finalized or billed during the measurement.
+``pool_wait_ms`` is every observation of the daemon's ``tts_request_pool_wait_seconds`` histogram
+during the phase (the histogram's ``observe`` is tapped). Figures are stated as ratios to the
+baseline measured in the same run; the client runs in the same process (and on the same cores) as
+the daemon, so absolute figures include the client's own work.
+
+    python tools/bench_gateway.py [--connections 200] [--rounds 3] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from daemon.app import Daemon, open_daemon
+from daemon.config import Config, config_from_dict
+from daemon.embedded import EmbeddedServers
+from daemon.stores.pg import _add_user
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog near the riverbank",
+    "She sells sea shells by the sea shore every summer morning",
+    "A journey of a thousand miles begins with a single step forward",
+    "Reading aloud helps the words stay with you a little longer",
+]
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": round(pct(values, 50), 3),
+        "p99": round(pct(values, 99), 3),
+        "max": round(max(values), 3) if values else float("nan"),
+        "n": len(values),
+    }
+
+
+class Tap:
+    """Every observation of a histogram, kept while ``on``."""
+
+    def __init__(self, histogram: Any) -> None:
+        self.values: list[float] = []
+        self.on = False
+        observe = histogram.observe
+
+        def record(value: float, *args: Any, **kwargs: Any) -> None:
+            if self.on:
+                self.values.append(value * 1000.0)
+            observe(value, *args, **kwargs)
+
+        histogram.observe = record
+
+    def take(self) -> list[float]:
+        values, self.values = self.values, []
+        return values
+
+
+def make_config(root: Path, args: argparse.Namespace) -> Config:
+    return config_from_dict(
+        {
+            "data": {"dir": str(root / "data")},
+            "gateway": {
+                "ws_port": 0,
+                "http_port": 0,
+                "rate_limit_blocks_per_min": 1_000_000,
+                "max_connections": max(2000, args.connections + 10),
+                "max_connections_per_user": args.connections,
+                "send_queue_frames": 512,
+            },
+            "postgres": {"request_pool_size": args.pool_size},
+            "workers": {"simulated": 0},
+        }
+    )
+
+
+async def create_users(pg_url: str, n: int) -> list[str]:
+    def create() -> list[str]:
+        async def go() -> list[str]:
+            pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=2)
+            try:
+                return [(await _add_user(pool, f"bench-{i}", "unlimited"))[1] for i in range(n)]
+            finally:
+                await pool.close()
+
+        return asyncio.run(go())
+
+    return await trio.to_thread.run_sync(create)
+
+
+class Texts:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self) -> str:
+        self.n += 1
+        return f"{SENTENCES[self.n % len(SENTENCES)]}, request number {self.n}."
+
+
+async def one_request(ws: WebSocketConnection, doc: str, idx: int, text: str) -> float:
+    """Send one synthesize; milliseconds until its first status."""
+    frame = {
+        "type": "synthesize",
+        "document_id": doc,
+        "model": "kokoro",
+        "blocks": [{"idx": idx, "text": text}],
+    }
+    t0 = time.perf_counter()
+    await ws.send_message(json.dumps(frame))
+    while True:
+        reply = json.loads(await ws.get_message())
+        if reply.get("type") == "status" and reply["block_idx"] == idx:
+            return (time.perf_counter() - t0) * 1000.0
+        if reply.get("type") == "error":
+            raise RuntimeError(f"request refused: {reply}")
+
+
+async def baseline(url: str, token: str, n: int, texts: Texts) -> list[float]:
+    acks = []
+    async with open_websocket_url(url, extra_headers=[("Authorization", f"Bearer {token}")]) as ws:
+        for i in range(n):
+            acks.append(await one_request(ws, "baseline", i, texts()))
+    return acks
+
+
+async def burst(
+    url: str, tokens: list[str], connections: int, rounds: int, texts: Texts, tap: Tap
+) -> dict[str, Any]:
+    """``connections`` clients, all connected first; then ``rounds`` bursts (all at once)."""
+    acks: list[list[float]] = [[] for _ in range(rounds + 1)]
+    connect_ms: list[float] = []
+    connected = 0
+    all_connected = trio.Event()
+    go = [trio.Event() for _ in range(rounds + 1)]
+    done = [0] * (rounds + 1)
+    round_done = [trio.Event() for _ in range(rounds + 1)]
+
+    async def client(i: int) -> None:
+        nonlocal connected
+        token = tokens[i % len(tokens)]
+        t0 = time.perf_counter()
+        headers = [("Authorization", f"Bearer {token}")]
+        async with open_websocket_url(url, extra_headers=headers) as ws:
+            connect_ms.append((time.perf_counter() - t0) * 1000.0)
+            connected += 1
+            if connected == connections:
+                all_connected.set()
+            for r in range(rounds + 1):
+                await go[r].wait()
+                acks[r].append(await one_request(ws, f"doc-{i}", r, texts()))
+                done[r] += 1
+                if done[r] == connections:
+                    round_done[r].set()
+
+    pool_waits: list[float] = []
+    async with trio.open_nursery() as nursery:
+        for i in range(connections):
+            nursery.start_soon(client, i)
+        await all_connected.wait()
+        for r in range(rounds + 1):  # round 0 warms up (pool connections, caches): not counted
+            await trio.sleep(0.2)
+            tap.take()
+            tap.on = r > 0
+            go[r].set()
+            await round_done[r].wait()
+            tap.on = False
+            pool_waits.extend(tap.take())
+    return {
+        "acks": [a for r in acks[1:] for a in r],
+        "pool_waits": pool_waits,
+        "connect_ms": connect_ms,
+    }
+
+
+async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    servers = EmbeddedServers(root / "servers")
+    await trio.to_thread.run_sync(servers.__enter__)
+    try:
+        assert servers.redis is not None and servers.postgres is not None
+        cfg = make_config(root, args)
+        with trio.fail_after(args.timeout):
+            async with open_daemon(cfg, servers.redis.url, servers.postgres.url) as daemon:
+                return await measure(args, daemon, servers.postgres.url)
+    finally:
+        await trio.to_thread.run_sync(servers.close)
+
+
+async def measure(args: argparse.Namespace, daemon: Daemon, pg_url: str) -> dict[str, Any]:
+    assert daemon.addresses is not None
+    url = daemon.addresses.ws_url
+    tokens = await create_users(pg_url, args.users)
+    tap = Tap(daemon.metrics.request_pool_wait_seconds)
+    texts = Texts()
+
+    await baseline(url, tokens[0], 10, texts)  # warm-up
+    tap.take()
+    tap.on = True
+    base_acks = await baseline(url, tokens[0], args.baseline_requests, texts)
+    tap.on = False
+    base_waits = tap.take()
+
+    load = await burst(url, tokens, args.connections, args.rounds, texts, tap)
+    base = {"ack_ms": summary(base_acks), "pool_wait_ms": summary(base_waits)}
+    ack = summary(load["acks"])
+    return {
+        "connections": args.connections,
+        "users": args.users,
+        "rounds": args.rounds,
+        "requests": len(load["acks"]),
+        "ack_ms": ack,
+        "pool_wait_ms": summary(load["pool_waits"]),
+        "connect_ms": summary(load["connect_ms"]),
+        "baseline": {"connections": 1, "requests": len(base_acks), **base},
+        "ratio": {
+            "ack_p50": round(ack["p50"] / base["ack_ms"]["p50"], 2),
+            "ack_p99": round(ack["p99"] / base["ack_ms"]["p99"], 2),
+        },
+        "params": {
+            "request_pool_size": args.pool_size,
+            "billing": "idle (no workers: nothing finalized or billed)",
+            "client": "same process as the daemon",
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
+            "python": sys.version.split()[0],
+        },
+        "provisional": True,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = [
+        ("phase", "connections", "requests", "ack p50 ms", "ack p99 ms", "pool wait p50", "p99"),
+        (
+            "baseline",
+            "1",
+            str(result["baseline"]["requests"]),
+            f"{result['baseline']['ack_ms']['p50']:.2f}",
+            f"{result['baseline']['ack_ms']['p99']:.2f}",
+            f"{result['baseline']['pool_wait_ms']['p50']:.3f}",
+            f"{result['baseline']['pool_wait_ms']['p99']:.3f}",
+        ),
+        (
+            "burst",
+            str(result["connections"]),
+            str(result["requests"]),
+            f"{result['ack_ms']['p50']:.2f}",
+            f"{result['ack_ms']['p99']:.2f}",
+            f"{result['pool_wait_ms']['p50']:.3f}",
+            f"{result['pool_wait_ms']['p99']:.3f}",
+        ),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(
+        f"burst / baseline: ack p50 ×{result['ratio']['ack_p50']}, "
+        f"ack p99 ×{result['ratio']['ack_p99']}   "
+        f"(connect p50 {result['connect_ms']['p50']:.1f} ms, "
+        f"load avg {result['machine']['loadavg_1m_at_end']} on {result['machine']['cpus']} cpus)"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--connections", type=int, default=200, help="concurrent connections (≤ 1000)")
+    p.add_argument("--users", type=int, default=20, help="users the connections belong to")
+    p.add_argument("--rounds", type=int, default=3, help="bursts measured (after one warm-up)")
+    p.add_argument("--baseline-requests", type=int, default=100)
+    p.add_argument("--pool-size", type=int, default=30, help="postgres.request_pool_size")
+    p.add_argument("--timeout", type=float, default=300.0, help="cap on the whole run, seconds")
+    p.add_argument("--json", metavar="PATH", help="write the figures here")
+    args = p.parse_args()
+    if not 1 <= args.connections <= 1000:
+        p.error("--connections must be 1..1000 (loopback load stays bounded)")
+    if not 1 <= args.users <= args.connections:
+        p.error("--users must be 1..connections")
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
+        os.chmod(tmp, 0o755)  # the embedded Postgres runs as its own user when we are root
+        result = trio.run(run, args, Path(tmp))
+    print(table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"figures written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
