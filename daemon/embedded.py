@@ -53,14 +53,23 @@ def read_secret(path: Path, nbytes: int = 24) -> str:
     except FileNotFoundError:
         pass
     value = secrets.token_urlsafe(nbytes)
-    # O_EXCL: if two processes race, one wins and the other reads the winner's value.
+    # Written whole to a private name, then published with link(), which fails if the name
+    # exists: two processes racing both end up with the winner's complete value, never a
+    # half-written file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-    return value
+        with os.fdopen(fd, "w") as f:
+            f.write(value + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return path.read_text().strip()
+        return value
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _free_port() -> int:

@@ -93,3 +93,19 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path, content: str, expected:
     assert len(lines) == 1, proc.stderr
     assert expected in lines[0]
     assert proc.stdout == ""
+
+
+def test_a_secret_is_generated_once_and_racing_readers_never_see_it_half_written(
+    tmp_path: Path,
+) -> None:
+    import concurrent.futures
+
+    from daemon.embedded import read_secret
+
+    path = tmp_path / "secrets" / "key"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        values = list(pool.map(lambda _: read_secret(path), range(64)))
+    assert len(set(values)) == 1 and len(values[0]) >= 32
+    assert read_secret(path) == values[0]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert [p.name for p in path.parent.iterdir()] == ["key"]
