@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import secrets
 from pathlib import Path
+
+from daemon.embedded import read_secret
 
 __all__ = ["VariantHasher", "load_or_create_key"]
 
@@ -20,30 +20,10 @@ MIN_KEY_CHARS = 16
 
 
 def load_or_create_key(path: Path) -> bytes:
-    """The key stored at ``path``; generated (mode 0600) if there is none.
-
-    Created atomically (written to a temporary file, then hard-linked into place, which fails if
-    the file exists), so a daemon starting beside another never reads a half-written key.
-    """
-    try:
-        key = path.read_text().strip()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass  # another process won the race: use its key
-        finally:
-            tmp.unlink(missing_ok=True)
-        key = path.read_text().strip()
+    """The key stored at ``path``; generated (mode 0600, published atomically by
+    :func:`daemon.embedded.read_secret`) if there is none. An operator-supplied key shorter than
+    ``MIN_KEY_CHARS`` is refused."""
+    key = read_secret(path, nbytes=32)
     if len(key) < MIN_KEY_CHARS:
         raise ValueError(f"variant hash key {path}: too short (at least {MIN_KEY_CHARS} chars)")
     return key.encode()
