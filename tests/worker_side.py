@@ -109,3 +109,45 @@ async def push(url: str, job: Job, payload: str | bytes) -> None:
 async def push_raw(url: str, payload: str | bytes) -> None:
     """A result straight onto ``tts:results`` (for payloads that name no job)."""
     await r(url, "LPUSH", Keys.RESULTS, payload)
+
+
+async def stage_job(
+    url: str,
+    text: str,
+    *,
+    score: float | None = None,
+    model: str = "kokoro",
+    voice: str = "af_heart",
+    block_idx: int = 0,
+) -> Job:
+    """A job queued the way SPEC section 5 describes (job JSON in ``tts:jobs``, id in the queue),
+    for worker tests that need no daemon."""
+    import time
+    import uuid
+
+    enqueued = time.time() if score is None else score
+    job = Job(
+        job_id=uuid.uuid4().hex,
+        variant_hash=uuid.uuid4().hex,
+        model=model,
+        voice=voice,
+        text=text,
+        user_id=1,
+        document_id="doc",
+        block_idx=block_idx,
+        usage_multiplier=1.0,
+        enqueued_at=enqueued,
+    )
+    await r(url, "HSET", Keys.JOBS, job.job_id, job.to_json())
+    await r(url, "ZADD", Keys.queue(model), enqueued, job.job_id)
+    return job
+
+
+class EchoAdapter:
+    """A trivial adapter for ``tts-worker --adapter tests.worker_side:EchoAdapter``: the audio is
+    the text's bytes, so a test can check what came back."""
+
+    async def synthesize(self, job: Job) -> Any:
+        from daemon.workers.worker import Synthesized
+
+        return Synthesized(job.text.encode(), 100 * len(job.text), "audio/x-echo")
