@@ -373,16 +373,14 @@ class RedisStore:
             return reply
 
         reply = await self._cross(take, timeout_s=block_s + self.command_timeout_s)
-        return [
-            ClaimedResult(
-                int(reply[i]),
-                reply[i + 1],
-                int(reply[i + 2]),
-                reply[i + 3].decode(),
-                reply[i + 4].decode(),
-            )
-            for i in range(0, len(reply), 5)
-        ]
+        out = []
+        for entry in reply:
+            head, _, rest = entry.partition(b"\n")
+            seq, audio_len, loc, problem_len = head.split(b"|")
+            n = int(problem_len)
+            problem = rest[:n].decode(errors="replace")
+            out.append(ClaimedResult(int(seq), rest[n:], int(audio_len), loc.decode(), problem))
+        return out
 
     async def finalize_many(
         self, consumer_id: str, ops: Sequence[FinalizeArgs | DeadLetter], *, ttl_s: int

@@ -15,9 +15,10 @@
 -- when shorter than ARGV[3]; the audio endpoint decodes strictly and catches the rest.
 -- KEYS: 1 tts:results, 2 the consumer's landing list, 3 its claimed set, 4 tts:hot:seq
 -- ARGV: 1 n, 2 sample, 3 full-check length
--- Returns, per result: seq, metadata JSON ("" if unreadable), audio length (-1: no audio string),
--- where the audio is ("r:s:e" in the raw result, "i:2" the item's 2nd element, "" none), problem
--- ("" or why the result cannot be read).
+-- Returns one string per result (one reply element each: the daemon parses replies in Python):
+--   "seq|audio length|where|problem length\n" .. problem .. metadata JSON
+-- audio length -1: no audio string; where: "r:s:e" (in the raw result) or "i:2" (the item's 2nd
+-- element) or ""; problem: "" or why the result cannot be read (then there is no metadata).
 local n, sample, full = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local KEY = '"audio_base64"'
 local out = {}
@@ -116,11 +117,7 @@ while taken < n do
   if not moved then break end
   redis.call('SADD', KEYS[3], seq)
   local meta, audio_len, loc, problem = take(item)
-  out[#out + 1] = seq
-  out[#out + 1] = meta
-  out[#out + 1] = audio_len
-  out[#out + 1] = loc
-  out[#out + 1] = problem
+  out[#out + 1] = seq .. '|' .. audio_len .. '|' .. loc .. '|' .. #problem .. '\n' .. problem .. meta
   taken = taken + 1
 end
 return out
