@@ -34,7 +34,7 @@ from daemon.events import EventLog
 from daemon.gateway.dashboard import Dashboard
 from daemon.gateway.service import Gateway, GatewayAddresses
 from daemon.hashing import VariantHasher
-from daemon.hot.consumer import HotConsumer
+from daemon.hot.consumer import HotConsumer, HotFault, no_fault
 from daemon.metrics import Metrics
 from daemon.monitor import Monitor
 from daemon.stats import OpsStats
@@ -68,6 +68,7 @@ class Daemon:
     pg_url: str
     instance_id: str = attrs.Factory(make_instance_id)
     billing_fault: FaultPoint = _no_fault
+    hot_fault: HotFault = no_fault
     events: EventLog = attrs.field(init=False)
     metrics: Metrics = attrs.Factory(Metrics)
     supervisor: Supervisor = attrs.field(init=False)
@@ -121,6 +122,7 @@ class Daemon:
             metrics=self.metrics,
             consumer_id=self.instance_id,
             block_s=self.cfg.redis.block_s,
+            fault=self.hot_fault,
         )
         return ServiceSpec("hot", functools.partial(self.hot.run, stopping=self.consumers_stopping))
 

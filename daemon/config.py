@@ -102,6 +102,8 @@ class HotConfig:
     audio_ttl_s: int = 300
     # Results taken from tts:results per read (drain-on-wake).
     read_batch: int = 64
+    # Results finalized per Redis round trip (one pipeline of finalize scripts) under a burst.
+    finalize_batch: int = 32
     # A consumer whose heartbeat is older than this is dead; its claimed results are requeued.
     consumer_ttl_s: float = 10.0
     heartbeat_s: float = 2.0
@@ -252,6 +254,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "hot.concurrency": _AT_LEAST_1,
     "hot.audio_ttl_s": _AT_LEAST_1,
     "hot.read_batch": _AT_LEAST_1,
+    "hot.finalize_batch": (lambda v: 1 <= v <= 1000, "must be 1..1000"),
     "hot.consumer_ttl_s": _POSITIVE,
     "hot.heartbeat_s": _POSITIVE,
     "billing.max_batch": _AT_LEAST_1,

@@ -47,7 +47,9 @@ class Keys:
         return f"tts:dlq:{model}"
 
     # Internal. The Lua scripts build the per-variant keys from these same prefixes.
-    AUDIO_PREFIX = "tts:audio:"  # hash: data, content_type, duration_ms (TTL hot.audio_ttl_s)
+    # hash: b64 (the audio as the worker sent it; or data: raw bytes), content_type, duration_ms;
+    # TTL hot.audio_ttl_s
+    AUDIO_PREFIX = "tts:audio:"
     INFLIGHT_PREFIX = "tts:inflight:"  # variant → job id of the job that will produce it
     WAITERS_PREFIX = "tts:waiters:"  # variant → set of "user|block_idx|conn_id|document_id"
     NOTIFY_PREFIX = "tts:notify:"  # pub/sub channel per user: status frames as JSON
@@ -58,6 +60,9 @@ class Keys:
     HOT_CONSUMERS = "tts:hot:consumers"  # set of hot consumer ids
     HOT_ALIVE_PREFIX = "tts:hot:alive:"  # consumer id → heartbeat key with a TTL
     HOT_CLAIMED_PREFIX = "tts:hot:claimed:"  # consumer id → results it took, not yet finalized
+    # (a hash: seq → raw result, "a" + seq → its audio_base64, so finalize never re-sends bytes)
+    HOT_LANDING_PREFIX = "tts:hot:landing:"  # consumer id → list BLMOVE drops a result into
+    HOT_SEQ = "tts:hot:seq"  # counter naming claimed results
 
     BILLING = "tts:billing"  # stream of billing events; entries deleted once billed
     BILLING_GROUP = "billing"
@@ -90,6 +95,10 @@ class Keys:
     @staticmethod
     def hot_alive(consumer_id: str) -> str:
         return Keys.HOT_ALIVE_PREFIX + consumer_id
+
+    @staticmethod
+    def hot_landing(consumer_id: str) -> str:
+        return Keys.HOT_LANDING_PREFIX + consumer_id
 
 
 @attrs.frozen
@@ -236,7 +245,11 @@ class Result:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Result:
-        d = _loads(raw, "result")
+        return cls.from_dict(_loads(raw, "result"))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Result:
+        """Validate a parsed result (the hot path parses in Redis and checks the rest here)."""
         w = "result"
         error = d.get("error")
         if error is not None and not isinstance(error, str):

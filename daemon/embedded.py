@@ -80,6 +80,10 @@ def _free_port() -> int:
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the servers themselves bind: connections of a server just stopped linger in
+        # TIME_WAIT, which must not count as "in use" (else a restart moves to another port and
+        # every client holding the old URL loses it). A listening socket still fails the bind.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

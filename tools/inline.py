@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 import attrs
@@ -25,12 +27,11 @@ import trio
 
 from daemon.app import Daemon
 from daemon.config import BillingConfig, PostgresConfig
-from daemon.contracts import BillingEvent, ContractError, Result
+from daemon.contracts import BillingEvent
 from daemon.hot.consumer import HotConsumer
-from daemon.outage import Outage
 from daemon.stores.ledger import record_usage
 from daemon.stores.pg import PgPool
-from daemon.stores.redis import is_redis_unavailable
+from daemon.stores.redis import FinalizeArgs
 from daemon.supervisor import ServiceSpec
 
 __all__ = ["InlineDaemon", "InlineHotConsumer"]
@@ -94,7 +95,9 @@ async def bill_inline(
 
 @attrs.define
 class InlineHotConsumer(HotConsumer):
-    """A result consumer that bills inline, on the request pool (the pre-split design)."""
+    """A result consumer that bills inline, on the request pool (the pre-split design): each
+    result is stored and its listeners notified, then billed in the handler, which keeps its
+    concurrency slot — and a request-pool connection — until the bill commits."""
 
     db: PgPool | None = None
     pg_cfg: PostgresConfig = attrs.Factory(PostgresConfig)
@@ -102,49 +105,21 @@ class InlineHotConsumer(HotConsumer):
     usage_types: dict[str, str] = attrs.Factory(dict)
     billing_retries: int = 0
 
-    async def handle(self, raw: bytes, claimed_at: float) -> None:
-        try:
-            result = Result.from_json(raw)
-            args, event = self._finalize_args(raw, result)
-        except ContractError as exc:
-            await self._dead_letter(raw, str(exc))
-            return
-        # Store and notify, with no billing event queued: billing happens right here instead.
-        args = attrs.evolve(args, billing_event="")
-        outage = Outage("hot", self.events)
-        while True:
-            try:
-                outcome, notified = await self.store.finalize(
-                    self.consumer_id, args, ttl_s=self.cfg.audio_ttl_s
-                )
-                break
-            except Exception as exc:
-                if not is_redis_unavailable(exc):
-                    raise
-                await outage.failed(exc, "Redis")
-        finalized = time.perf_counter()
-        self.metrics.hot_finalize_seconds.observe(finalized - claimed_at)
-        if outcome == "duplicate" or event is None:
-            return
-        await self._bill(event)
-        self.events.emit(
-            "synthesis_complete",
-            job_id=result.job_id,
-            variant_hash=result.variant_hash,
-            user_id=result.user_id,
-            model=result.model,
-            voice=result.voice,
-            text_length=result.text_length,
-            queue_wait_ms=round(result.queue_wait_ms, 3),
-            worker_ms=round(result.processing_time_ms, 3),
-            finalize_ms=round((finalized - claimed_at) * 1000, 3),
-            cache_store_ms=round((finalized - claimed_at) * 1000, 3),
-            notify_ms=round((finalized - claimed_at) * 1000, 3),
-            status=args.kind,
-            notified=notified,
-            billed=True,
-            handler_ms=round((time.perf_counter() - claimed_at) * 1000, 3),
-        )
+    async def handle(self, group: Sequence[Any]) -> None:
+        prepared = [self._prepare(c) for c in group]
+        bills: list[BillingEvent | None] = []
+        for p in prepared:
+            op = p.op
+            if isinstance(op, FinalizeArgs) and op.billing_event:
+                bills.append(BillingEvent.from_json(op.billing_event))
+                # Store and notify with no billing event queued: billing happens right here.
+                p.op = attrs.evolve(op, billing_event="")
+            else:
+                bills.append(None)
+        outcomes = await self._finalize(prepared)
+        for event, (outcome, _) in zip(bills, outcomes, strict=True):
+            if event is not None and outcome == "finalized":
+                await self._bill(event)
 
     async def _bill(self, event: BillingEvent) -> None:
         assert self.db is not None
@@ -172,7 +147,8 @@ class InlineDaemon(Daemon):
         assert self.store is not None and self.request_db is not None
         consumer = InlineHotConsumer(
             store=self.store,
-            cfg=self.cfg.hot,
+            # one task per result, as the handler of the pre-split design worked
+            cfg=attrs.evolve(self.cfg.hot, finalize_batch=1),
             events=self.events,
             metrics=self.metrics,
             consumer_id=self.instance_id,

@@ -1,26 +1,33 @@
 """The hot path: worker results → audio cache → listeners → billing queue. No Postgres at all.
 
-Order of operations for one result (docs/tts-flow.md has the crash analysis):
+Order of operations (docs/tts-flow.md has the crash analysis, docs/workers.md the figures):
 
-1. The reader moves results from ``tts:results`` into this consumer's claimed list (drain-on-wake:
-   block until one arrives, then take what else is waiting, up to ``hot.read_batch``). BLMOVE, not
-   BRPOP: a result is never only in this process's memory.
-2. Each result goes over a bounded memory channel to a handler; at most ``hot.concurrency``
-   handlers run at once (a ``CapacityLimiter``).
-3. The handler decodes it and runs ``finalize.lua``: one atomic step that claims the job (a second
-   result for it is a duplicate), stores the audio with a TTL, appends the billing event, publishes
-   the status to every waiter and removes the result from the claimed list.
+1. **Claim.** The reader takes results from ``tts:results`` into this consumer's claimed hash,
+   drain-on-wake: one round trip pipelines a ``BLMOVE`` (blocks server side only when nothing is
+   waiting) with ``claim.lua``, which takes that result and up to ``hot.read_batch - 1`` more.
+   ``claim.lua`` parses each result *in Redis* and hands back a small metadata document: the
+   audio (~80 KB of base64 per five-second block) never travels to the daemon and back. A result
+   is never only in this process's memory.
+2. **Hand over.** Claimed results go over a bounded memory channel to a dispatcher that groups
+   what is waiting (up to ``hot.finalize_batch``) and starts a handler task per group; at most
+   ``hot.concurrency`` results are being finalized at once (a ``CapacityLimiter``).
+3. **Finalize.** A handler checks each result against the worker contract and finalizes the whole
+   group in one pipeline — one round trip — of ``finalize.lua`` calls, each atomic: claim the job
+   (a second result for it, or a result for a variant finalized since, is a duplicate), store the
+   audio with a TTL, append the billing event, publish the status to every waiter, drop the
+   result from the claimed hash. An unreadable result is moved to ``tts:results:dead`` instead,
+   with its reason, in the same pipeline.
 
-A crash before step 3 leaves the result claimed; it is given back to ``tts:results`` when this
-consumer restarts, or by another consumer once this one's heartbeat expires.
+So a result costs one share of a claim round trip and one share of a finalize round trip — about
+two round trips for a lone result, far fewer per result under a burst. A crash before step 3
+leaves the result claimed; it is given back to ``tts:results`` when this consumer restarts, or by
+another consumer once this one's heartbeat expires.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import time
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
@@ -30,15 +37,36 @@ from daemon.contracts import BillingEvent, ContractError, Result
 from daemon.events import EventLog
 from daemon.metrics import Metrics
 from daemon.outage import Outage
-from daemon.stores.redis import FinalizeArgs, RedisStore, is_redis_unavailable
+from daemon.stores.redis import (
+    ClaimedResult,
+    DeadLetter,
+    FinalizeArgs,
+    RedisStore,
+    is_redis_unavailable,
+)
 
-__all__ = ["HotConsumer", "run_hot_consumer"]
+__all__ = ["HotConsumer", "HotFault", "run_hot_consumer"]
+
+# Tests and the chaos tool stop the consumer at these points: "claimed" (results claimed, not yet
+# handed over) and "finalize" (a group about to be finalized). A callable that may raise or block.
+HotFault = Callable[[str], Awaitable[None]]
+
+
+async def no_fault(point: str) -> None:
+    return None
+
+
+@attrs.define(eq=False)  # hashable by identity: it is its own limiter token
+class _Claimed:
+    item: ClaimedResult
+    claimed_at: float  # perf_counter when the claim's reply arrived
 
 
 @attrs.define
-class _Claimed:
-    raw: bytes
-    claimed_at: float  # perf_counter
+class _Prepared:
+    claimed: _Claimed
+    op: FinalizeArgs | DeadLetter
+    result: Result | None  # None when dead-lettered
 
 
 @attrs.define
@@ -51,8 +79,9 @@ class HotConsumer:
     metrics: Metrics
     consumer_id: str
     block_s: float = 1.0
-    in_flight: int = 0
-    handled: int = 0
+    fault: HotFault = no_fault
+    in_flight: int = 0  # results being finalized now
+    handled: int = 0  # results done with (finalized, duplicate, gone or dead-lettered)
 
     async def run(
         self, *, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -127,9 +156,18 @@ class HotConsumer:
                     await outage.failed(exc, "Redis")
                     continue
                 outage.ok()
+                if not items:
+                    continue
                 now = time.perf_counter()
-                for raw in items:
-                    await send.send(_Claimed(raw, now))
+                await self.fault("claimed")
+                # Hand over everything that fits without a checkpoint in between, so the
+                # dispatcher sees the whole claim at once and can group it.
+                for item in items:
+                    claimed = _Claimed(item, now)
+                    try:
+                        send.send_nowait(claimed)
+                    except trio.WouldBlock:
+                        await send.send(claimed)
 
     async def _dispatch(
         self,
@@ -138,102 +176,95 @@ class HotConsumer:
         nursery: trio.Nursery,
     ) -> None:
         async with receive:
-            async for item in receive:
-                token = object()
-                await limiter.acquire_on_behalf_of(token)
-                nursery.start_soon(self._handle_and_release, item, limiter, token)
+            async for first in receive:
+                await limiter.acquire_on_behalf_of(first)
+                group = [first]
+                # Group what is already waiting, as far as the limiter allows right now: a lone
+                # result goes alone at once; a burst goes in pipelines of finalize_batch.
+                while len(group) < self.cfg.finalize_batch and limiter.available_tokens > 0:
+                    try:
+                        item = receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    limiter.acquire_on_behalf_of_nowait(item)
+                    group.append(item)
+                nursery.start_soon(self._handle_and_release, group, limiter)
 
     async def _handle_and_release(
-        self, item: _Claimed, limiter: trio.CapacityLimiter, token: object
+        self, group: list[_Claimed], limiter: trio.CapacityLimiter
     ) -> None:
-        self.in_flight += 1
+        self.in_flight += len(group)
         try:
-            await self.handle(item.raw, item.claimed_at)
+            await self.handle(group)
         finally:
-            self.in_flight -= 1
-            limiter.release_on_behalf_of(token)
+            self.in_flight -= len(group)
+            for item in group:
+                limiter.release_on_behalf_of(item)
 
-    async def handle(self, raw: bytes, claimed_at: float) -> None:
-        """Finalize one claimed result (or dead-letter it if it cannot be read)."""
-        try:
-            result = Result.from_json(raw)
-            args, event = self._finalize_args(raw, result)
-        except ContractError as exc:
-            await self._dead_letter(raw, str(exc))
-            return
-        t_store = time.perf_counter()
+    async def handle(self, group: Sequence[_Claimed]) -> None:
+        """Finalize (or dead-letter) a group of claimed results in one round trip."""
+        prepared = [self._prepare(c) for c in group]
+        await self.fault("finalize")
+        await self._finalize(prepared)
+
+    async def _finalize(self, prepared: Sequence[_Prepared]) -> list[tuple[str, int]]:
+        """Run the group's finalize call (retrying Redis outages), report each result, and
+        return the outcomes."""
+        pending = list(range(len(prepared)))
+        outcomes: list[tuple[str, int]] = [("gone", 0)] * len(prepared)
         outage = Outage("hot", self.events)
-        while True:
+        t_store = time.perf_counter()
+        while pending:
+            ops = [prepared[i].op for i in pending]
             try:
-                outcome, notified = await self.store.finalize(
-                    self.consumer_id, args, ttl_s=self.cfg.audio_ttl_s
-                )
-                break
+                # Shielded (and bounded by the store's command deadline): once the script may
+                # have run, its outcome is reported even if a sibling's crash cancels us.
+                with trio.CancelScope(shield=True):
+                    replies = await self.store.finalize_many(
+                        self.consumer_id, ops, ttl_s=self.cfg.audio_ttl_s
+                    )
             except Exception as exc:
                 if not is_redis_unavailable(exc):
                     raise
                 await outage.failed(exc, "Redis")
+                continue
+            failed = []
+            for i, reply in zip(pending, replies, strict=True):
+                if reply[0].startswith("error"):
+                    failed.append((i, reply[0]))
+                else:
+                    outcomes[i] = reply
+            pending = [i for i, _ in failed]
+            if failed:
+                # Redis refused a write (out of memory, read-only replica…): the result stays
+                # claimed and is retried with backoff, never dropped or dead-lettered for it.
+                await outage.failed(RuntimeError(failed[0][1]), "Redis (finalize)")
         outage.ok()
         done = time.perf_counter()
-        self.handled += 1
-        self.metrics.hot_results.labels(outcome if outcome == "duplicate" else args.kind).inc()
-        finalize_s = done - claimed_at
-        self.metrics.hot_finalize_seconds.observe(finalize_s)
-        if outcome == "duplicate":
-            self.events.emit(
-                "result_duplicate",
-                service="hot",
-                job_id=result.job_id,
-                variant_hash=result.variant_hash,
-                worker_id=result.worker_id,
-            )
-            return
-        if args.kind == "error":
-            self.events.error(
-                "hot",
-                f"worker reported an error: {result.error}",
-                job_id=result.job_id,
-                variant_hash=result.variant_hash,
-                worker_id=result.worker_id,
-                notified=notified,
-            )
-            return
-        self.events.emit(
-            "synthesis_complete",
-            job_id=result.job_id,
-            variant_hash=result.variant_hash,
-            user_id=result.user_id,
-            model=result.model,
-            voice=result.voice,
-            text_length=result.text_length,
-            queue_wait_ms=round(result.queue_wait_ms, 3),
-            worker_ms=round(result.processing_time_ms, 3),
-            finalize_ms=round(finalize_s * 1000, 3),
-            # The store, the billing hand-off and the notifications are one atomic script:
-            # cache_store_ms is its round trip, notify_ms claim → notifications published.
-            cache_store_ms=round((done - t_store) * 1000, 3),
-            notify_ms=round(finalize_s * 1000, 3),
-            status=args.kind,
-            notified=notified,
-            billed=event is not None,
-        )
+        store_ms = (done - t_store) * 1000
+        for p, (outcome, notified) in zip(prepared, outcomes, strict=True):
+            self._report(p, outcome, notified, done, store_ms, len(prepared))
+        return outcomes
 
-    def _finalize_args(self, raw: bytes, r: Result) -> tuple[FinalizeArgs, BillingEvent | None]:
+    def _prepare(self, c: _Claimed) -> _Prepared:
+        item = c.item
+        try:
+            if item.problem:
+                raise ContractError(item.problem)
+            r = Result.from_json(item.meta)
+        except ContractError as exc:
+            return _Prepared(c, DeadLetter(item.seq, str(exc)), None)
         common = {
-            "raw": raw,
+            "seq": item.seq,
             "job_id": r.job_id,
             "variant_hash": r.variant_hash,
             "model": r.model,
             "voice": r.voice,
         }
         if r.error is not None:
-            return FinalizeArgs(kind="error", error=r.error[:500], **common), None
-        try:
-            audio = base64.b64decode(r.audio_base64 or "", validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ContractError(f"result: audio_base64 is not base64: {exc}") from None
-        if not audio:
-            return FinalizeArgs(kind="skipped", **common), None
+            return _Prepared(c, FinalizeArgs(kind="error", error=r.error[:500], **common), r)
+        if item.audio_len <= 0:
+            return _Prepared(c, FinalizeArgs(kind="skipped", **common), r)
         event = BillingEvent(
             event_id=r.job_id,
             user_id=r.user_id,
@@ -249,26 +280,74 @@ class HotConsumer:
         )
         args = FinalizeArgs(
             kind="audio",
-            audio=audio,
             content_type=r.content_type or "application/octet-stream",
             duration_ms=r.duration_ms or 0,
+            loc=item.loc,
             billing_event=event.to_json(),
             **common,
         )
-        return args, event
+        return _Prepared(c, args, r)
 
-    async def _dead_letter(self, raw: bytes, reason: str) -> None:
-        self.metrics.hot_results.labels("dead_letter").inc()
-        entry = json.dumps(
-            {
-                "reason": reason,
-                "consumer": self.consumer_id,
-                "at": time.time(),
-                "raw": raw[:100_000].decode("utf-8", errors="replace"),
-            }
+    def _report(
+        self, p: _Prepared, outcome: str, notified: int, done: float, store_ms: float, group: int
+    ) -> None:
+        self.handled += 1
+        r, op = p.result, p.op
+        if isinstance(op, DeadLetter):
+            self.metrics.hot_results.labels("dead_letter").inc()
+            if outcome == "dead":
+                self.events.error(
+                    "hot",
+                    f"undecodable result dead-lettered: {op.reason}",
+                    reason=op.reason,
+                    dead_letter_key="tts:results:dead",
+                )
+            return
+        assert r is not None
+        if outcome != "finalized":
+            self.metrics.hot_results.labels(outcome).inc()
+            self.events.emit(
+                f"result_{outcome}",
+                service="hot",
+                job_id=r.job_id,
+                variant_hash=r.variant_hash,
+                worker_id=r.worker_id,
+            )
+            return
+        self.metrics.hot_results.labels(op.kind).inc()
+        finalize_ms = (done - p.claimed.claimed_at) * 1000
+        self.metrics.hot_finalize_seconds.observe(finalize_ms / 1000)
+        if op.kind == "error":
+            self.events.error(
+                "hot",
+                f"worker reported an error: {r.error}",
+                job_id=r.job_id,
+                variant_hash=r.variant_hash,
+                worker_id=r.worker_id,
+                notified=notified,
+            )
+            return
+        self.events.emit(
+            "synthesis_complete",
+            job_id=r.job_id,
+            variant_hash=r.variant_hash,
+            user_id=r.user_id,
+            model=r.model,
+            voice=r.voice,
+            text_length=r.text_length,
+            queue_wait_ms=round(r.queue_wait_ms, 3),
+            worker_ms=round(r.processing_time_ms, 3),
+            # Claimed → finalized. Store, billing hand-off and notifications are one atomic
+            # script, so cache_store_ms is the round trip of the pipeline that ran it, and
+            # notify_ms (claimed → notifications published) equals finalize_ms.
+            finalize_ms=round(finalize_ms, 3),
+            cache_store_ms=round(store_ms, 3),
+            notify_ms=round(finalize_ms, 3),
+            status=op.kind,
+            notified=notified,
+            billed=op.kind == "audio",
+            group=group,
         )
-        await self.store.dead_letter_result(self.consumer_id, raw, entry)
-        self.events.error("hot", f"undecodable result dead-lettered: {reason}", reason=reason)
 
 
 async def run_hot_consumer(

@@ -11,7 +11,9 @@ Every multi-key change is a Lua script (``lua/``), so a crash never leaves half 
 
 from __future__ import annotations
 
+import binascii
 import contextlib
+import json
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import resources
@@ -21,12 +23,14 @@ import attrs
 import redis.asyncio as aioredis
 import trio
 import trio_asyncio
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
-from daemon.contracts import Keys
+from daemon.contracts import ContractError, Keys
 
 __all__ = [
     "BillingEntry",
+    "ClaimedResult",
+    "DeadLetter",
     "FinalizeArgs",
     "RedisStore",
     "is_redis_unavailable",
@@ -79,21 +83,46 @@ def _make_client(url: str, *, max_connections: int, pool_timeout_s: float) -> ai
     return aioredis.Redis(connection_pool=pool)
 
 
+# claim.lua checks the base64 of long audio at both ends (this many characters each) and all of
+# short audio; strict decoding when a listener fetches it catches the rest (docs/workers.md).
+CLAIM_B64_SAMPLE = 256
+CLAIM_B64_FULL = 4096
+
+
+@attrs.frozen
+class ClaimedResult:
+    """A result the hot consumer claimed; its bytes stay in Redis (``claim.lua``)."""
+
+    seq: int  # its name: tts:hot:item:{seq}
+    meta: bytes  # the result JSON with audio_base64 = "" (empty when ``problem``)
+    audio_len: int  # characters of audio_base64; -1 when it has none (or not a string)
+    loc: str  # where the audio is in the item: "r:s:e" (1-based, in the raw result) or "i:2"
+    problem: str  # "" or why the result cannot be read
+
+
 @attrs.frozen
 class FinalizeArgs:
-    """Everything ``finalize.lua`` needs for one result."""
+    """Everything ``finalize.lua`` needs for one claimed result."""
 
-    raw: bytes
+    seq: int
     job_id: str
     variant_hash: str
     kind: str  # audio | skipped | error
     model: str
     voice: str
-    audio: bytes = b""
     content_type: str = ""
     duration_ms: int = 0
+    loc: str = ""  # ClaimedResult.loc
     billing_event: str = ""
     error: str = ""
+
+
+@attrs.frozen
+class DeadLetter:
+    """A claimed result to move to ``tts:results:dead`` with its reason."""
+
+    seq: int
+    reason: str
 
 
 @attrs.frozen
@@ -127,6 +156,40 @@ class RedisStore:
 
     async def _script(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         return await self._cross(self._scripts[name], list(keys), list(args))
+
+    async def _evalsha_pipeline(
+        self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]]
+    ) -> list[Any]:
+        """(asyncio side) Run several scripts in one pipeline: one round trip, each script atomic.
+
+        Replies come back in order; a script that failed is its exception, not raised (the others
+        ran). redis-py's own pipelined scripts send ``SCRIPT EXISTS`` before every batch — a
+        second round trip — so this sends ``EVALSHA`` directly and loads a script only when Redis
+        answers ``NOSCRIPT`` (after a restart), then re-runs just those calls: a ``NOSCRIPT``
+        call did not run.
+        """
+        replies: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for attempt in range(2):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for i in pending:
+                    name, keys, args = calls[i]
+                    pipe.execute_command(
+                        "EVALSHA", self._scripts[name].sha, len(keys), *keys, *args
+                    )
+                out = await pipe.execute(raise_on_error=False)
+            retry = []
+            for i, reply in zip(pending, out, strict=True):
+                if isinstance(reply, NoScriptError) and not attempt:
+                    retry.append(i)
+                else:
+                    replies[i] = reply
+            if not retry:
+                break
+            for name in {calls[i][0] for i in retry}:
+                await self._client.script_load(self._scripts[name].script)
+            pending = retry
+        return replies
 
     @contextlib.asynccontextmanager
     async def dedicated(self) -> AsyncIterator[RedisStore]:
@@ -232,13 +295,28 @@ class RedisStore:
         return await self._cross(states)
 
     async def get_audio(self, variant_hash: str) -> tuple[bytes, str] | None:
-        async def get() -> Any:
-            return await self._client.hmget(Keys.audio(variant_hash), "data", "content_type")
+        """The audio bytes and content type, or None.
 
-        data, content_type = await self._cross(get)
-        if data is None:
-            return None
-        return data, (content_type or b"application/octet-stream").decode()
+        The hot path stores audio without copying it (``finalize.lua``): a list whose first
+        element is the worker's result JSON and whose last says where the base64 audio is in it.
+        It is sliced out and decoded here, strictly, when a listener fetches it; raises
+        :class:`ContractError` if it does not decode. (A hash with raw ``data`` is read too.)
+        """
+        key = Keys.audio(variant_hash)
+        client = self._client
+
+        async def get() -> Any:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.lrange(key, 0, -1)
+                pipe.hmget(key, "data", "content_type")
+                return await pipe.execute(raise_on_error=False)
+
+        items, fields = await self._cross(get)
+        if isinstance(items, list) and items:
+            return _audio_from_item(variant_hash, items)
+        if isinstance(fields, list) and fields[0] is not None:
+            return fields[0], (fields[1] or b"application/octet-stream").decode()
+        return None
 
     async def audio_exists(self, variant_hash: str) -> bool:
         return bool(await self._cross(self._client.exists, Keys.audio(variant_hash)))
@@ -254,6 +332,20 @@ class RedisStore:
         await self._script(
             "push_result", [Keys.RESULTS, Keys.processing(model)], [result_json, job_id]
         )
+
+    async def push_results(self, results: Sequence[tuple[str, str, str | bytes]]) -> None:
+        """Several ``push_result.lua`` calls, each atomic, in one pipeline (one round trip):
+        ``results`` are (model, job_id, result JSON). A batch worker hands back a batch so."""
+        if not results:
+            return
+        calls = [
+            ("push_result", [Keys.RESULTS, Keys.processing(model)], [result_json, job_id])
+            for model, job_id, result_json in results
+        ]
+        replies = await self._cross(self._evalsha_pipeline, calls)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
 
     async def requeue_stale(
         self, model: str, *, visibility_timeout_s: float, max_retries: int, limit: int = 500
@@ -273,66 +365,87 @@ class RedisStore:
 
     # -- hot consumer -----------------------------------------------------------------------
 
-    async def claim_results(self, consumer_id: str, *, n: int, block_s: float) -> list[bytes]:
-        """Drain-on-wake: take up to ``n`` results into the consumer's claimed list.
+    async def claim_results(
+        self, consumer_id: str, *, n: int, block_s: float
+    ) -> list[ClaimedResult]:
+        """Drain-on-wake, one round trip: ``BLMOVE`` (blocks server side up to ``block_s`` only
+        when nothing is waiting) pipelined with ``claim.lua``, which takes that result and up to
+        ``n - 1`` more into the consumer's claimed hash and parses them in Redis.
 
-        Blocks (server side, up to ``block_s``) only when nothing is waiting. Use on a
-        ``dedicated()`` store: the BLMOVE holds its connection while it waits.
+        Use on a ``dedicated()`` store: the BLMOVE holds its connection while it waits. A cancel
+        loses nothing: what BLMOVE moved waits in the landing list, which recovery gives back.
         """
-        claimed = Keys.hot_claimed(consumer_id)
-        claim = self._scripts["claim"]
+        keys = [
+            Keys.RESULTS,
+            Keys.hot_landing(consumer_id),
+            Keys.hot_claimed(consumer_id),
+            Keys.HOT_SEQ,
+        ]
+        args = [n, CLAIM_B64_SAMPLE, CLAIM_B64_FULL]
+        script = self._scripts["claim"]
         client = self._client
 
-        async def take() -> list[bytes]:
-            items = await claim([Keys.RESULTS, claimed], [n])
-            if items:
-                return items
-            first = await client.blmove(Keys.RESULTS, claimed, block_s, "RIGHT", "LEFT")
-            if first is None:
-                return []
-            rest = await claim([Keys.RESULTS, claimed], [n - 1]) if n > 1 else []
-            return [first, *rest]
+        async def take() -> Any:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.execute_command("BLMOVE", Keys.RESULTS, keys[1], "RIGHT", "LEFT", block_s)
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                moved, reply = await pipe.execute(raise_on_error=False)
+            if isinstance(moved, Exception):
+                raise moved
+            if isinstance(reply, NoScriptError):  # Redis restarted: load it, claim at once
+                reply = await script(keys, args)
+            elif isinstance(reply, Exception):
+                raise reply
+            return reply
 
-        return await self._cross(take, timeout_s=block_s + self.command_timeout_s)
+        reply = await self._cross(take, timeout_s=block_s + self.command_timeout_s)
+        out = []
+        for entry in reply:
+            head, _, rest = entry.partition(b"\n")
+            seq, audio_len, loc, problem_len = head.split(b"|")
+            n = int(problem_len)
+            problem = rest[:n].decode(errors="replace")
+            out.append(ClaimedResult(int(seq), rest[n:], int(audio_len), loc.decode(), problem))
+        return out
 
-    async def finalize(self, consumer_id: str, f: FinalizeArgs, *, ttl_s: int) -> tuple[str, int]:
-        """Run ``finalize.lua`` for one result; returns (finalized|duplicate, waiters notified)."""
+    async def finalize_many(
+        self, consumer_id: str, ops: Sequence[FinalizeArgs | DeadLetter], *, ttl_s: int
+    ) -> list[tuple[str, int]]:
+        """Finalize or dead-letter several claimed results with one ``finalize.lua`` call (one
+        round trip). Per op: (outcome, waiters notified) — outcome ``finalized``, ``duplicate``,
+        ``dead``, ``gone`` (no longer claimed: a replay after a lost reply, or recovered), or
+        ``error: …`` when Redis refused a write for that op (it stays claimed; retry it).
+        """
         keys = [
             Keys.hot_claimed(consumer_id),
             Keys.BILLING,
             Keys.JOBS,
-            Keys.processing(f.model),
-            Keys.queue(f.model),
             Keys.RETRIES,
+            Keys.RESULTS_DEAD,
         ]
-        args = [
-            f.raw,
-            f.job_id,
-            f.variant_hash,
-            f.kind,
-            f.audio,
-            f.content_type,
-            f.duration_ms,
-            ttl_s,
-            f.billing_event,
-            f.error,
-            f.model,
-            f.voice,
-        ]
-        outcome, n = await self._script("finalize", keys, args)
-        return outcome.decode(), int(n)
-
-    async def dead_letter_result(self, consumer_id: str, raw: bytes, reason_json: str) -> None:
-        """Move an undecodable result from the claimed list to ``tts:results:dead``."""
-        claimed = Keys.hot_claimed(consumer_id)
-
-        async def move() -> None:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.lpush(Keys.RESULTS_DEAD, reason_json)
-                pipe.lrem(claimed, 1, raw)
-                await pipe.execute()
-
-        await self._cross(move)
+        args: list[Any] = [ttl_s, consumer_id]
+        for op in ops:
+            if isinstance(op, DeadLetter):
+                args += ["dead", op.seq, "", "", "", "", "", "", op.reason]
+                continue
+            audio_meta = ""
+            if op.kind == "audio":
+                audio_meta = json.dumps(
+                    {"loc": op.loc, "content_type": op.content_type, "duration_ms": op.duration_ms}
+                )
+            args += [
+                op.kind,
+                op.seq,
+                op.job_id,
+                op.variant_hash,
+                op.model,
+                op.voice,
+                audio_meta,
+                op.billing_event,
+                op.error,
+            ]
+        reply = await self._script("finalize", keys, args)
+        return [(reply[i].decode(), int(reply[i + 1])) for i in range(0, len(reply), 2)]
 
     async def heartbeat(self, consumer_id: str, *, ttl_s: float) -> None:
         """Mark the consumer alive (and registered: re-created if Redis lost it)."""
@@ -499,6 +612,21 @@ class RedisStore:
                 await pubsub.aclose()
 
         await trio_asyncio.aio_as_trio(listen)()
+
+
+def _audio_from_item(variant_hash: str, items: list[bytes]) -> tuple[bytes, str]:
+    try:
+        meta = json.loads(items[-1])
+        where, _, pos = meta["loc"].partition(":")
+        if where == "i":
+            b64: bytes | memoryview = items[int(pos) - 1]
+        else:
+            start, _, end = pos.partition(":")
+            b64 = memoryview(items[0])[int(start) - 1 : int(end)]
+        data = binascii.a2b_base64(b64, strict_mode=True)
+    except (ValueError, KeyError, TypeError, IndexError, binascii.Error) as exc:
+        raise ContractError(f"audio {variant_hash}: stored audio cannot be read: {exc}") from None
+    return data, str(meta.get("content_type") or "application/octet-stream")
 
 
 async def _ensure_billing_group(client: aioredis.Redis) -> None:

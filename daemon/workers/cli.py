@@ -5,7 +5,11 @@
 
 An adapter is a class (or factory) taking no arguments whose instances have
 ``async def synthesize(job) -> Synthesized`` (see ``daemon.workers.worker``). Workers need only
-Redis; SIGINT/SIGTERM let each worker finish the job in hand, then exit.
+Redis; SIGINT/SIGTERM let each worker finish the job in hand, then exit (a second signal exits at
+once: the daemon's visibility scanner requeues what was held).
+
+Exit status: 0 stopped by a signal; 1 a failure at run time; 2 a bad command line (an adapter that
+cannot be loaded included).
 """
 
 from __future__ import annotations
@@ -27,29 +31,29 @@ from daemon.stores.redis import open_redis
 from daemon.workers.simulated import SimulatedAdapter
 from daemon.workers.worker import run_worker
 
-__all__ = ["main"]
+__all__ = ["load_adapter", "main"]
 
 
 def load_adapter(spec: str) -> Any:
-    """``module:attribute`` → an adapter instance."""
+    """``module:attribute`` → an adapter instance. Raises ValueError with a readable reason."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"--adapter must be module:attribute, got {spec!r}")
-    factory = getattr(importlib.import_module(module_name), attr)
-    return factory()
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        raise ValueError(f"--adapter {spec}: cannot import {module_name}: {exc}") from None
+    except AttributeError:
+        raise ValueError(f"--adapter {spec}: {module_name} has no {attr}") from None
+    adapter = factory()
+    if not callable(getattr(adapter, "synthesize", None)) and not callable(
+        getattr(adapter, "synthesize_batch", None)
+    ):
+        raise ValueError(f"--adapter {spec}: has no synthesize(job) method")
+    return adapter
 
 
-async def _run(args: argparse.Namespace) -> None:
-    if args.simulated:
-        cfg = WorkersConfig(
-            chars_per_s=args.chars_per_s,
-            latency_ms=args.latency_ms,
-            jitter_ms=args.jitter_ms,
-            batch=args.batch,
-        )
-        adapters = [SimulatedAdapter(cfg) for _ in range(args.concurrency)]
-    else:
-        adapters = [load_adapter(args.adapter) for _ in range(args.concurrency)]
+async def _run(args: argparse.Namespace, adapters: list[Any]) -> None:
     stopping = trio.Event()
     async with trio_asyncio.open_loop(), open_redis(args.redis_url) as store:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -76,7 +80,10 @@ async def _run(args: argparse.Namespace) -> None:
                                 stopping=stopping,
                             )
                         )
-                    print(f"tts-worker: {len(adapters)} worker(s) on {args.models}", flush=True)
+                    print(
+                        f"tts-worker: {len(adapters)} worker(s) on {' '.join(args.models)}",
+                        flush=True,
+                    )
                 # Every worker returned: stopping was set and each finished its job in hand.
                 outer.cancel_scope.cancel()
 
@@ -90,15 +97,33 @@ def main(argv: list[str] | None = None) -> int:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--adapter", help="module:attribute of an adapter class or factory")
     group.add_argument("--simulated", action="store_true", help="the simulated adapter (WAV)")
-    p.add_argument("--chars-per-s", type=float, default=2000.0)
-    p.add_argument("--latency-ms", type=float, default=20.0)
-    p.add_argument("--jitter-ms", type=float, default=10.0)
-    p.add_argument("--batch", type=int, default=1)
+    sim = p.add_argument_group("simulated adapter")
+    sim.add_argument("--chars-per-s", type=float, default=2000.0, help="synthesis speed")
+    sim.add_argument("--latency-ms", type=float, default=20.0, help="fixed cost per job/batch")
+    sim.add_argument("--jitter-ms", type=float, default=10.0, help="random extra, up to this")
+    sim.add_argument("--batch", type=int, default=1, help="jobs finished together")
     args = p.parse_args(argv)
     if args.concurrency < 1:
         p.error("--concurrency must be >= 1")
+    if args.simulated:
+        if args.chars_per_s <= 0 or args.latency_ms < 0 or args.jitter_ms < 0:
+            p.error("--chars-per-s must be > 0, --latency-ms and --jitter-ms >= 0")
+        if not 1 <= args.batch <= 256:
+            p.error("--batch must be 1..256")
+        cfg = WorkersConfig(
+            chars_per_s=args.chars_per_s,
+            latency_ms=args.latency_ms,
+            jitter_ms=args.jitter_ms,
+            batch=args.batch,
+        )
+        adapters: list[Any] = [SimulatedAdapter(cfg) for _ in range(args.concurrency)]
+    else:
+        try:
+            adapters = [load_adapter(args.adapter) for _ in range(args.concurrency)]
+        except Exception as exc:
+            p.error(str(exc))
     try:
-        trio.run(_run, args)
+        trio.run(_run, args, adapters)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

@@ -8,6 +8,10 @@ A real GPU model plugs in by writing one adapter::
 and running ``tts-worker --adapter mypackage.module:MyModel --redis-url redis://...``. Workers need
 only Redis. A worker that dies holding a job loses nothing: the job stays in
 ``tts:processing:{model}`` and the daemon's visibility scanner puts it back in the queue.
+
+An adapter may also synthesize batches (a GPU is faster on a batch): give it ``batch_size > 1`` and
+``async def synthesize_batch(jobs) -> list[Synthesized | Exception]``. The worker then pulls up to
+``batch_size`` jobs and pushes their results together, in one round trip.
 """
 
 from __future__ import annotations
@@ -16,15 +20,20 @@ import base64
 import itertools
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import trio
 
+from daemon.backoff import Backoff
 from daemon.contracts import ContractError, Job, Result
 from daemon.stores.redis import RedisStore, is_redis_unavailable
 
-__all__ = ["Adapter", "Synthesized", "run_worker"]
+__all__ = ["Adapter", "BatchAdapter", "Synthesized", "run_worker"]
+
+# How long a worker keeps trying to hand back finished results while Redis is unreachable, once
+# it has been asked to stop. (While running it keeps trying: the audio cost GPU time.)
+PUSH_GIVE_UP_S = 30.0
 
 
 @attrs.frozen
@@ -65,14 +74,14 @@ async def _pull_some(store: RedisStore, models: Sequence[str], start: int, n: in
 
 
 def _result(
-    job: Job, out: Synthesized | Exception, worker_id: str, pulled_at: float, t0: float
+    job: Job, out: Synthesized | BaseException, worker_id: str, pulled_at: float, t0: float
 ) -> Result:
     common = {
         "worker_id": worker_id,
         "queue_wait_ms": max(0.0, (pulled_at - job.enqueued_at) * 1000.0),
         "processing_time_ms": (time.perf_counter() - t0) * 1000.0,
     }
-    if isinstance(out, Exception):
+    if isinstance(out, BaseException):
         return Result.for_job(job, error=f"synthesis failed: {out}", **common)
     return Result.for_job(
         job,
@@ -81,6 +90,64 @@ def _result(
         content_type=out.content_type,
         **common,
     )
+
+
+def _checked(out: Any) -> Synthesized | Exception:
+    """An adapter's answer for one job, or the error it amounts to."""
+    if isinstance(out, Exception):
+        return out
+    if (
+        not isinstance(out, Synthesized)
+        or not isinstance(out.audio, bytes | bytearray | memoryview)
+        or not isinstance(out.duration_ms, int)
+        or out.duration_ms < 0
+        or not isinstance(out.content_type, str)
+    ):
+        return TypeError(f"adapter returned {type(out).__name__}, not a valid Synthesized")
+    return out
+
+
+async def _synthesize(adapter: Any, jobs: list[Job], batch: bool) -> list[Synthesized | Exception]:
+    if batch:
+        try:
+            outs = list(await adapter.synthesize_batch(jobs))
+        except Exception as exc:  # the whole batch failed: each job hears of it
+            return [exc] * len(jobs)
+        if len(outs) != len(jobs):
+            err = ValueError(f"adapter returned {len(outs)} results for {len(jobs)} jobs")
+            return [err] * len(jobs)
+        return [_checked(o) for o in outs]
+    results: list[Synthesized | Exception] = []
+    for job in jobs:
+        try:
+            results.append(_checked(await adapter.synthesize(job)))
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+async def _push(
+    store: RedisStore, items: list[tuple[str, str, str]], stopping: trio.Event | None
+) -> bool:
+    """Hand results back, waiting out a Redis outage with backoff. Once stopping, gives up after
+    ``PUSH_GIVE_UP_S`` (the jobs stay held and the scanner requeues them). True if pushed."""
+    backoff = Backoff(min_s=0.05, max_s=2.0, healthy_after_s=float("inf"))
+    give_up_at: float | None = None
+    while True:
+        try:
+            # Shielded: a worker asked to stop finishes handing back what it synthesized.
+            with trio.CancelScope(shield=stopping is not None and stopping.is_set()):
+                await store.push_results(items)
+            return True
+        except Exception as exc:
+            if not is_redis_unavailable(exc):
+                raise
+        if stopping is not None and stopping.is_set():
+            now = trio.current_time()
+            give_up_at = give_up_at if give_up_at is not None else now + PUSH_GIVE_UP_S
+            if now >= give_up_at:
+                return False
+        await trio.sleep(backoff.next_delay(0.0))
 
 
 async def run_worker(
@@ -97,21 +164,25 @@ async def run_worker(
     """Pull and synthesize until cancelled or ``stopping`` is set (the job in hand is finished).
 
     Started as soon as it is about to pull. Polls an empty queue with a backoff from ``idle_min_s``
-    to ``idle_max_s``. An adapter exception becomes an ``error`` result (clients hear of it); a
-    Redis outage is waited out with backoff.
+    to ``idle_max_s``. An adapter exception, or an answer that is not a :class:`Synthesized`,
+    becomes an ``error`` result (clients hear of it). A Redis outage is waited out with backoff,
+    and results already synthesized are held until they can be pushed.
     """
-    batch_size = getattr(adapter, "batch_size", 1)
+    batch_size = max(1, int(getattr(adapter, "batch_size", 1)))
+    batch = batch_size > 1 and hasattr(adapter, "synthesize_batch")
     idle = idle_min_s
+    outage = Backoff(min_s=0.1, max_s=5.0, healthy_after_s=float("inf"))
     turn = itertools.count()
     task_status.started()
     while stopping is None or not stopping.is_set():
         try:
-            jobs = await _pull_some(store, models, next(turn), batch_size)
+            jobs = await _pull_some(store, models, next(turn), batch_size if batch else 1)
         except Exception as exc:
             if not is_redis_unavailable(exc):
                 raise
-            await trio.sleep(idle_max_s * 20)
+            await trio.sleep(outage.next_delay(0.0))
             continue
+        outage.reset()
         if not jobs:
             await trio.sleep(idle)
             idle = min(idle * 2, idle_max_s)
@@ -119,18 +190,10 @@ async def run_worker(
         idle = idle_min_s
         pulled_at = time.time()
         t0 = time.perf_counter()
-        outs: list[Synthesized | Exception]
-        if batch_size > 1 and hasattr(adapter, "synthesize_batch"):
-            outs = await adapter.synthesize_batch(jobs)
-        else:
-            outs = []
-            for job in jobs:
-                try:
-                    outs.append(await adapter.synthesize(job))
-                except Exception as exc:
-                    outs.append(exc)
-        for job, out in zip(jobs, outs, strict=True):
-            result = _result(job, out, worker_id, pulled_at, t0)
-            # A push that fails leaves the job in processing: the scanner gives it another go.
-            with trio.CancelScope(shield=stopping is not None and stopping.is_set()):
-                await store.push_result(job.model, job.job_id, result.to_json())
+        outs = await _synthesize(adapter, jobs, batch)
+        items = [
+            (job.model, job.job_id, _result(job, out, worker_id, pulled_at, t0).to_json())
+            for job, out in zip(jobs, outs, strict=True)
+        ]
+        # A push that fails for good leaves the jobs in processing: the scanner requeues them.
+        await _push(store, items, stopping)

@@ -1,43 +1,85 @@
--- The hot path's whole unit of work for one result, atomic: claim (the in-flight key must still
--- name this job, else it is a duplicate), store the audio, queue the billing event, notify every
--- waiter, drop the job, and acknowledge the result. A crash before this script leaves the result
--- in the claimed list (recovered); after it, everything is done: there is no state in between.
--- KEYS: 1 claimed list, 2 tts:billing, 3 tts:jobs, 4 tts:processing:{model}, 5 tts:queue:{model},
---       6 tts:retries
--- ARGV: 1 raw result (to acknowledge), 2 job_id, 3 variant_hash, 4 kind (audio|skipped|error),
---       5 audio bytes, 6 content_type, 7 duration_ms, 8 ttl_s, 9 billing event JSON,
---       10 error message, 11 model, 12 voice
--- An empty ARGV[9] queues no billing event: only tools/inline.py (the pre-split baseline, which
--- bills inside the handler) passes one; the daemon never does.
-local job_id, hash, kind = ARGV[2], ARGV[3], ARGV[4]
-local inflight_key = 'tts:inflight:' .. hash
-if redis.call('GET', inflight_key) ~= job_id then
-  redis.call('LREM', KEYS[1], 1, ARGV[1])
-  return {'duplicate', 0}
+-- The hot path's unit of work, for a group of claimed results in one call (one round trip). Each
+-- result is finalized on its own terms: claim the job (the in-flight key must still name it, else
+-- the result is a duplicate), store the audio, queue the billing event, notify every waiter, drop
+-- the job, acknowledge the result. A script is atomic, so a crash before it leaves the results
+-- claimed (recovered) and after it everything is done: there is no state in between.
+--
+-- The audio is stored without a copy: the claimed item (a list whose first element is the result
+-- as the worker sent it, see claim.lua) is renamed to tts:audio:{variant_hash}, and a small JSON
+-- document saying where the audio is in it, its content type and duration, is appended.
+-- An unreadable result (op "dead") moves, whole and with its reason, to tts:results:dead.
+-- KEYS: 1 claimed set, 2 tts:billing, 3 tts:jobs, 4 tts:retries, 5 tts:results:dead
+-- ARGV: 1 ttl_s, 2 consumer id, then 9 per result: op (audio|skipped|error|dead), seq, job_id,
+--       variant_hash, model, voice, audio metadata JSON, billing event JSON (empty: none is
+--       queued — tools/inline.py, the pre-split baseline, bills inside its handler), error
+--       message (the reason, for "dead")
+-- Returns 2 per result: outcome, waiters notified. Outcome: finalized | duplicate | dead | gone
+-- (the claimed result is no longer here: finalized already, or given back by recovery) |
+-- "error: ..." (Redis refused a write; that result is still claimed).
+local ttl, consumer = tonumber(ARGV[1]), ARGV[2]
+
+local function dead_letter(seq, item, reason)
+  local raw = redis.call('LINDEX', item, 0)
+  if not raw then return 'gone' end
+  redis.call('LPUSH', KEYS[5], cjson.encode({
+    reason = reason, consumer = consumer, at = tts_now(), raw = raw}))
+  redis.call('DEL', item)
+  return 'dead'
 end
-redis.call('DEL', inflight_key)
-redis.call('HDEL', KEYS[3], job_id)
-redis.call('ZREM', KEYS[4], job_id)
-redis.call('ZREM', KEYS[5], job_id)
-redis.call('HDEL', KEYS[6], job_id)
-local frame = {type = 'status', model = ARGV[11], voice = ARGV[12]}
-if kind == 'audio' then
-  local audio_key = 'tts:audio:' .. hash
-  redis.call('HSET', audio_key, 'data', ARGV[5], 'content_type', ARGV[6], 'duration_ms', ARGV[7])
-  redis.call('EXPIRE', audio_key, tonumber(ARGV[8]))
-  if ARGV[9] ~= '' then
-    redis.call('XADD', KEYS[2], '*', 'event', ARGV[9])
+
+local function finalize(op, seq, job_id, hash, model, voice, audio_meta, billing, err)
+  local item = 'tts:hot:item:' .. seq
+  if redis.call('EXISTS', item) == 0 then return 'gone', 0 end
+  if op == 'dead' then return dead_letter(seq, item, err), 0 end
+  local inflight_key = 'tts:inflight:' .. hash
+  if redis.call('GET', inflight_key) ~= job_id then
+    redis.call('DEL', item)
+    return 'duplicate', 0
   end
-  frame['status'] = 'cached'
-  frame['audio_url'] = '/v1/audio/' .. hash
-elseif kind == 'skipped' then
-  frame['status'] = 'skipped'
-else
-  frame['status'] = 'error'
-  frame['error'] = ARGV[10]
-  frame['recoverable'] = true
+  redis.call('DEL', inflight_key)
+  redis.call('HDEL', KEYS[3], job_id)
+  redis.call('ZREM', 'tts:processing:' .. model, job_id)
+  redis.call('ZREM', 'tts:queue:' .. model, job_id)
+  redis.call('HDEL', KEYS[4], job_id)
+  local frame = {type = 'status', model = model, voice = voice}
+  if op == 'audio' then
+    local audio_key = 'tts:audio:' .. hash
+    redis.call('RENAME', item, audio_key)
+    redis.call('RPUSH', audio_key, audio_meta)
+    redis.call('EXPIRE', audio_key, ttl)
+    if billing ~= '' then
+      redis.call('XADD', KEYS[2], '*', 'event', billing)
+    end
+    frame['status'] = 'cached'
+    frame['audio_url'] = '/v1/audio/' .. hash
+  else
+    redis.call('DEL', item)
+    if op == 'skipped' then
+      frame['status'] = 'skipped'
+    else
+      frame['status'] = 'error'
+      frame['error'] = err
+      frame['recoverable'] = true
+    end
+  end
+  local notified = tts_notify(hash, frame)
+  redis.call('DEL', 'tts:waiters:' .. hash)
+  return 'finalized', notified
 end
-local n = tts_notify(hash, frame)
-redis.call('DEL', 'tts:waiters:' .. hash)
-redis.call('LREM', KEYS[1], 1, ARGV[1])
-return {'finalized', n}
+
+local out = {}
+for i = 3, #ARGV, 9 do
+  local seq = ARGV[i + 1]
+  local ok, outcome, notified = pcall(finalize, ARGV[i], seq, ARGV[i + 2], ARGV[i + 3],
+                                      ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7],
+                                      ARGV[i + 8])
+  if ok then
+    if outcome ~= 'error' then redis.call('SREM', KEYS[1], seq) end
+    out[#out + 1] = outcome
+    out[#out + 1] = notified
+  else
+    out[#out + 1] = 'error: ' .. tostring(outcome)
+    out[#out + 1] = 0
+  end
+end
+return out

@@ -1,0 +1,324 @@
+"""The hot path when things go wrong: a consumer that crashes or dies between claim and finalize,
+Postgres stopped under it, bursts — and what each result costs in Redis round trips.
+
+Kill-safety is shown in-process: a fault hook stops the consumer between claiming results and
+finalizing them (a crash the supervisor restarts, or a daemon cancelled outright, like a process
+that died), then everything must be finalized once and billed once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import trio
+
+from daemon.app import Daemon, open_daemon
+from daemon.embedded import EmbeddedServers
+from daemon.stores.redis import RedisStore
+from tests.conftest import make_config
+from tests.helpers import WsClient, add_user, pg_fetch, wait_until
+from tests.test_hot import NOTHING_LEFT, Events, leftovers, usage_rows
+from tests.worker_side import pull_n, push, r, result_json
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def texts(n: int, prefix: str = "Block") -> list[str]:
+    return [f"{prefix} number {i}, a sentence to read aloud." for i in range(n)]
+
+
+async def burst(redis_url: str, payloads: list[tuple[Any, str]]) -> None:
+    """Push results the way a batch worker does (``push_result.lua`` each, one pipeline)."""
+    import redis
+
+    from daemon.contracts import Keys
+    from daemon.stores.redis import SCRIPTS
+
+    def go() -> None:
+        c = redis.Redis.from_url(redis_url)
+        try:
+            script = c.register_script(SCRIPTS["push_result"])
+            pipe = c.pipeline(transaction=False)
+            for job, payload in payloads:
+                script(
+                    keys=[Keys.RESULTS, Keys.processing(job.model)],
+                    args=[payload, job.job_id],
+                    client=pipe,
+                )
+            pipe.execute()
+        finally:
+            c.close()
+
+    await trio.to_thread.run_sync(go)
+
+
+def once_each(client: WsClient, doc: str, n: int) -> bool:
+    statuses = client.statuses(doc)
+    return all(statuses.get(i, []).count("cached") == 1 for i in range(n))
+
+
+async def test_consumer_crashing_between_claim_and_finalize_loses_nothing_bills_once(
+    tmp_path: Path, redis_url: str, pg_url: str
+) -> None:
+    calls = {"claimed": 0, "finalize": 0}
+
+    async def crash(point: str) -> None:
+        calls[point] += 1
+        # The 2nd claim and the 3rd finalize crash the consumer: results are claimed, in hand.
+        if (point, calls[point]) in (("claimed", 2), ("finalize", 3)):
+            raise RuntimeError(f"injected crash at {point}")
+
+    cfg = make_config(tmp_path, workers={"simulated": 0}, hot={"finalize_batch": 4})
+    n = 24
+    async with open_daemon(cfg, redis_url, pg_url, hot_fault=crash) as daemon:
+        events = Events(daemon)
+        _, token = await add_user(pg_url, "ivy", "plus")
+        assert daemon.addresses is not None
+        async with WsClient.connect(daemon.addresses.ws_url, token) as client:
+            await client.synthesize("doc", texts(n))
+            jobs = await pull_n(redis_url, n)
+            for wave in range(3):
+                part = jobs[wave * 8 : wave * 8 + 8]
+                # each wave also carries a duplicate of its first result
+                await burst(
+                    redis_url,
+                    [(j, result_json(j)) for j in part] + [(part[0], result_json(part[0]))],
+                )
+                await trio.sleep(0.2)
+            await client.until(lambda _: len(client.terminal("doc")) == n, timeout_s=60)
+            rows = await wait_until(lambda: _rows(pg_url, n), what="every job billed", timeout_s=60)
+            await trio.sleep(0.5)  # a late duplicate frame or row would show now
+            assert once_each(client, "doc", n)
+        restarts = events.named("service_restarted", service="hot")
+    assert len(restarts) == 2, "both injected crashes restarted the consumer"
+    assert sorted(row["event_id"] for row in rows) == sorted(j.job_id for j in jobs)
+    assert len(await usage_rows(pg_url)) == n
+    completes = events.named("synthesis_complete")
+    assert sorted(e["job_id"] for e in completes) == sorted(j.job_id for j in jobs)
+    assert await leftovers(redis_url) == NOTHING_LEFT
+
+
+async def _rows(pg_url: str, n: int) -> list[dict[str, Any]] | None:
+    rows = await usage_rows(pg_url)
+    return rows if len(rows) >= n else None
+
+
+async def test_results_held_by_a_consumer_that_died_are_finalized_by_another(
+    tmp_path: Path, redis_url: str, pg_url: str
+) -> None:
+    """A daemon dies (cancelled at once, no drain) holding claimed results; another daemon on the
+    same Redis takes them over when the dead one's heartbeat expires."""
+    hang = trio.Event()
+
+    async def hang_forever(point: str) -> None:
+        if point == "finalize":
+            hang.set()
+            await trio.sleep_forever()
+
+    cfg = make_config(tmp_path, workers={"simulated": 0}, hot={"consumer_ttl_s": 1.0})
+    n = 12
+    _, token = await add_user(pg_url, "jay", "plus")
+    async with trio.open_nursery() as nursery:
+        first = Daemon(cfg, redis_url, pg_url, hot_fault=hang_forever)
+        await nursery.start(first.run)
+        assert first.addresses is not None
+        async with WsClient.connect(first.addresses.ws_url, token) as client:
+            await client.synthesize("doc", texts(n))
+            jobs = await pull_n(redis_url, n)
+            await burst(redis_url, [(j, result_json(j)) for j in jobs])
+            with trio.fail_after(20):
+                await hang.wait()
+            await wait_until(lambda: _claimed_count(redis_url, n), what="all claimed, none done")
+        first.abort()  # dies holding them: no drain, no hand-back
+    assert await usage_rows(pg_url) == []
+
+    async with open_daemon(cfg, redis_url, pg_url) as second:
+        events = Events(second)
+        assert second.addresses is not None
+        rows = await wait_until(lambda: _rows(pg_url, n), what="all billed", timeout_s=30)
+        async with WsClient.connect(second.addresses.ws_url, token) as client:
+            # The listener comes back and asks again: everything is in the cache now.
+            await client.synthesize("doc", texts(n))
+            await client.until(lambda _: len(client.terminal("doc")) == n)
+        assert {f["status"] for f in client.terminal("doc").values()} == {"cached"}
+        recovered = events.named("results_recovered")
+    assert sum(e["count"] for e in recovered) == n
+    assert sorted(row["event_id"] for row in rows) == sorted(j.job_id for j in jobs)
+    assert await leftovers(redis_url) == NOTHING_LEFT
+
+
+async def _claimed_count(redis_url: str, n: int) -> bool:
+    total = 0
+    for key in await r(redis_url, "KEYS", "tts:hot:claimed:*"):
+        total += int(await r(redis_url, "SCARD", key))
+    return total == n
+
+
+async def test_finalizing_is_bounded_by_concurrency_and_grouped(
+    tmp_path: Path, redis_url: str, pg_url: str
+) -> None:
+    peak = {"in_flight": 0}
+    daemon_ref: list[Daemon] = []
+
+    async def observe(point: str) -> None:
+        if point == "finalize" and daemon_ref and daemon_ref[0].hot is not None:
+            peak["in_flight"] = max(peak["in_flight"], daemon_ref[0].hot.in_flight)
+            await trio.sleep(0.02)  # a slow Redis: groups overlap
+
+    cfg = make_config(
+        tmp_path, workers={"simulated": 0}, hot={"concurrency": 5, "finalize_batch": 2}
+    )
+    n = 40
+    async with open_daemon(cfg, redis_url, pg_url, hot_fault=observe) as daemon:
+        daemon_ref.append(daemon)
+        events = Events(daemon)
+        _, token = await add_user(pg_url, "kim", "plus")
+        assert daemon.addresses is not None
+        async with WsClient.connect(daemon.addresses.ws_url, token) as client:
+            await client.synthesize("doc", texts(n))
+            jobs = await pull_n(redis_url, n)
+            await burst(redis_url, [(j, result_json(j)) for j in jobs])
+            await client.until(lambda _: len(client.terminal("doc")) == n)
+    groups = [e["group"] for e in events.named("synthesis_complete")]
+    assert len(groups) == n
+    assert max(groups) == 2, "a burst is finalized in groups of finalize_batch"
+    assert 2 <= peak["in_flight"] <= 5, "several groups at once, never more than concurrency"
+
+
+async def test_a_result_costs_a_couple_of_round_trips_and_a_burst_far_fewer(
+    quiet_counting: tuple[Daemon, dict[str, int]], pg_url: str, redis_url: str
+) -> None:
+    daemon, crossings = quiet_counting
+    _, token = await add_user(pg_url, "lee", "plus")
+    assert daemon.addresses is not None
+    async with WsClient.connect(daemon.addresses.ws_url, token) as client:
+        n = 64
+        await client.synthesize("doc", texts(n))
+        await client.synthesize("lone", ["A lone block."])
+        jobs = await pull_n(redis_url, n + 1)
+        lone = next(j for j in jobs if j.document_id == "lone")
+        jobs.remove(lone)
+
+        # One result on its own: the claim that brings it, and one finalize.
+        before = dict(crossings)
+        await push(redis_url, lone, result_json(lone))
+        await client.until(lambda _: 0 in client.terminal("lone"))
+        lone_cost = {k: crossings[k] - before[k] for k in crossings}
+
+        # A burst of 64: a few claims and a few pipelined finalizes for all of them.
+        before = dict(crossings)
+        await burst(redis_url, [(j, result_json(j)) for j in jobs])
+        await client.until(lambda _: len(client.terminal("doc")) == n)
+        burst_cost = {k: crossings[k] - before[k] for k in crossings}
+    assert lone_cost["claim_with_results"] == 1 and lone_cost["finalize"] == 1
+    round_trips = burst_cost["claim_with_results"] + burst_cost["finalize"]
+    assert round_trips <= n / 4, f"{round_trips} round trips for {n} results: {burst_cost}"
+
+
+@pytest.fixture
+async def quiet_counting(
+    tmp_path: Path, redis_url: str, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """A daemon whose hot consumer's Redis crossings are counted: claims that brought results,
+    and finalize calls. (Each crossing is one round trip.)"""
+    counts = {"claim_with_results": 0, "finalize": 0}
+    original_claim = RedisStore.claim_results
+    original_finalize = RedisStore.finalize_many
+
+    async def claim(self: RedisStore, *a: Any, **kw: Any) -> Any:
+        items = await original_claim(self, *a, **kw)
+        if items:
+            counts["claim_with_results"] += 1
+        return items
+
+    async def finalize(self: RedisStore, *a: Any, **kw: Any) -> Any:
+        counts["finalize"] += 1
+        return await original_finalize(self, *a, **kw)
+
+    monkeypatch.setattr(RedisStore, "claim_results", claim)
+    monkeypatch.setattr(RedisStore, "finalize_many", finalize)
+    cfg = make_config(tmp_path, workers={"simulated": 0})
+    async with open_daemon(cfg, redis_url, pg_url) as d:
+        yield d, counts
+
+
+# -- Postgres stopped ---------------------------------------------------------------------------
+
+
+def _prepare_db(pg_url: str) -> None:
+    from daemon.stores.pg import _init_connection, _migrate
+
+    async def go() -> None:
+        pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=1, init=_init_connection)
+        try:
+            await _migrate(pool)
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.slow
+async def test_hot_path_delivers_while_postgres_is_stopped_and_billing_catches_up(
+    tmp_path: Path,
+) -> None:
+    servers = EmbeddedServers(tmp_path / "servers")
+    await trio.to_thread.run_sync(servers.__enter__)
+    try:
+        assert servers.redis is not None and servers.postgres is not None
+        redis_url, pg_url = servers.redis.url, servers.postgres.url
+        await trio.to_thread.run_sync(_prepare_db, pg_url)
+        cfg = make_config(
+            tmp_path,
+            workers={"simulated": 0},
+            supervisor={"backoff_min_s": 0.1, "backoff_max_s": 0.5, "intensity": 1000},
+            postgres={"acquire_timeout_s": 1.0, "command_timeout_s": 5.0},
+        )
+        n = 10
+        async with open_daemon(cfg, redis_url, pg_url) as daemon:
+            events = Events(daemon)
+            _, token = await add_user(pg_url, "mia", "plus")
+            assert daemon.addresses is not None
+            async with WsClient.connect(daemon.addresses.ws_url, token) as client:
+                await client.synthesize("doc", texts(n))
+                await client.until(lambda _: len(client.statuses("doc")) == n)
+                await trio.to_thread.run_sync(servers.postgres.stop)
+
+                # Postgres is down: results still reach the listener as "cached".
+                jobs = await pull_n(redis_url, n)
+                for job in jobs:
+                    await push(redis_url, job, result_json(job))
+                await client.until(lambda _: len(client.terminal("doc")) == n, timeout_s=30)
+                assert {f["status"] for f in client.terminal("doc").values()} == {"cached"}
+                async with httpx.AsyncClient(base_url=daemon.addresses.http_url) as http:
+                    health = await http.get("/healthz")
+                    audio = await http.get(client.terminal("doc")[0]["audio_url"])
+                assert audio.status_code == 200
+                assert health.status_code == 200, "gateway and hot path are up"
+                assert health.json()["billing_queue_depth"] == n, "billing waits in Redis"
+                await wait_until(
+                    lambda: events.named("service_restarted", service="billing"),
+                    what="billing failing while Postgres is down",
+                )
+
+                await trio.to_thread.run_sync(servers.postgres.start)
+                rows = await wait_until(
+                    lambda: _rows_or_none(pg_url, n), what="billing caught up", timeout_s=60
+                )
+        assert sorted(row["event_id"] for row in rows) == sorted(j.job_id for j in jobs)
+        assert int(await r(redis_url, "XLEN", "tts:billing")) == 0
+    finally:
+        await trio.to_thread.run_sync(servers.close)
+
+
+async def _rows_or_none(pg_url: str, n: int) -> list[dict[str, Any]] | None:
+    try:
+        rows = await pg_fetch(pg_url, "SELECT * FROM usage_log")
+    except (OSError, asyncpg.PostgresError):
+        return None
+    return rows if len(rows) >= n else None

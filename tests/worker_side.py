@@ -1,0 +1,153 @@
+"""What an external GPU worker does, from a test: SPEC section 5 over a client of its own.
+
+Jobs are pulled with the package's ``pull.lua`` and results pushed with ``push_result.lua``,
+exactly as a worker in another process (or language) would, through a plain redis-py client in a
+worker thread — never the daemon's own loop or pool.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import redis
+import trio
+
+from daemon.contracts import Job, Keys, Result
+from daemon.stores.redis import SCRIPTS
+
+__all__ = ["audio_bytes", "pull", "push", "push_raw", "r", "result_json"]
+
+
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url)
+
+
+async def r(url: str, *args: Any) -> Any:
+    """One raw command on a fresh client (in a thread)."""
+
+    def call() -> Any:
+        c = _client(url)
+        try:
+            return c.execute_command(*args)
+        finally:
+            c.close()
+
+    return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+
+
+async def pull(url: str, model: str = "kokoro") -> Job | None:
+    """The worker's atomic pull (``pull.lua``)."""
+    raw = await r(
+        url, "EVAL", SCRIPTS["pull"], 3, Keys.queue(model), Keys.processing(model), Keys.JOBS
+    )
+    return None if raw is None else Job.from_json(raw)
+
+
+async def pull_n(url: str, n: int, model: str = "kokoro", timeout_s: float = 20) -> list[Job]:
+    """Pull ``n`` jobs, waiting for them to be queued."""
+    jobs: list[Job] = []
+    with trio.fail_after(timeout_s):
+        while len(jobs) < n:
+            job = await pull(url, model)
+            if job is None:
+                await trio.sleep(0.02)
+            else:
+                jobs.append(job)
+    return jobs
+
+
+def audio_bytes(job: Job, size: int = 3000) -> bytes:
+    """Distinct, incompressible-looking audio per job (so a mix-up would show)."""
+    seed = job.job_id.encode()
+    out = bytearray()
+    i = 0
+    while len(out) < size:
+        out += bytes((b * 31 + i * 7 + 11) % 256 for b in seed)
+        i += 1
+    return bytes(out[:size])
+
+
+def result_json(job: Job, audio: bytes | None = None, **overrides: Any) -> str:
+    """A worker's result for ``job`` (audio by default); ``overrides`` replace fields."""
+    if "error" in overrides and overrides["error"] is not None:
+        res = Result.for_job(
+            job, worker_id="test-worker", queue_wait_ms=3.0, processing_time_ms=7.0, error=""
+        )
+        data = json.loads(res.to_json())
+    else:
+        audio = audio_bytes(job) if audio is None else audio
+        res = Result.for_job(
+            job,
+            worker_id="test-worker",
+            queue_wait_ms=3.0,
+            processing_time_ms=7.0,
+            audio_base64=base64.b64encode(audio).decode(),
+            duration_ms=1500,
+            content_type="audio/ogg",
+        )
+        data = json.loads(res.to_json())
+    data.update(overrides)
+    return json.dumps(data)
+
+
+async def push(url: str, job: Job, payload: str | bytes) -> None:
+    """The worker's hand-back (``push_result.lua``): LPUSH the result, drop the processing entry."""
+    await r(
+        url,
+        "EVAL",
+        SCRIPTS["push_result"],
+        2,
+        Keys.RESULTS,
+        Keys.processing(job.model),
+        payload,
+        job.job_id,
+    )
+
+
+async def push_raw(url: str, payload: str | bytes) -> None:
+    """A result straight onto ``tts:results`` (for payloads that name no job)."""
+    await r(url, "LPUSH", Keys.RESULTS, payload)
+
+
+async def stage_job(
+    url: str,
+    text: str,
+    *,
+    score: float | None = None,
+    model: str = "kokoro",
+    voice: str = "af_heart",
+    block_idx: int = 0,
+) -> Job:
+    """A job queued the way SPEC section 5 describes (job JSON in ``tts:jobs``, id in the queue),
+    for worker tests that need no daemon."""
+    import time
+    import uuid
+
+    enqueued = time.time() if score is None else score
+    job = Job(
+        job_id=uuid.uuid4().hex,
+        variant_hash=uuid.uuid4().hex,
+        model=model,
+        voice=voice,
+        text=text,
+        user_id=1,
+        document_id="doc",
+        block_idx=block_idx,
+        usage_multiplier=1.0,
+        enqueued_at=enqueued,
+    )
+    await r(url, "HSET", Keys.JOBS, job.job_id, job.to_json())
+    await r(url, "ZADD", Keys.queue(model), enqueued, job.job_id)
+    return job
+
+
+class EchoAdapter:
+    """A trivial adapter for ``tts-worker --adapter tests.worker_side:EchoAdapter``: the audio is
+    the text's bytes, so a test can check what came back."""
+
+    async def synthesize(self, job: Job) -> Any:
+        from daemon.workers.worker import Synthesized
+
+        return Synthesized(job.text.encode(), 100 * len(job.text), "audio/x-echo")
