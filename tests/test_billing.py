@@ -474,3 +474,40 @@ async def test_variants_metadata_upserted_idempotently(pg_url: str) -> None:
     assert [(r["hash"], r["model"], r["text_length"], r["duration_ms"]) for r in rows] == [
         (p.event.variant_hash, "kokoro", 12, 999)
     ]
+
+
+# -- how a batch is split into transactions ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("users", "per_txn"), [(1, 50), (5, 50), (500, 50), (500, 1), (60, 7)])
+def test_batch_split_keeps_users_whole_in_order_and_within_users_per_txn(
+    users: int, per_txn: int
+) -> None:
+    from daemon.billing.consumer import BillingConsumer
+    from daemon.config import BillingConfig, PostgresConfig
+
+    rng = random.Random(users)
+    batch = [event(rng.randint(1, users), "kokoro", 5) for _ in range(200)]
+    consumer = BillingConsumer(
+        store=None,  # type: ignore[arg-type]
+        pg_url="",
+        pg_cfg=PostgresConfig(billing_pool_size=2),
+        cfg=BillingConfig(users_per_txn=per_txn),
+        events=None,  # type: ignore[arg-type]
+        metrics=None,  # type: ignore[arg-type]
+        consumer_name="t",
+    )
+    chunks = consumer.chunks(batch)
+    assert sorted(p.event.event_id for c in chunks for p in c) == sorted(
+        p.event.event_id for p in batch
+    )
+    seen: set[int] = set()
+    for chunk in chunks:
+        ids = {p.event.user_id for p in chunk}
+        assert len(ids) <= per_txn and not ids & seen  # whole users, never split
+        seen |= ids
+        for user_id in ids:  # each user's events in arrival order
+            mine = [p for p in chunk if p.event.user_id == user_id]
+            assert mine == [p for p in batch if p.event.user_id == user_id]
+    distinct = len({p.event.user_id for p in batch})
+    assert len(chunks) >= min(4, distinct)  # both connections get work

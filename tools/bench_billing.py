@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 import trio_asyncio
 
@@ -149,7 +150,8 @@ class UnbatchedConsumer(BillingConsumer):
         async with trio.open_nursery() as nursery:
             for _, p in prepared:
                 nursery.start_soon(one, p)
-        await self.store.ack_billing([eid for eid, _ in prepared])
+        assert self.redis is not None
+        await self.redis.ack_billing([eid for eid, _ in prepared])
         ms = (time.perf_counter() - t0) * 1000
         users = len({p.event.user_id for _, p in prepared})
         self.events.emit(
@@ -336,11 +338,18 @@ async def run_bench(args: argparse.Namespace, servers: EmbeddedServers, log_dir:
                 expected = expected_state(events, users)
                 result: dict[str, Any] = {"backlog": args.backlog, "users": users}
                 states = {}
-                for mode, cls in (("batched", BillingConsumer), ("unbatched", UnbatchedConsumer)):
+                modes: list[tuple[str, type[BillingConsumer], BillingConfig]] = [
+                    ("batched", BillingConsumer, billing_cfg),
+                    ("unbatched", UnbatchedConsumer, billing_cfg),
+                ]
+                if args.per_user_txn:
+                    strict = attrs.evolve(billing_cfg, users_per_txn=1)
+                    modes.append(("per_user_txn", BillingConsumer, strict))
+                for mode, cls, mode_cfg in modes:
                     url = await fresh_db(base_url, f"bench_{mode}_{users}", users)
                     await fill_stream(store, events)
                     drain_s, batches = await drain(
-                        cls, store, url, len(events), pg_cfg, billing_cfg, log_dir
+                        cls, store, url, len(events), pg_cfg, mode_cfg, log_dir
                     )
                     if await store.billing_depth() != 0:
                         raise SystemExit(f"{mode}: the stream is not empty after the drain")
@@ -349,8 +358,8 @@ async def run_bench(args: argparse.Namespace, servers: EmbeddedServers, log_dir:
                     result[f"{mode}_events_per_s"] = round(len(events) / drain_s, 1)
                     result[f"{mode}_drain_s"] = round(drain_s, 3)
                     result[f"{mode}_batches"] = batches
-                if states["batched"] != states["unbatched"]:
-                    raise SystemExit(f"{users} users: batched and unbatched balances differ")
+                if any(st != states["batched"] for st in states.values()):
+                    raise SystemExit(f"{users} users: the modes' balances differ")
                 result["drain_s"] = result["batched_drain_s"]
                 result["ratio"] = round(
                     result["batched_events_per_s"] / result["unbatched_events_per_s"], 2
@@ -365,6 +374,7 @@ async def run_bench(args: argparse.Namespace, servers: EmbeddedServers, log_dir:
             "billing_pool_size": args.pool,
             "max_batch": args.max_batch,
             "users_per_txn": args.users_per_txn,
+            "per_user_txn_mode": args.per_user_txn,
             "premium_share": 0.3,
             "seed": args.seed,
         },
@@ -373,7 +383,7 @@ async def run_bench(args: argparse.Namespace, servers: EmbeddedServers, log_dir:
 
 HEADER = (
     f"{'backlog':>8} {'users':>6} {'batched ev/s':>13} {'unbatched ev/s':>15} "
-    f"{'ratio':>6} {'drain_s':>8} {'batches':>8}"
+    f"{'ratio':>6} {'drain_s':>8} {'batches':>8} {'1 user/txn ev/s':>16}"
 )
 
 
@@ -381,7 +391,7 @@ def print_row(r: dict[str, Any]) -> None:
     print(
         f"{r['backlog']:>8} {r['users']:>6} {r['batched_events_per_s']:>13,.0f} "
         f"{r['unbatched_events_per_s']:>15,.0f} {r['ratio']:>5.1f}x {r['drain_s']:>8.2f} "
-        f"{r['batched_batches']:>8}",
+        f"{r['batched_batches']:>8} {r.get('per_user_txn_events_per_s', float('nan')):>16,.0f}",
         flush=True,
     )
 
@@ -399,6 +409,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=BillingConfig().max_batch)
     p.add_argument("--users-per-txn", type=int, default=BillingConfig().users_per_txn)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--no-per-user-txn",
+        dest="per_user_txn",
+        action="store_false",
+        help="skip the third mode: the consumer with billing.users_per_txn = 1",
+    )
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     return p.parse_args(argv)
 

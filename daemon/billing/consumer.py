@@ -218,9 +218,11 @@ class BillingConsumer:
                 )
 
     def chunks(self, events: Sequence[PreparedEvent]) -> list[list[PreparedEvent]]:
-        """The batch's transactions: whole users (a user's events are never split), at most
-        ``billing.users_per_txn`` users each, and at least as many transactions as the pool has
-        connections when there are that many users, so that every connection has work."""
+        """The batch's transactions: whole users (a user's events are never split, nor
+        reordered), at most ``billing.users_per_txn`` users each, of about equal numbers of
+        events, and — when there are enough users — at least twice as many as the pool has
+        connections, so that the connections (and the variants' transaction beside them) share
+        the work evenly instead of one waiting for the largest transaction."""
         by_user = [
             list(group)
             for _, group in groupby(
@@ -229,15 +231,20 @@ class BillingConsumer:
         ]
         if not by_user:
             return []
-        n = max(
-            -(-len(by_user) // self.cfg.users_per_txn),
-            min(self.pg_cfg.billing_pool_size, len(by_user)),
-        )
-        size = -(-len(by_user) // n)
-        return [
-            [p for group in by_user[i : i + size] for p in group]
-            for i in range(0, len(by_user), size)
-        ]
+        per_txn = self.cfg.users_per_txn
+        n = max(-(-len(by_user) // per_txn), min(2 * self.pg_cfg.billing_pool_size, len(by_user)))
+        target = len(events) / n
+        out: list[list[PreparedEvent]] = []
+        chunk: list[PreparedEvent] = []
+        users = 0
+        for group in by_user:
+            if chunk and (users >= per_txn or len(chunk) + len(group) / 2 > target):
+                out.append(chunk)
+                chunk, users = [], 0
+            chunk.extend(group)
+            users += 1
+        out.append(chunk)
+        return out
 
     async def _bill_users(
         self,
