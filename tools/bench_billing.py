@@ -154,6 +154,7 @@ class UnbatchedConsumer(BillingConsumer):
         await self.redis.ack_billing([eid for eid, _ in prepared])
         ms = (time.perf_counter() - t0) * 1000
         users = len({p.event.user_id for _, p in prepared})
+        self.batches += 1
         self.events.emit(
             "billing_processed",
             events_count=len(entries),

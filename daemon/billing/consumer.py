@@ -8,9 +8,10 @@ are claimed (XAUTOCLAIM) by another after ``billing.claim_idle_s``. Redelivery i
 ``usage_log.event_id`` makes a second billing a no-op.
 
 Per batch (drain-on-wake, up to ``billing.max_batch``): malformed events are dead-lettered; the
-variants' metadata is upserted in one transaction; then the users' events are billed in
-transactions of up to ``billing.users_per_txn`` users (rows locked in user-id order), as many at
-once as the pool has connections; then the batch is acknowledged and ``billing_processed`` logged.
+variants' metadata is upserted in one transaction and, beside it, the users' events are billed in
+transactions of whole users, at most ``billing.users_per_txn`` each (rows locked in user-id order),
+as many at once as the pool has connections; then the batch is acknowledged (on the consumer's own
+Redis connection) and ``billing_processed`` logged. docs/billing.md says why each choice.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The billing ledger in Postgres: ``record_usage`` and the billing consumer's transactions.
 
 These are asyncio coroutines; the billing consumer calls each transaction with one crossing. The
-rules themselves live in SQL (``tts_record_usage`` in the migrations), so the batched path, the
-single-event path and any other writer share one implementation of the waterfall.
+rules themselves live in SQL — ``tts_bill_events`` (migration 0002), of which ``tts_record_usage``
+is a one-event call — so the batched path, the single-event path and any other writer share one
+implementation of the waterfall.
 """
 
 from __future__ import annotations
