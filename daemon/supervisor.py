@@ -87,11 +87,12 @@ class Supervisor:
         try:
             while True:
                 st.state = "starting"
-                started_at = trio.current_time()
+                running_since: float | None = None
                 try:
                     async with trio.open_nursery() as nursery:
                         value = await nursery.start(spec.run)
-                        st.state, st.since = "running", trio.current_time()
+                        running_since = trio.current_time()
+                        st.state, st.since = "running", running_since
                         if not reported:
                             reported = True
                             task_status.started(value)
@@ -119,7 +120,9 @@ class Supervisor:
                         f"{spec.name} failed {self.cfg.intensity + 1} times within "
                         f"{self.cfg.intensity_window_s:g} s; last: {reason}"
                     )
-                delay = backoff.next_delay(now - started_at)
+                # The healthy stretch counts from started(): a service that keeps failing at
+                # start-up never resets its backoff, however slowly it fails.
+                delay = backoff.next_delay(0.0 if running_since is None else now - running_since)
                 st.restarts += 1
                 st.state = "restarting"
                 self.events.emit(

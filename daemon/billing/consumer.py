@@ -8,9 +8,10 @@ are claimed (XAUTOCLAIM) by another after ``billing.claim_idle_s``. Redelivery i
 ``usage_log.event_id`` makes a second billing a no-op.
 
 Per batch (drain-on-wake, up to ``billing.max_batch``): malformed events are dead-lettered; the
-variants' metadata is upserted in one transaction; then the users' events are billed in
-transactions of up to ``billing.users_per_txn`` users (rows locked in user-id order), as many at
-once as the pool has connections; then the batch is acknowledged and ``billing_processed`` logged.
+variants' metadata is upserted in one transaction and, beside it, the users' events are billed in
+transactions of whole users, at most ``billing.users_per_txn`` each (rows locked in user-id order),
+as many at once as the pool has connections; then the batch is acknowledged (on the consumer's own
+Redis connection) and ``billing_processed`` logged. docs/billing.md says why each choice.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class BillingConsumer:
     block_s: float = 1.0
     fault: FaultPoint = _no_fault
     pool: PgPool | None = None
+    # The consumer's own Redis connection (reads, acknowledgements, dead letters): billing shares
+    # no pool with the request path, Postgres or Redis.
+    redis: RedisStore | None = None
     usage_types: dict[str, str] = attrs.Factory(dict)
     batches: int = 0
 
@@ -92,14 +96,14 @@ class BillingConsumer:
             ) as pool,
             self.store.dedicated() as reader,
         ):
-            self.pool = pool
+            self.pool, self.redis = pool, reader
             try:
                 catalog = await pool.catalog()
                 self.usage_types = {m: info["usage_type"] for m, info in catalog.models.items()}
                 task_status.started()
                 await self._loop(reader, stopping)
             finally:
-                self.pool = None
+                self.pool = self.redis = None
 
     async def _loop(self, reader: RedisStore, stopping: trio.Event) -> None:
         block_ms = billing_block_ms(self.block_s)
@@ -133,8 +137,15 @@ class BillingConsumer:
                 await self.bill_entries(entries)
 
     async def bill_entries(self, entries: Sequence[BillingEntry]) -> BatchOutcome:
-        """Bill one batch of stream entries and acknowledge them."""
-        assert self.pool is not None
+        """Bill one batch of stream entries and acknowledge them.
+
+        Malformed entries are dead-lettered; the variants' metadata is upserted in one
+        transaction; the users' events are billed in transactions of whole users (see
+        :meth:`_bill_users`). The variants and the billing transactions touch different tables and
+        are idempotent, so they run side by side on the pool's connections. Only then are the
+        entries acknowledged: a failure anywhere before leaves the whole batch pending.
+        """
+        assert self.pool is not None and self.redis is not None
         t0 = time.perf_counter()
         await self.fault("billing.before_batch")
         prepared: list[tuple[bytes, PreparedEvent]] = []
@@ -146,13 +157,13 @@ class BillingConsumer:
                 await self._dead_letter(entry, str(exc))
                 dead += 1
         events = [p for _, p in prepared]
+        limiter = trio.CapacityLimiter(self.pg_cfg.billing_pool_size)
+        outcomes: list[GroupOutcome] = []
+        failed: dict[int, str] = {}
         if events:
-            await self.pool.run(
-                upsert_variants,
-                [p.event for p in events],
-                acquire_timeout_s=self.pg_cfg.acquire_timeout_s,
-            )
-        outcomes, failed = await self._bill_users(events)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._upsert_variants, events, limiter)
+                nursery.start_soon(self._bill_users, events, limiter, outcomes, failed)
         for user_id, reason in failed.items():
             for entry_id, p in prepared:
                 if p.event.user_id == user_id:
@@ -162,7 +173,7 @@ class BillingConsumer:
                     dead += 1
         await self.fault("billing.after_commit")
         ok_ids = [eid for eid, p in prepared if p.event.user_id not in failed]
-        await self.store.ack_billing(ok_ids)
+        await self.redis.ack_billing(ok_ids)
         billed = sum(len(o.billed) for o in outcomes)
         dups = sum(len(o.duplicates) for o in outcomes)
         text_length = sum(o.text_length for o in outcomes)
@@ -195,30 +206,64 @@ class BillingConsumer:
             event, usage_type, usage_amount(event.text_length, event.usage_multiplier)
         )
 
-    async def _bill_users(
-        self, events: Sequence[PreparedEvent]
-    ) -> tuple[list[GroupOutcome], dict[int, str]]:
-        """Bill all events; returns the outcomes and {user_id: reason} for users that cannot be
-        billed (data errors: their events are dead-lettered, the others' are not held up)."""
+    async def _upsert_variants(
+        self, events: Sequence[PreparedEvent], limiter: trio.CapacityLimiter
+    ) -> None:
         assert self.pool is not None
+        async with limiter:
+            with trio.fail_after(self.pg_cfg.command_timeout_s * 2):
+                await self.pool.run(
+                    upsert_variants,
+                    [p.event for p in events],
+                    acquire_timeout_s=self.pg_cfg.acquire_timeout_s,
+                )
+
+    def chunks(self, events: Sequence[PreparedEvent]) -> list[list[PreparedEvent]]:
+        """The batch's transactions: whole users (a user's events are never split, nor
+        reordered), at most ``billing.users_per_txn`` users each, of about equal numbers of
+        events, and — when there are enough users — at least twice as many as the pool has
+        connections, so that the connections (and the variants' transaction beside them) share
+        the work evenly instead of one waiting for the largest transaction."""
         by_user = [
             list(group)
             for _, group in groupby(
                 sorted(events, key=lambda p: p.event.user_id), key=lambda p: p.event.user_id
             )
         ]
-        chunks = [
-            [p for group in by_user[i : i + self.cfg.users_per_txn] for p in group]
-            for i in range(0, len(by_user), self.cfg.users_per_txn)
-        ]
-        outcomes: list[GroupOutcome] = []
-        failed: dict[int, str] = {}
-        limiter = trio.CapacityLimiter(self.pg_cfg.billing_pool_size)
+        if not by_user:
+            return []
+        per_txn = self.cfg.users_per_txn
+        n = max(-(-len(by_user) // per_txn), min(2 * self.pg_cfg.billing_pool_size, len(by_user)))
+        target = len(events) / n
+        out: list[list[PreparedEvent]] = []
+        chunk: list[PreparedEvent] = []
+        users = 0
+        for group in by_user:
+            if chunk and (users >= per_txn or len(chunk) + len(group) / 2 > target):
+                out.append(chunk)
+                chunk, users = [], 0
+            chunk.extend(group)
+            users += 1
+        out.append(chunk)
+        return out
+
+    async def _bill_users(
+        self,
+        events: Sequence[PreparedEvent],
+        limiter: trio.CapacityLimiter,
+        outcomes: list[GroupOutcome],
+        failed: dict[int, str],
+    ) -> None:
+        """Bill all events, one transaction per chunk (:meth:`chunks`), as many at once as
+        ``limiter`` allows. Appends to ``outcomes``; fills ``failed`` with {user_id: reason} for
+        users that cannot be billed (data errors: their events are dead-lettered, the others' are
+        not held up). Any other error propagates: the batch stays pending."""
 
         async def bill(chunk: list[PreparedEvent]) -> None:
             async with limiter:
                 try:
                     outcomes.append(await self._bill_chunk(chunk))
+                    await self.fault("billing.after_chunk")
                     return
                 except BILLING_DATA_ERRORS as exc:
                     users = sorted({p.event.user_id for p in chunk})
@@ -230,9 +275,8 @@ class BillingConsumer:
                 await bill([p for p in chunk if p.event.user_id == user])
 
         async with trio.open_nursery() as nursery:
-            for chunk in chunks:
+            for chunk in self.chunks(events):
                 nursery.start_soon(bill, chunk)
-        return outcomes, failed
 
     async def _bill_chunk(self, chunk: list[PreparedEvent]) -> GroupOutcome:
         assert self.pool is not None
@@ -257,7 +301,8 @@ class BillingConsumer:
                 "raw": raw[:10_000],
             }
         )
-        await self.store.dead_letter_billing(entry.entry_id, record)
+        assert self.redis is not None
+        await self.redis.dead_letter_billing(entry.entry_id, record)
         self.metrics.billing_dead_letters.inc()
         self.events.error(
             "billing",

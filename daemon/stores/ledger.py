@@ -1,13 +1,15 @@
 """The billing ledger in Postgres: ``record_usage`` and the billing consumer's transactions.
 
 These are asyncio coroutines; the billing consumer calls each transaction with one crossing. The
-rules themselves live in SQL (``tts_record_usage`` in the migrations), so the batched path, the
-single-event path and any other writer share one implementation of the waterfall.
+rules themselves live in SQL — ``tts_bill_events`` (migration 0002), of which ``tts_record_usage``
+is a one-event call — so the batched path, the single-event path and any other writer share one
+implementation of the waterfall.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -23,6 +25,7 @@ __all__ = [
     "GroupOutcome",
     "UsageRecord",
     "bill_group",
+    "bill_one",
     "record_usage",
     "upsert_variants",
 ]
@@ -86,14 +89,27 @@ class PreparedEvent:
     amount: int
 
 
-_LOCK_SQL = """
-SELECT user_id FROM subscriptions WHERE user_id = ANY($1::bigint[]) ORDER BY user_id FOR UPDATE
-"""
-_RECORD_SQL = """
-SELECT x.ord, tts_record_usage(x.u, x.t, x.a, x.e, x.d::jsonb) AS details
-  FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::text[])
-       WITH ORDINALITY AS x(u, t, a, e, d, ord)
- ORDER BY x.ord
+# One statement, so one transaction unless the caller holds one: every event through the rules
+# (tts_bill_events: usage_log first, subscription rows locked in user-id order, the waterfall),
+# then user_voice_stats for the events that were not duplicates.
+_BILL_SQL = """
+WITH r AS (
+    SELECT event_ord, event_details FROM tts_bill_events($1, $2, $3, $4, $5)
+), stats AS (
+    INSERT INTO user_voice_stats AS s
+           (user_id, model, voice, month, total_characters, total_duration_ms, synth_count)
+    SELECT x.u, x.m, x.v, x.mo, sum(x.c), sum(x.d), count(*)
+      FROM unnest($1::bigint[], $6::text[], $7::text[], $8::date[], $9::bigint[], $10::bigint[])
+           WITH ORDINALITY AS x(u, m, v, mo, c, d, o)
+      JOIN r ON r.event_ord = x.o
+     WHERE r.event_details IS NOT NULL
+     GROUP BY x.u, x.m, x.v, x.mo
+    ON CONFLICT (user_id, model, voice, month) DO UPDATE
+       SET total_characters = s.total_characters + EXCLUDED.total_characters,
+           total_duration_ms = s.total_duration_ms + EXCLUDED.total_duration_ms,
+           synth_count = s.synth_count + EXCLUDED.synth_count
+)
+SELECT event_ord, event_details IS NULL AS duplicate FROM r ORDER BY event_ord
 """
 _STATS_SQL = """
 INSERT INTO user_voice_stats AS s
@@ -121,21 +137,20 @@ def _month(ts: float) -> Any:
     return d.date().replace(day=1)
 
 
-def _details(e: BillingEvent) -> str:
-    import json
+def _details_dict(e: BillingEvent) -> dict[str, Any]:
+    return {
+        "model": e.model,
+        "voice": e.voice,
+        "variant_hash": e.variant_hash,
+        "text_length": e.text_length,
+        "usage_multiplier": e.usage_multiplier,
+        "document_id": e.document_id,
+        "block_idx": e.block_idx,
+    }
 
-    return json.dumps(
-        {
-            "model": e.model,
-            "voice": e.voice,
-            "variant_hash": e.variant_hash,
-            "text_length": e.text_length,
-            "usage_multiplier": e.usage_multiplier,
-            "document_id": e.document_id,
-            "block_idx": e.block_idx,
-        },
-        separators=(",", ":"),
-    )
+
+def _details(e: BillingEvent) -> str:
+    return json.dumps(_details_dict(e), separators=(",", ":"))
 
 
 async def bill_group(
@@ -145,47 +160,46 @@ async def bill_group(
     acquire_timeout_s: float,
     txn_delay_s: float = 0.0,
 ) -> GroupOutcome:
-    """Bill the events of some users in one transaction.
+    """Bill the events of some users in one transaction (one statement).
 
-    The users' subscription rows are locked first, in user-id order (the order every billing
-    transaction uses, so two of them — or one and a payment writer — cannot deadlock); then every
-    event goes through ``tts_record_usage`` in arrival order; then ``user_voice_stats`` gets the
-    non-duplicates, summed. ``txn_delay_s`` holds the transaction open that much longer (the slow
-    storage of a small VM, for stress tests and benchmarks).
+    Every event goes through ``tts_bill_events`` — the rules of ``record_usage``, set-based: the
+    ``usage_log`` rows first (duplicates stop there), then the users' subscription rows locked
+    ``FOR UPDATE`` in user-id order (the order every writer uses, so billing transactions cannot
+    deadlock with each other or with payment writers), then the waterfall in arrival order; and
+    ``user_voice_stats`` gets the non-duplicates, summed. ``txn_delay_s`` holds the transaction
+    open that much longer (the slow storage of a small VM, for stress tests and benchmarks).
     """
     t0 = time.perf_counter()
     conn = await pool.acquire(timeout=acquire_timeout_s)
     waited = time.perf_counter() - t0
+    args = (
+        [p.event.user_id for p in events],
+        [p.usage_type for p in events],
+        [p.amount for p in events],
+        [p.event.event_id for p in events],
+        [_details(p.event) for p in events],
+        [p.event.model for p in events],
+        [p.event.voice for p in events],
+        [_month(p.event.finalized_at) for p in events],
+        [p.event.text_length for p in events],
+        [p.event.duration_ms for p in events],
+    )
     try:
-        async with conn.transaction():
-            await conn.execute(_LOCK_SQL, sorted({p.event.user_id for p in events}))
-            rows = await conn.fetch(
-                _RECORD_SQL,
-                [p.event.user_id for p in events],
-                [p.usage_type for p in events],
-                [p.amount for p in events],
-                [p.event.event_id for p in events],
-                [_details(p.event) for p in events],
-            )
-            billed = [p for p, row in zip(events, rows, strict=True) if row["details"] is not None]
-            if billed:
-                await conn.execute(
-                    _STATS_SQL,
-                    [p.event.user_id for p in billed],
-                    [p.event.model for p in billed],
-                    [p.event.voice for p in billed],
-                    [_month(p.event.finalized_at) for p in billed],
-                    [p.event.text_length for p in billed],
-                    [p.event.duration_ms for p in billed],
-                )
-            if txn_delay_s > 0:
+        if txn_delay_s > 0:
+            async with conn.transaction():
+                rows = await conn.fetch(_BILL_SQL, *args)
                 await asyncio.sleep(txn_delay_s)
+        else:
+            # One statement is one transaction: no BEGIN/COMMIT round trips.
+            rows = await conn.fetch(_BILL_SQL, *args)
     finally:
         await pool.release(conn)
-    billed_ids = {p.event.event_id for p in billed}
+    billed = [p for p, row in zip(events, rows, strict=True) if not row["duplicate"]]
     return GroupOutcome(
         billed=tuple(p.event.event_id for p in billed),
-        duplicates=tuple(p.event.event_id for p in events if p.event.event_id not in billed_ids),
+        duplicates=tuple(
+            p.event.event_id for p, row in zip(events, rows, strict=True) if row["duplicate"]
+        ),
         text_length=sum(p.event.text_length for p in billed),
         waited_s=waited,
     )
@@ -214,3 +228,40 @@ async def upsert_variants(
             )
     finally:
         await pool.release(conn)
+
+
+async def bill_one(pool: asyncpg.Pool, p: PreparedEvent, *, acquire_timeout_s: float) -> bool:
+    """Bill one event in a transaction of its own: its variant, ``record_usage``, its stats.
+
+    The unbatched shape (one transaction per event) that the batched consumer replaced; kept as
+    the baseline of ``tools/bench_billing.py`` and for one-off writers. Returns True for a
+    duplicate.
+    """
+    e = p.event
+    conn = await pool.acquire(timeout=acquire_timeout_s)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                _VARIANTS_SQL,
+                [e.variant_hash],
+                [e.model],
+                [e.voice],
+                [e.text_length],
+                [e.duration_ms],
+            )
+            record = await record_usage(
+                e.user_id, p.usage_type, p.amount, e.event_id, conn, details=_details_dict(e)
+            )
+            if not record.duplicate:
+                await conn.execute(
+                    _STATS_SQL,
+                    [e.user_id],
+                    [e.model],
+                    [e.voice],
+                    [_month(e.finalized_at)],
+                    [e.text_length],
+                    [e.duration_ms],
+                )
+    finally:
+        await pool.release(conn)
+    return record.duplicate

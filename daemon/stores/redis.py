@@ -505,6 +505,11 @@ class RedisStore:
                     )
                     break
                 except ResponseError as exc:
+                    # Redis 7 wakes a blocked XREADGROUP with UNBLOCKED when the stream is
+                    # deleted (FLUSHALL, DEL); 6.2 lets it time out and the next read says NOGROUP.
+                    if str(exc).startswith("UNBLOCKED"):
+                        await _ensure_billing_group(client)
+                        return []
                     if "NOGROUP" not in str(exc) or attempt:
                         raise
                     await _ensure_billing_group(client)

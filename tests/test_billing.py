@@ -1,0 +1,513 @@
+"""The ledger on a real Postgres: record_usage, the set-based tts_bill_events, the waterfall.
+
+Every scenario is checked against a step-by-step model of SPEC section 6 written here in Python,
+independently of the SQL: one event at a time, plan → rollover → purchased → debt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import attrs
+import pytest
+import trio
+
+from daemon.contracts import MODELS, BillingEvent, usage_amount
+from daemon.stores.ledger import (
+    BILLING_DATA_ERRORS,
+    PreparedEvent,
+    bill_group,
+    bill_one,
+    record_usage,
+    upsert_variants,
+)
+from daemon.stores.pg import _init_connection
+from tests.helpers import add_user, pg_fetch, pg_val
+
+pytestmark = pytest.mark.timeout(60)
+
+PLANS = {"free": 0, "basic": 0, "plus": 100_000, "unlimited": None}  # premium allowance
+
+
+async def with_pool(url: str, fn: Callable[[asyncpg.Pool], Awaitable[Any]], size: int = 2) -> Any:
+    """Run ``fn(pool)`` on a pool of the daemon's kind, in asyncio, in a worker thread."""
+
+    async def go() -> Any:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=size, init=_init_connection)
+        try:
+            return await fn(pool)
+        finally:
+            await pool.close()
+
+    return await trio.to_thread.run_sync(lambda: asyncio.run(go()))
+
+
+def event(user_id: int, model: str, text_length: int, event_id: str | None = None) -> PreparedEvent:
+    info = MODELS[model]
+    e = BillingEvent(
+        event_id=event_id or uuid.uuid4().hex,
+        user_id=user_id,
+        model=model,
+        voice=info.default_voice,
+        variant_hash=uuid.uuid4().hex * 2,
+        text_length=text_length,
+        usage_multiplier=info.usage_multiplier,
+        duration_ms=text_length * 60,
+        document_id="doc",
+        block_idx=0,
+        finalized_at=time.time(),
+    )
+    return PreparedEvent(e, info.usage_type, usage_amount(text_length, info.usage_multiplier))
+
+
+async def bill(url: str, events: list[PreparedEvent]) -> Any:
+    return await with_pool(url, lambda pool: bill_group(pool, events, acquire_timeout_s=5))
+
+
+async def set_state(
+    url: str, user_id: int, *, rollover: int = 0, purchased: int = 0, premium_used: int = 0
+) -> None:
+    async def go(pool: asyncpg.Pool) -> None:
+        async with pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE subscriptions SET rollover_voice_chars = $2, purchased_voice_chars = $3"
+                " WHERE user_id = $1",
+                user_id,
+                rollover,
+                purchased,
+            )
+            await conn.execute(
+                "INSERT INTO usage_periods (user_id, period_start, premium_voice_characters)"
+                " VALUES ($1, tts_period_start(), $2)",
+                user_id,
+                premium_used,
+            )
+
+    await with_pool(url, go)
+
+
+async def add_users(url: str, setup: list[tuple[str, str, dict[str, int]]]) -> list[int]:
+    """Users (name, plan, starting balances) on one connection; their ids in order."""
+
+    async def go(pool: asyncpg.Pool) -> list[int]:
+        ids = []
+        async with pool.acquire() as conn:
+            for name, plan, start in setup:
+                user_id = await conn.fetchval(
+                    "INSERT INTO users (name) VALUES ($1) RETURNING id", name
+                )
+                await conn.execute(
+                    "INSERT INTO subscriptions (user_id, plan, rollover_voice_chars,"
+                    " purchased_voice_chars) VALUES ($1, $2, $3, $4)",
+                    user_id,
+                    plan,
+                    start["rollover"],
+                    start["purchased"],
+                )
+                await conn.execute(
+                    "INSERT INTO usage_periods (user_id, period_start, premium_voice_characters)"
+                    " VALUES ($1, tts_period_start(), $2)",
+                    user_id,
+                    start["premium_used"],
+                )
+                ids.append(user_id)
+        return ids
+
+    return await with_pool(url, go)
+
+
+async def state(url: str, user_id: int) -> dict[str, int]:
+    rows = await pg_fetch(
+        url,
+        "SELECT s.rollover_voice_chars AS rollover, s.purchased_voice_chars AS purchased,"
+        " COALESCE(u.premium_voice_characters, 0) AS premium_used,"
+        " COALESCE(u.server_kokoro_characters, 0) AS kokoro_used"
+        " FROM subscriptions s LEFT JOIN usage_periods u"
+        "   ON u.user_id = s.user_id AND u.period_start = tts_period_start()"
+        " WHERE s.user_id = $1",
+        user_id,
+    )
+    return rows[0]
+
+
+@attrs.define
+class Model:
+    """SPEC section 6, one event at a time."""
+
+    allowance: int | None
+    rollover: int = 0
+    purchased: int = 0
+    premium_used: int = 0
+    kokoro_used: int = 0
+    seen: set[str] = attrs.Factory(set)
+
+    def bill(self, p: PreparedEvent) -> dict[str, int] | None:
+        if p.event.event_id in self.seen:
+            return None
+        self.seen.add(p.event.event_id)
+        a = p.amount
+        if p.usage_type == "server_kokoro":
+            self.kokoro_used += a
+            return {"from_plan": a}
+        left = None if self.allowance is None else max(self.allowance - self.premium_used, 0)
+        plan = a if left is None else min(a, left)
+        rest = a - plan
+        roll = min(rest, max(self.rollover, 0))
+        rest -= roll
+        bought = min(rest, self.purchased)
+        debt = rest - bought
+        self.rollover -= roll + debt
+        self.purchased -= bought
+        self.premium_used += a
+        return {
+            "from_plan": plan,
+            "from_rollover": roll,
+            "from_purchased": bought,
+            "rollover_debt": debt,
+        }
+
+    def state(self) -> dict[str, int]:
+        return {
+            "rollover": self.rollover,
+            "purchased": self.purchased,
+            "premium_used": self.premium_used,
+            "kokoro_used": self.kokoro_used,
+        }
+
+
+async def logged(url: str, event_ids: list[str]) -> dict[str, dict[str, Any]]:
+    rows = await pg_fetch(
+        url, "SELECT event_id, details FROM usage_log WHERE event_id = ANY($1::text[])", event_ids
+    )
+    return {r["event_id"]: r["details"] for r in rows}
+
+
+def breakdown(details: Any) -> dict[str, int]:
+    import json
+
+    d = json.loads(details) if isinstance(details, str) else details
+    keys = ("from_plan", "from_rollover", "from_purchased", "rollover_debt")
+    return {k: d[k] for k in keys if k in d}
+
+
+# -- amounts ---------------------------------------------------------------------------------------
+
+
+async def test_kokoro_and_premium_amounts_and_details(pg_url: str) -> None:
+    user_id, _ = await add_user(pg_url, "amy", "plus")
+    kokoro, premium = event(user_id, "kokoro", 37), event(user_id, "premium", 37)
+    outcome = await bill(pg_url, [kokoro, premium])
+    assert outcome.billed == (kokoro.event.event_id, premium.event.event_id)
+    assert outcome.text_length == 74
+    rows = await pg_fetch(pg_url, "SELECT * FROM usage_log ORDER BY amount")
+    assert [(r["usage_type"], r["amount"]) for r in rows] == [
+        ("server_kokoro", 37),
+        ("premium_voice", 74),
+    ]
+    import json
+
+    details = json.loads(rows[1]["details"])
+    period = datetime.now(UTC).date().replace(day=1).isoformat()
+    assert details["model"] == "premium" and details["voice"] == "ava"
+    assert details["period_start"] == period
+    assert details["variant_hash"] == premium.event.variant_hash
+    assert breakdown(details) == {
+        "from_plan": 74,
+        "from_rollover": 0,
+        "from_purchased": 0,
+        "rollover_debt": 0,
+    }
+    assert await state(pg_url, user_id) == {
+        "rollover": 0,
+        "purchased": 0,
+        "premium_used": 74,
+        "kokoro_used": 37,
+    }
+    # amount = round(text_length × multiplier), halves up
+    assert usage_amount(3, 1.5) == 5 and usage_amount(7, 2.0) == 14 and usage_amount(0, 2.0) == 0
+
+
+# -- the waterfall, branch by branch ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("plan", "start", "amount", "expected", "end"),
+    [
+        # plan allowance covers it
+        ("plus", {"premium_used": 0}, 500, (500, 0, 0, 0), {"rollover": 0, "purchased": 0}),
+        # plan → rollover
+        (
+            "plus",
+            {"premium_used": 99_900, "rollover": 300, "purchased": 50},
+            500,
+            (100, 300, 50, 50),
+            {"rollover": -50, "purchased": 0},
+        ),
+        # rollover → purchased (no plan left)
+        (
+            "plus",
+            {"premium_used": 100_000, "rollover": 200, "purchased": 1000},
+            500,
+            (0, 200, 300, 0),
+            {"rollover": 0, "purchased": 700},
+        ),
+        # purchased → debt
+        (
+            "basic",
+            {"purchased": 150},
+            500,
+            (0, 0, 150, 350),
+            {"rollover": -350, "purchased": 0},
+        ),
+        # already in debt: rollover is not taken while negative, the debt grows
+        (
+            "free",
+            {"rollover": -40, "purchased": 0},
+            100,
+            (0, 0, 0, 100),
+            {"rollover": -140, "purchased": 0},
+        ),
+        # unlimited plan: all from the plan, balances untouched
+        (
+            "unlimited",
+            {"premium_used": 10**9, "rollover": -5, "purchased": 9},
+            500,
+            (500, 0, 0, 0),
+            {"rollover": -5, "purchased": 9},
+        ),
+    ],
+    ids=[
+        "plan",
+        "plan-rollover-purchased-debt",
+        "rollover-purchased",
+        "purchased-debt",
+        "debt-grows",
+        "unlimited",
+    ],
+)
+async def test_premium_waterfall_branches(
+    pg_url: str,
+    plan: str,
+    start: dict[str, int],
+    amount: int,
+    expected: tuple[int, int, int, int],
+    end: dict[str, int],
+) -> None:
+    user_id, _ = await add_user(pg_url, "wanda", plan)
+    await set_state(pg_url, user_id, **start)
+    e = event(user_id, "premium", amount // 2)
+    await bill(pg_url, [e])
+    got = breakdown((await logged(pg_url, [e.event.event_id]))[e.event.event_id])
+    assert tuple(got.values()) == expected
+    after = await state(pg_url, user_id)
+    assert {k: after[k] for k in ("rollover", "purchased")} == end
+    assert after["premium_used"] == start.get("premium_used", 0) + amount
+
+
+async def test_batched_waterfall_matches_one_event_at_a_time(pg_url: str) -> None:
+    """Random users, balances and event sequences (with duplicates), billed in random groupings:
+    every event's breakdown and every final balance equal the step-by-step model's."""
+    rng = random.Random(4)
+    users: dict[int, Model] = {}
+    all_events: list[PreparedEvent] = []
+    setup = []
+    for i in range(24):
+        start = {
+            "rollover": rng.choice([0, rng.randint(1, 3000), -rng.randint(1, 500)]),
+            "purchased": rng.choice([0, rng.randint(1, 4000)]),
+            "premium_used": rng.choice([0, 99_000, 100_000, rng.randint(0, 120_000)]),
+        }
+        setup.append((f"u{i}", rng.choice(list(PLANS)), start))
+    for user_id, (_, plan, start) in zip(await add_users(pg_url, setup), setup, strict=True):
+        users[user_id] = Model(PLANS[plan], **start)
+        for _ in range(rng.randint(3, 25)):
+            all_events.append(
+                event(user_id, rng.choice(["premium", "premium", "kokoro"]), rng.randint(1, 900))
+            )
+    rng.shuffle(all_events)
+    # duplicates: some events again, later in the stream
+    stream = all_events + rng.sample(all_events, 30)
+    expected = [users[p.event.user_id].bill(p) for p in stream]
+
+    async def go(pool: asyncpg.Pool) -> list[bool]:
+        dup_flags: list[bool] = []
+        i = 0
+        while i < len(stream):
+            n = rng.randint(1, 60)
+            part = stream[i : i + n]
+            i += n
+            if n % 5 == 0:  # some through record_usage, one event per transaction
+                for p in part:
+                    dup_flags.append(await bill_one(pool, p, acquire_timeout_s=5))
+                continue
+            # bill_group bills whole users in arrival order: group the way the consumer does
+            for users_part in _split_users(part, rng):
+                outcome = await bill_group(pool, users_part, acquire_timeout_s=5)
+                dups = set(outcome.duplicates)
+                dup_flags.extend(p.event.event_id in dups for p in users_part)
+        return dup_flags
+
+    dup_flags = await with_pool(pg_url, go)
+    assert sum(dup_flags) == sum(e is None for e in expected) == 30
+    rows = await logged(pg_url, [p.event.event_id for p in all_events])
+    assert len(rows) == len(all_events)
+    for p, exp in zip(stream, expected, strict=True):
+        if exp is not None:
+            assert breakdown(rows[p.event.event_id]) == exp, p
+    for user_id, model in users.items():
+        assert await state(pg_url, user_id) == model.state(), user_id
+
+
+def _split_users(part: list[PreparedEvent], rng: random.Random) -> list[list[PreparedEvent]]:
+    """Groups of whole users (a user's events of this part stay together, in order)."""
+    ids = sorted({p.event.user_id for p in part})
+    rng.shuffle(ids)
+    groups: list[list[int]] = []
+    while ids:
+        k = rng.randint(1, len(ids))
+        groups.append(ids[:k])
+        ids = ids[k:]
+    return [[p for p in part if p.event.user_id in g] for g in groups]
+
+
+# -- duplicates ------------------------------------------------------------------------------------
+
+
+async def test_duplicate_is_a_noop_in_one_batch_across_batches_and_in_record_usage(
+    pg_url: str,
+) -> None:
+    user_id, _ = await add_user(pg_url, "dora", "plus")
+    await set_state(pg_url, user_id, premium_used=100_000, purchased=1000)
+    a, b = event(user_id, "premium", 100), event(user_id, "kokoro", 50)
+    # the same event twice in one batch
+    first = await bill(pg_url, [a, a, b])
+    assert first.billed == (a.event.event_id, b.event.event_id)
+    assert first.duplicates == (a.event.event_id,)
+    after_first = await state(pg_url, user_id)
+    stats_first = await pg_fetch(pg_url, "SELECT * FROM user_voice_stats ORDER BY model")
+    # and again in a later batch
+    second = await bill(pg_url, [b, a])
+    assert second.billed == () and second.duplicates == (b.event.event_id, a.event.event_id)
+    assert second.text_length == 0
+
+    async def single(pool: asyncpg.Pool) -> Any:
+        async with pool.acquire() as conn, conn.transaction():
+            return await record_usage(user_id, "premium_voice", 200, a.event.event_id, conn)
+
+    record = await with_pool(pg_url, single)
+    assert record.duplicate and record.details is None
+    assert (
+        await state(pg_url, user_id)
+        == after_first
+        == {
+            "rollover": 0,
+            "purchased": 800,
+            "premium_used": 100_200,
+            "kokoro_used": 50,
+        }
+    )
+    assert await pg_val(pg_url, "SELECT count(*) FROM usage_log") == 2
+    # engagement stats: counted once, duplicates skipped
+    stats = await pg_fetch(pg_url, "SELECT * FROM user_voice_stats ORDER BY model")
+    assert stats == stats_first
+    assert [(s["model"], s["synth_count"], s["total_characters"]) for s in stats] == [
+        ("kokoro", 1, 50),
+        ("premium", 1, 100),
+    ]
+
+
+async def test_record_usage_bills_once_in_its_own_or_the_callers_transaction(
+    pg_url: str,
+) -> None:
+    user_id, _ = await add_user(pg_url, "rita", "basic")
+
+    async def go(pool: asyncpg.Pool) -> list[Any]:
+        out = []
+        async with pool.acquire() as conn:
+            out.append(await record_usage(user_id, "server_kokoro", 10, "e-1", conn, commit=True))
+            async with conn.transaction():
+                out.append(await record_usage(user_id, "server_kokoro", 20, "e-2", conn))
+                out.append(await record_usage(user_id, "server_kokoro", 20, "e-2", conn))
+            tx = conn.transaction()
+            await tx.start()
+            out.append(await record_usage(user_id, "server_kokoro", 40, "e-3", conn))
+            await tx.rollback()  # the caller's transaction: rolled back, nothing billed
+        return out
+
+    r = await with_pool(pg_url, go)
+    assert [x.duplicate for x in r] == [False, False, True, False]
+    assert r[0].details["from_plan"] == 10
+    assert (await state(pg_url, user_id))["kokoro_used"] == 30
+    assert await pg_val(pg_url, "SELECT count(*) FROM usage_log") == 2
+
+
+# -- bad data --------------------------------------------------------------------------------------
+
+
+async def test_unknown_user_or_no_subscription_is_a_data_error(pg_url: str) -> None:
+    user_id, _ = await add_user(pg_url, "nosub", "plus")
+    await pg_fetch(pg_url, "DELETE FROM subscriptions WHERE user_id = $1", user_id)
+    for who in (user_id, 999_999):
+        with pytest.raises(BILLING_DATA_ERRORS, match=f"user {who} has no subscription"):
+            await bill(pg_url, [event(who, "kokoro", 5)])
+    assert await pg_val(pg_url, "SELECT count(*) FROM usage_log") == 0
+
+
+async def test_variants_metadata_upserted_idempotently(pg_url: str) -> None:
+    user_id, _ = await add_user(pg_url, "vic", "plus")
+    p = event(user_id, "kokoro", 12)
+    later = attrs.evolve(p.event, duration_ms=999)
+
+    async def go(pool: asyncpg.Pool) -> None:
+        await upsert_variants(pool, [p.event], acquire_timeout_s=5)
+        await upsert_variants(pool, [p.event, later], acquire_timeout_s=5)
+
+    await with_pool(pg_url, go)
+    rows = await pg_fetch(pg_url, "SELECT * FROM block_variants")
+    assert [(r["hash"], r["model"], r["text_length"], r["duration_ms"]) for r in rows] == [
+        (p.event.variant_hash, "kokoro", 12, 999)
+    ]
+
+
+# -- how a batch is split into transactions ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("users", "per_txn"), [(1, 50), (5, 50), (500, 50), (500, 1), (60, 7)])
+def test_batch_split_keeps_users_whole_in_order_and_within_users_per_txn(
+    users: int, per_txn: int
+) -> None:
+    from daemon.billing.consumer import BillingConsumer
+    from daemon.config import BillingConfig, PostgresConfig
+
+    rng = random.Random(users)
+    batch = [event(rng.randint(1, users), "kokoro", 5) for _ in range(200)]
+    consumer = BillingConsumer(
+        store=None,  # type: ignore[arg-type]
+        pg_url="",
+        pg_cfg=PostgresConfig(billing_pool_size=2),
+        cfg=BillingConfig(users_per_txn=per_txn),
+        events=None,  # type: ignore[arg-type]
+        metrics=None,  # type: ignore[arg-type]
+        consumer_name="t",
+    )
+    chunks = consumer.chunks(batch)
+    assert sorted(p.event.event_id for c in chunks for p in c) == sorted(
+        p.event.event_id for p in batch
+    )
+    seen: set[int] = set()
+    for chunk in chunks:
+        ids = {p.event.user_id for p in chunk}
+        assert len(ids) <= per_txn and not ids & seen  # whole users, never split
+        seen |= ids
+        for user_id in ids:  # each user's events in arrival order
+            mine = [p for p in chunk if p.event.user_id == user_id]
+            assert mine == [p for p in batch if p.event.user_id == user_id]
+    distinct = len({p.event.user_id for p in batch})
+    assert len(chunks) >= min(4, distinct)  # both connections get work
