@@ -26,7 +26,6 @@ from typing import Any
 
 import attrs
 import trio
-import trio_asyncio
 
 from daemon.billing.consumer import BillingConsumer, FaultPoint, _no_fault
 from daemon.config import Config
@@ -38,6 +37,7 @@ from daemon.hot.consumer import HotConsumer, HotFault, no_fault
 from daemon.metrics import Metrics
 from daemon.monitor import Monitor
 from daemon.stats import OpsStats
+from daemon.stores.bridge import open_bridge
 from daemon.stores.pg import PgPool, open_pg_pool
 from daemon.stores.redis import RedisStore, open_redis
 from daemon.supervisor import ServiceSpec, Supervisor
@@ -191,7 +191,10 @@ class Daemon:
         """Run until :meth:`request_stop`; ``started(self)`` once every service is up and the
         gateway accepts connections. Raises if a critical service cannot start."""
         with trio.CancelScope() as self._cancel_scope:
-            async with trio_asyncio.open_loop(), trio.open_nursery() as infra:
+            bridge = open_bridge(
+                lambda message, detail: self.events.error("asyncio", message, **detail)
+            )
+            async with bridge, trio.open_nursery() as infra:
                 await infra.start(self.events.run)
                 try:
                     await self._run_services(task_status)

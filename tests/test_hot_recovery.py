@@ -137,8 +137,12 @@ async def test_results_held_by_a_consumer_that_died_are_finalized_by_another(
         first.abort()  # dies holding them: no drain, no hand-back
     assert await usage_rows(pg_url) == []
 
-    async with open_daemon(cfg, redis_url, pg_url) as second:
-        events = Events(second)
+    second = Daemon(cfg, redis_url, pg_url)
+    # Listen from the start: the dead consumer's heartbeat has expired by now, so the second
+    # daemon's very first sweep — before it reports started — may be the one that recovers.
+    events = Events(second)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.run)
         assert second.addresses is not None
         rows = await wait_until(lambda: _rows(pg_url, n), what="all billed", timeout_s=30)
         async with WsClient.connect(second.addresses.ws_url, token) as client:
@@ -147,6 +151,7 @@ async def test_results_held_by_a_consumer_that_died_are_finalized_by_another(
             await client.until(lambda _: len(client.terminal("doc")) == n)
         assert {f["status"] for f in client.terminal("doc").values()} == {"cached"}
         recovered = events.named("results_recovered")
+        second.request_stop()
     assert sum(e["count"] for e in recovered) == n
     assert sorted(row["event_id"] for row in rows) == sorted(j.job_id for j in jobs)
     assert await leftovers(redis_url) == NOTHING_LEFT

@@ -23,10 +23,10 @@ import sys
 from typing import Any
 
 import trio
-import trio_asyncio
 
 from daemon.config import WorkersConfig
 from daemon.contracts import MODELS
+from daemon.stores.bridge import open_bridge
 from daemon.stores.redis import open_redis
 from daemon.workers.simulated import SimulatedAdapter
 from daemon.workers.worker import run_worker
@@ -55,7 +55,11 @@ def load_adapter(spec: str) -> Any:
 
 async def _run(args: argparse.Namespace, adapters: list[Any]) -> None:
     stopping = trio.Event()
-    async with trio_asyncio.open_loop(), open_redis(args.redis_url) as store:
+
+    def report(message: str, detail: dict[str, Any]) -> None:
+        print(f"tts-worker: asyncio: {message} {detail}", file=sys.stderr, flush=True)
+
+    async with open_bridge(report), open_redis(args.redis_url) as store:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as outer:
 
