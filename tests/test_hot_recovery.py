@@ -135,6 +135,9 @@ async def test_results_held_by_a_consumer_that_died_are_finalized_by_another(
                 await hang.wait()
             await wait_until(lambda: _claimed_count(redis_url, n), what="all claimed, none done")
         first.abort()  # dies holding them: no drain, no hand-back
+    # Its heartbeat expires before the second daemon starts: the recovery then happens at the
+    # second one's start-up, and must be logged there too (it once was not).
+    await trio.sleep(cfg.hot.consumer_ttl_s * 1.5)
     assert await usage_rows(pg_url) == []
 
     second = Daemon(cfg, redis_url, pg_url)

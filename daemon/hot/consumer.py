@@ -112,15 +112,23 @@ class HotConsumer:
         while True:
             try:
                 await self.store.heartbeat(self.consumer_id, ttl_s=self.cfg.consumer_ttl_s)
-                # Our own claimed results are from this consumer's previous run: take them again.
-                await self.store.recover_results(self.consumer_id, include_own=True)
+                # Our own claimed results are from this consumer's previous run: take them again
+                # (the same call gives back those of consumers already known dead).
+                recovered = await self.store.recover_results(self.consumer_id, include_own=True)
             except Exception as exc:
                 if not is_redis_unavailable(exc):
                     raise
                 await outage.failed(exc, "Redis")
                 continue
             outage.ok()
+            self._log_recovered(recovered)
             return
+
+    def _log_recovered(self, count: int) -> None:
+        if count:
+            self.events.emit(
+                "results_recovered", service="hot", count=count, consumer=self.consumer_id
+            )
 
     async def _heartbeat_loop(self) -> None:
         outage = Outage("hot", self.events)
@@ -134,10 +142,7 @@ class HotConsumer:
                 await outage.failed(exc, "Redis")
                 continue
             outage.ok()
-            if recovered:
-                self.events.emit(
-                    "results_recovered", service="hot", count=recovered, consumer=self.consumer_id
-                )
+            self._log_recovered(recovered)
             await trio.sleep(self.cfg.heartbeat_s)
 
     async def _read_loop(
