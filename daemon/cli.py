@@ -12,16 +12,17 @@ import json
 import signal
 import sys
 from collections.abc import Iterator
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 import trio_asyncio
 
-from daemon.config import Config, ConfigError, load_config
+from daemon.config import DEFAULT_CONFIG, Config, ConfigError, config_path, load_config
 
-__all__ = ["main", "resolve_servers"]
+if TYPE_CHECKING:
+    from daemon.app import Daemon
 
-DEFAULT_CONFIG = Path("conf/daemon.toml")
+__all__ = ["main", "resolve_servers", "serve_until_signalled"]
 
 
 def _fail(message: str, status: int = 1) -> int:
@@ -51,10 +52,9 @@ def resolve_servers(
 # -- run ---------------------------------------------------------------------------------------
 
 
-async def _run(cfg: Config, redis_url: str, pg_url: str) -> None:
-    from daemon.app import Daemon
-
-    daemon = Daemon(cfg, redis_url, pg_url)
+async def serve_until_signalled(daemon: Daemon, *, name: str = "tts-daemon") -> None:
+    """Run ``daemon`` until SIGINT/SIGTERM (a graceful stop; a second signal forces it), printing
+    one "serving ws://… and http://…" line once it accepts connections."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -63,8 +63,8 @@ async def _run(cfg: Config, redis_url: str, pg_url: str) -> None:
                 async for signum in signals:
                     count += 1
                     if count == 1:
-                        name = signal.Signals(signum).name
-                        print(f"tts-daemon: {name}: shutting down (again to force)", flush=True)
+                        signame = signal.Signals(signum).name
+                        print(f"{name}: {signame}: shutting down (again to force)", flush=True)
                         daemon.request_stop()
                     else:
                         daemon.abort()
@@ -73,12 +73,18 @@ async def _run(cfg: Config, redis_url: str, pg_url: str) -> None:
             await nursery.start(daemon.run)
             assert daemon.addresses is not None
             print(
-                f"tts-daemon: serving {daemon.addresses.ws_url} and {daemon.addresses.http_url}"
-                f" (events: {cfg.events_path})",
+                f"{name}: serving {daemon.addresses.ws_url} and {daemon.addresses.http_url}"
+                f" (events: {daemon.cfg.events_path})",
                 flush=True,
             )
             await daemon.stopped.wait()
             nursery.cancel_scope.cancel()
+
+
+async def _run(cfg: Config, redis_url: str, pg_url: str) -> None:
+    from daemon.app import Daemon
+
+    await serve_until_signalled(Daemon(cfg, redis_url, pg_url))
 
 
 def cmd_run(cfg: Config) -> int:
@@ -201,11 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config_path = args.config
-    if config_path is None and DEFAULT_CONFIG.is_file():
-        config_path = DEFAULT_CONFIG
     try:
-        cfg = load_config(config_path)
+        cfg = load_config(config_path(args.config))
     except ConfigError as exc:
         return _fail(str(exc), 2)
     try:

@@ -29,6 +29,7 @@ __all__ = [
     "RedisConfig",
     "SupervisorConfig",
     "WorkersConfig",
+    "config_path",
     "load_config",
 ]
 
@@ -376,6 +377,17 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     cfg = Config(**sections)
     _check_cross_field(cfg)
     return cfg
+
+
+DEFAULT_CONFIG = Path("conf/daemon.toml")
+
+
+def config_path(given: str | Path | None) -> Path | None:
+    """The configuration a command uses: ``--config`` if given, else ``conf/daemon.toml`` when it
+    exists in the working directory, else ``None`` (built-in defaults)."""
+    if given is not None:
+        return Path(given)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
 
 
 def load_config(path: str | Path | None) -> Config:

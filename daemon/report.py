@@ -39,7 +39,7 @@ import attrs
 import trio
 import trio_asyncio
 
-from daemon.config import Config, ConfigError, load_config
+from daemon.config import DEFAULT_CONFIG, Config, ConfigError, config_path, load_config
 from daemon.contracts import MODELS, Keys
 from daemon.events import rotation_names
 from daemon.monitor import (
@@ -54,7 +54,6 @@ from daemon.stats import Finding, assess, liveness_failed, percentile, worst
 
 __all__ = ["LogScan", "main", "read_log"]
 
-DEFAULT_CONFIG = Path("conf/daemon.toml")
 EXIT = {"green": 0, "amber": 1, "red": 2}
 
 
@@ -488,11 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config_path = args.config
-    if config_path is None and DEFAULT_CONFIG.is_file():
-        config_path = DEFAULT_CONFIG
     try:
-        cfg = load_config(config_path)
+        cfg = load_config(config_path(args.config))
     except ConfigError as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 2

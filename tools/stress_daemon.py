@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.app import Daemon
+from daemon.cli import serve_until_signalled
 from daemon.config import load_config
 from tools.inline import InlineDaemon
 
@@ -47,23 +47,7 @@ async def _main(args: argparse.Namespace) -> None:
     _tap(daemon.metrics.request_pool_wait_seconds, samples)
     _tap(daemon.metrics.ack_seconds, gateway_acks)
     try:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-
-                async def watch() -> None:
-                    async for _ in signals:
-                        daemon.request_stop()
-
-                nursery.start_soon(watch)
-                await nursery.start(daemon.run)
-                assert daemon.addresses is not None
-                print(
-                    f"stress-daemon {args.arch}: serving {daemon.addresses.ws_url} and "
-                    f"{daemon.addresses.http_url}",
-                    flush=True,
-                )
-                await daemon.stopped.wait()
-                nursery.cancel_scope.cancel()
+        await serve_until_signalled(daemon, name=f"stress-daemon {args.arch}")
     finally:
         await trio.Path(args.samples).write_text(
             json.dumps({"pool_wait_s": samples, "gateway_ack_s": gateway_acks})

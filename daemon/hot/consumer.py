@@ -108,42 +108,34 @@ class HotConsumer:
             await self.store.unregister_consumer(self.consumer_id)
 
     async def _start_up(self) -> None:
-        outage = Outage("hot", self.events)
-        while True:
-            try:
-                await self.store.heartbeat(self.consumer_id, ttl_s=self.cfg.consumer_ttl_s)
-                # Our own claimed results are from this consumer's previous run: take them again
-                # (the same call gives back those of consumers already known dead).
-                recovered = await self.store.recover_results(self.consumer_id, include_own=True)
-            except Exception as exc:
-                if not is_redis_unavailable(exc):
-                    raise
-                await outage.failed(exc, "Redis")
-                continue
-            outage.ok()
-            self._log_recovered(recovered)
-            return
-
-    def _log_recovered(self, count: int) -> None:
-        if count:
-            self.events.emit(
-                "results_recovered", service="hot", count=count, consumer=self.consumer_id
-            )
+        # Our own claimed results are from this consumer's previous run: take them again.
+        await self._beat(include_own=True)
 
     async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._beat(include_own=False)
+            await trio.sleep(self.cfg.heartbeat_s)
+
+    async def _beat(self, *, include_own: bool) -> None:
+        """Mark this consumer alive and give back the results of consumers that are gone (with
+        ``include_own``, ours too); log what was recovered. Waits out a Redis outage."""
         outage = Outage("hot", self.events)
         while True:
             try:
                 await self.store.heartbeat(self.consumer_id, ttl_s=self.cfg.consumer_ttl_s)
-                recovered = await self.store.recover_results(self.consumer_id, include_own=False)
+                recovered = await self.store.recover_results(
+                    self.consumer_id, include_own=include_own
+                )
+                break
             except Exception as exc:
                 if not is_redis_unavailable(exc):
                     raise
                 await outage.failed(exc, "Redis")
-                continue
-            outage.ok()
-            self._log_recovered(recovered)
-            await trio.sleep(self.cfg.heartbeat_s)
+        outage.ok()
+        if recovered:
+            self.events.emit(
+                "results_recovered", service="hot", count=recovered, consumer=self.consumer_id
+            )
 
     async def _read_loop(
         self, reader: RedisStore, send: trio.MemorySendChannel[_Claimed], stopping: trio.Event
