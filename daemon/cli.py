@@ -18,6 +18,8 @@ import trio
 import trio_asyncio
 
 from daemon.config import Config, ConfigError, load_config
+from daemon.faults import FaultInjector, FaultSpecError
+from daemon.faults import from_env as faults_from_env
 
 __all__ = ["main", "resolve_servers"]
 
@@ -51,10 +53,14 @@ def resolve_servers(
 # -- run ---------------------------------------------------------------------------------------
 
 
-async def _run(cfg: Config, redis_url: str, pg_url: str) -> None:
+async def _run(cfg: Config, redis_url: str, pg_url: str, faults: FaultInjector | None) -> None:
     from daemon.app import Daemon
 
-    daemon = Daemon(cfg, redis_url, pg_url)
+    if faults is None:
+        daemon = Daemon(cfg, redis_url, pg_url)
+    else:
+        # Only when TTS_DAEMON_FAULTS is set (the chaos tool, tests): see daemon/faults.py.
+        daemon = Daemon(cfg, redis_url, pg_url, billing_fault=faults)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -82,8 +88,14 @@ async def _run(cfg: Config, redis_url: str, pg_url: str) -> None:
 
 
 def cmd_run(cfg: Config) -> int:
+    try:
+        faults = faults_from_env()
+    except FaultSpecError as exc:
+        return _fail(str(exc), 2)
+    if faults is not None:
+        print(f"tts-daemon: fault injection ON ({faults.describe()})", file=sys.stderr, flush=True)
     with resolve_servers(cfg) as (redis_url, pg_url):
-        trio.run(_run, cfg, redis_url, pg_url)
+        trio.run(_run, cfg, redis_url, pg_url, faults)
     print("tts-daemon: stopped", flush=True)
     return 0
 
