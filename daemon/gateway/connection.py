@@ -23,8 +23,8 @@ class Connection:
     ws: WebSocketConnection
     queue_size: int
     documents: set[str] = attrs.Factory(set)
-    # (document_id, block_idx) → (variant_hash, model) for blocks with no terminal status yet
-    pending: dict[tuple[str, int], tuple[str, str]] = attrs.Factory(dict)
+    # (document_id, block_idx) → (variant_hash, model, voice) for blocks with no terminal status yet
+    pending: dict[tuple[str, int], tuple[str, str, str]] = attrs.Factory(dict)
     close_code: int = 1000
     close_reason: str = ""
     _held: list[str] | None = None

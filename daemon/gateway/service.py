@@ -170,12 +170,51 @@ class Gateway:
                     if not started:
                         started = True
                         task_status.started()
+                    else:
+                        await self._resync_pending()
             except Exception as exc:
                 if not is_redis_unavailable(exc):
                     raise
                 self.events.error("gateway", f"notification listener lost Redis: {exc}")
                 ready = trio.Event()
                 await trio.sleep(1.0)
+
+    async def _resync_pending(self) -> None:
+        """After re-subscribing: statuses published while the listener was away are lost, so tell
+        each client what became of the blocks it waits for — ``cached`` if the audio is there, a
+        recoverable ``error`` (ask again) if the job is neither done nor in flight any more."""
+        waiting = [
+            (conn, key, value)
+            for conns in list(self.by_user.values())
+            for conn in list(conns)
+            for key, value in list(conn.pending.items())
+        ]
+        if not waiting:
+            return
+        states = await self.store.variant_states([value[0] for _, _, value in waiting])
+        resynced = 0
+        for (conn, key, (variant_hash, model, voice)), (cached, in_flight) in zip(
+            waiting, states, strict=True
+        ):
+            if key not in conn.pending or (in_flight and not cached):
+                continue  # answered meanwhile, or still on its way: its status will come
+            document_id, block_idx = key
+            if cached:
+                frame = status_frame(
+                    document_id, block_idx, "cached", model, voice,
+                    audio_url=f"/v1/audio/{variant_hash}",
+                )  # fmt: skip
+            else:
+                frame = status_frame(
+                    document_id, block_idx, "error", model, voice,
+                    error="lost track of this block during an outage, ask again",
+                    recoverable=True,
+                )  # fmt: skip
+            conn.pending.pop(key, None)
+            conn.notify(frame)
+            resynced += 1
+        if resynced:
+            self.events.emit("statuses_resynced", service="gateway", count=resynced)
 
     # -- notifications from Redis -----------------------------------------------------------
 
@@ -382,7 +421,7 @@ class Gateway:
                         )
                     )
                 else:
-                    conn.pending[(req.document_id, block.idx)] = (variant_hash, req.model)
+                    conn.pending[(req.document_id, block.idx)] = (variant_hash, req.model, voice)
                     conn.push(status_frame(req.document_id, block.idx, status, req.model, voice))
         finally:
             conn.release()
@@ -392,7 +431,7 @@ class Gateway:
     async def _cursor_moved(self, conn: Connection, req: CursorMoved) -> None:
         candidates = [
             (idx, variant_hash, model)
-            for (doc, idx), (variant_hash, model) in conn.pending.items()
+            for (doc, idx), (variant_hash, model, _voice) in conn.pending.items()
             if doc == req.document_id
         ]
         evicted = []

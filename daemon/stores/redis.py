@@ -57,9 +57,14 @@ SCRIPTS = _load_scripts()
 
 
 def is_redis_unavailable(exc: BaseException) -> bool:
-    """True for the errors that mean "Redis is down or restarting": worth a retry with backoff."""
+    """True for the errors that mean "Redis is down or restarting": worth a retry with backoff.
+
+    A group made only of such errors counts too: a call made inside a nursery (the gateway's
+    notification listener) reports its failure wrapped in one."""
     from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_redis_unavailable(e) for e in exc.exceptions)
     if isinstance(exc, ConnectionError | TimeoutError | BusyLoadingError | OSError):
         return True
     # A restarted server may answer with LOADING or MASTERDOWN as a ResponseError subclass.
@@ -213,6 +218,20 @@ class RedisStore:
         if data is None:
             return None
         return data, (content_type or b"application/octet-stream").decode()
+
+    async def variant_states(self, variant_hashes: Sequence[str]) -> list[tuple[bool, bool]]:
+        """(audio cached, job in flight) for each variant, in one round trip."""
+        client = self._client
+
+        async def check() -> list[tuple[bool, bool]]:
+            async with client.pipeline(transaction=False) as pipe:
+                for h in variant_hashes:
+                    pipe.exists(Keys.audio(h))
+                    pipe.exists(Keys.inflight(h))
+                flags = await pipe.execute()
+            return [(bool(a), bool(b)) for a, b in zip(flags[::2], flags[1::2], strict=True)]
+
+        return await self._cross(check)
 
     async def audio_exists(self, variant_hash: str) -> bool:
         return bool(await self._cross(self._client.exists, Keys.audio(variant_hash)))

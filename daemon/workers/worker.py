@@ -131,6 +131,30 @@ async def run_worker(
                     outs.append(exc)
         for job, out in zip(jobs, outs, strict=True):
             result = _result(job, out, worker_id, pulled_at, t0)
-            # A push that fails leaves the job in processing: the scanner gives it another go.
-            with trio.CancelScope(shield=stopping is not None and stopping.is_set()):
-                await store.push_result(job.model, job.job_id, result.to_json())
+            await _push(store, job, result.to_json(), stopping)
+
+
+# A push that meets a Redis outage is retried this often at most; while stopping, for this long.
+PUSH_RETRY_MAX_S = 1.0
+STOPPING_PUSH_S = 5.0
+
+
+async def _push(store: RedisStore, job: Job, result_json: str, stopping: trio.Event | None) -> None:
+    """Push a result, waiting out a Redis outage: it is GPU time already spent, and a worker that
+    died here would take its other jobs with it. Pushing twice is harmless (the hot path finalizes
+    a job once). While stopping, give up after ``STOPPING_PUSH_S``: the job stays in processing
+    and the visibility scanner gives it another go."""
+    delay = 0.05
+    stopping_now = stopping is not None and stopping.is_set()
+    with trio.CancelScope(shield=stopping_now) as scope:
+        if stopping_now:
+            scope.deadline = trio.current_time() + STOPPING_PUSH_S
+        while True:
+            try:
+                await store.push_result(job.model, job.job_id, result_json)
+                return
+            except Exception as exc:
+                if not is_redis_unavailable(exc):
+                    raise
+            await trio.sleep(delay)
+            delay = min(delay * 2, PUSH_RETRY_MAX_S)
