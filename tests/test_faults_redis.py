@@ -8,6 +8,7 @@ a minute would have stopped the daemon — and killed ``tts-worker`` processes o
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import trio
 import trio_asyncio
 
 from daemon.app import open_daemon
-from daemon.contracts import Job, Keys
+from daemon.contracts import Job, Keys, Result
 from daemon.embedded import EmbeddedRedis
 from daemon.stores.redis import RedisStore, open_redis
 from daemon.workers.worker import Synthesized, run_worker
@@ -108,6 +109,44 @@ async def test_a_block_finished_while_the_gateway_was_resubscribing_reaches_its_
     assert terminal[1]["status"] == "error" and terminal[1]["recoverable"] is True
     # one terminal status per block, not two
     assert [s for s in client.statuses("doc")[0] if s == "cached"] == ["cached"]
+
+
+async def test_a_claim_whose_reply_redis_never_sent_is_finalized_after_the_outage(
+    tmp_path: Path, own_redis: EmbeddedRedis, pg_url: str
+) -> None:
+    """Redis can execute the hot consumer's BLMOVE (and write it to the AOF) and die before its
+    reply leaves: the result is then in the consumer's claimed list but not in its hands, and its
+    heartbeat says it is alive, so nobody else gives it back. Seen by tools/chaos.py: the block
+    was never delivered nor billed while that daemon lived."""
+    cfg = make_config(tmp_path, workers={"simulated": 0})
+    user_id, token = await add_user(pg_url, "orphan", "plus")
+    async with (
+        trio_asyncio.open_loop(),
+        open_redis(own_redis.url, command_timeout_s=2.0) as store,
+        open_daemon(cfg, own_redis.url, pg_url) as daemon,
+    ):
+        assert daemon.addresses is not None
+        async with WsClient.connect(daemon.addresses.ws_url, token) as client:
+            await client.synthesize("doc", ["Claimed, but the reply never came."])
+            await client.until(lambda _: 0 in client.statuses("doc"))
+            # A worker does the job; its result lands in the daemon's claimed list as a BLMOVE
+            # would have put it there — without the daemon hearing of it.
+            raw = await store.pull_job("kokoro")
+            assert raw is not None
+            job = Job.from_json(raw)
+            result = Result.for_job(
+                job, worker_id="w", queue_wait_ms=1.0, processing_time_ms=1.0,
+                audio_base64=base64.b64encode(b"RIFF....WAVE").decode(), duration_ms=100,
+                content_type="audio/wav",
+            )  # fmt: skip
+            await store.execute("LPUSH", Keys.hot_claimed(daemon.instance_id), result.to_json())
+            await store.execute("ZREM", Keys.processing("kokoro"), job.job_id)
+            # …and then Redis goes down (as it did, before the reply could leave).
+            await _restart(own_redis, kill=True)
+            await client.until(lambda _: 0 in client.terminal("doc"), timeout_s=20)
+    assert client.terminal("doc")[0]["status"] == "cached"
+    rows = await wait_until(lambda: _rows_at_least(pg_url, user_id, 1), what="its usage_log row")
+    assert [r["event_id"] for r in rows] == [job.job_id]
 
 
 class _Outcomes:

@@ -115,15 +115,35 @@ class HotConsumer:
         self, reader: RedisStore, send: trio.MemorySendChannel[_Claimed], stopping: trio.Event
     ) -> None:
         outage = Outage("hot", self.events)
+        take_back_own = False
         async with send:
             while not stopping.is_set():
                 try:
+                    if take_back_own:
+                        # A claim that Redis executed but whose reply was lost with the
+                        # connection left results in our claimed list and not in our hands; our
+                        # heartbeat keeps anyone else from giving them back. Give them back
+                        # ourselves (any still in a handler's hands is finalized once anyway:
+                        # the second finalize finds it done and counts a duplicate).
+                        recovered = await self.store.recover_results(
+                            self.consumer_id, include_own=True
+                        )
+                        take_back_own = False
+                        if recovered:
+                            self.events.emit(
+                                "results_recovered",
+                                service="hot",
+                                count=recovered,
+                                consumer=self.consumer_id,
+                                reason="claim replies lost in a Redis outage",
+                            )
                     items = await reader.claim_results(
                         self.consumer_id, n=self.cfg.read_batch, block_s=self.block_s
                     )
                 except Exception as exc:
                     if not is_redis_unavailable(exc):
                         raise
+                    take_back_own = True
                     await outage.failed(exc, "Redis")
                     continue
                 outage.ok()
