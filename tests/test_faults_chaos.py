@@ -13,6 +13,8 @@ The long mixed run, with its figures, is ``tools/chaos.py --scenario mixed`` (do
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +34,7 @@ pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
 
 # Small and quick: a few blocks a second, one fault, daemons told to heal fast.
 SMALL = Params(
-    load_s=7.0,
+    load_s=4.0,
     users=2,
     rate=3.0,
     buffer=4,
@@ -40,7 +42,7 @@ SMALL = Params(
     worker_concurrency=2,
     worker_batch=2,
     worker_latency_ms=50.0,
-    first_fault_s=2.0,
+    first_fault_s=1.5,
     fault_gap_s=60.0,  # one fault per kind in the scenario, then quiet
     daemon_down_s=0.5,
     redis_down_s=0.3,
@@ -66,8 +68,11 @@ class Servers:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    root = tmp_path_factory.mktemp("chaos-servers")
+def servers() -> Iterator[Servers]:
+    # Not under pytest's temp root: any pytest session starting meanwhile makes that private
+    # again (0700), and Postgres — run as its own system user when we are root — then cannot
+    # reach its data directory to restart, which these tests do.
+    root = Path(tempfile.mkdtemp(prefix="tts-chaos-servers-"))
     s = Servers(
         EmbeddedRedis(root / "redis", root / "secrets", appendfsync="always"),
         EmbeddedPostgres(root / "postgres" / "data", root / "secrets"),
@@ -79,6 +84,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     finally:
         s.redis.stop()
         s.postgres.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _fresh(servers: Servers) -> str:
@@ -171,25 +177,17 @@ async def test_billing_service_failing_repeatedly(tmp_path: Path, servers: Serve
 async def test_redis_restarted_killed_and_crashed_with_fsync_always(
     tmp_path: Path, servers: Servers
 ) -> None:
-    p_kinds = ("redis_restart", "redis_kill", "redis_crash")
+    """A graceful restart, a SIGKILL and an emulated host crash (the AOF cut back to its last
+    fsync): with ``appendfsync always`` not one acknowledged write is lost, and nothing billed."""
     _, result = await run_chaos(
-        tmp_path, servers, scenario="redis", load_s=9.0, fault_gap_s=0.5, appendfsync="always"
+        tmp_path, servers, scenario="redis", fault_gap_s=0.3, appendfsync="always"
     )
-    # (the redis scenario is restart + kill; the crash runs in the test below)
-    for kind in p_kinds[:2]:
+    for kind in ("redis_restart", "redis_kill", "redis_crash"):
         assert_nothing_lost(result, kind=kind)
     window = result["loss_window"]
     assert window["appendfsync"] == "always"
     assert window["acked_writes_lost"] == 0
-    assert all(f["acked_writes_lost"] == 0 for f in result["faults"])
-
-
-async def test_redis_host_crash_with_fsync_always_loses_no_acknowledged_write(
-    tmp_path: Path, servers: Servers
-) -> None:
-    _, result = await run_chaos(tmp_path, servers, scenario="redis-crash", appendfsync="always")
-    assert_nothing_lost(result, kind="redis_crash")
-    assert result["loss_window"]["acked_writes_lost"] == 0
+    assert [f["acked_writes_lost"] for f in result["faults"]] == [0, 0, 0]
 
 
 async def test_redis_host_crash_with_fsync_everysec_measures_its_loss_window(
@@ -197,8 +195,8 @@ async def test_redis_host_crash_with_fsync_everysec_measures_its_loss_window(
 ) -> None:
     """everysec may lose up to about a second of writes in a host crash: measured, reported."""
     _, result = await run_chaos(
-        tmp_path, servers, scenario="redis-crash", appendfsync="everysec", load_s=9.0,
-        fault_gap_s=0.5,
+        tmp_path, servers, scenario="redis-crash", appendfsync="everysec", faults=2,
+        fault_gap_s=0.3,
     )  # fmt: skip
     window = result["loss_window"]
     assert window["appendfsync"] == "everysec"

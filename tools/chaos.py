@@ -9,9 +9,10 @@ the right amount, nothing else is billed, and the subscription counters agree wi
 
 Faults (``--scenario``): ``daemon-kill`` (SIGKILL at a random moment, restart), ``sigterm``
 (graceful stop under load: exit 0 within 10 s, restart), ``billing`` (the billing service fails
-repeatedly: injected through TTS_DAEMON_FAULTS), ``redis`` (Redis restarted: gracefully and with
-SIGKILL; ``--appendfsync`` picks its AOF fsync policy), ``redis-crash`` (a host crash emulated:
-Redis killed and its AOF cut back to what was last fsynced), ``postgres`` (Postgres stopped — fast
+repeatedly: injected through TTS_DAEMON_FAULTS), ``redis`` (Redis restarted gracefully, killed
+with SIGKILL, and crashed: a host crash emulated by killing it and cutting its AOF back to what
+was last fsynced; ``--appendfsync`` picks the fsync policy), ``redis-crash`` (only the crash: with
+``--appendfsync everysec``, the loss window), ``postgres`` (Postgres stopped — fast
 or SIGKILL — and unreachable for a while), ``worker-kill`` (a GPU worker SIGKILLed mid-job),
 ``two-daemons`` (two daemons on the same Redis and Postgres, one killed and left down a while), and
 ``mixed`` (all of them, at random, against two daemons).
@@ -73,7 +74,7 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "daemon-kill": ("daemon_kill",),
     "sigterm": ("daemon_sigterm",),
     "billing": ("billing_faults",),
-    "redis": ("redis_restart", "redis_kill"),
+    "redis": ("redis_restart", "redis_kill", "redis_crash"),
     "redis-crash": ("redis_crash",),
     "postgres": ("postgres_outage",),
     "worker-kill": ("worker_kill",),
@@ -98,6 +99,7 @@ class Params:
     worker_latency_ms: float = 150.0
     daemons: int = 0  # 0: the scenario's own (2 for two-daemons and mixed, else 1)
     appendfsync: str = "always"
+    faults: int = 0  # at least this many faults (0: each kind of the scenario once)
     first_fault_s: float = 3.0  # load time before the first fault
     fault_gap_s: float = 4.0  # mean quiet time between a recovery and the next fault
     daemon_down_s: float = 2.0  # a killed daemon stays down up to this long (two: exactly)
@@ -977,7 +979,8 @@ events_path = {json.dumps(str(slot.events))}
         kinds = list(p.kinds)
         await trio.sleep(min(p.first_fault_s, p.load_s))
         n = 0
-        while self._t() < p.load_s - 1.0:
+        at_least = p.faults or len(kinds)
+        while n < at_least or self._t() < p.load_s - 1.0:
             if p.scenario == "mixed" and n >= len(kinds):
                 kind = self.rng.choice(kinds)
             else:
@@ -1040,6 +1043,8 @@ events_path = {json.dumps(str(slot.events))}
                 baseline = FaultRecord("baseline", "-", 0.0, 0.0)
                 await self.wait_recovered(baseline)
                 self.baseline_s = baseline.recover_s
+                # The load's clock starts once every daemon has answered a probe.
+                self.load_t0 = trio.current_time()
                 await self.schedule()
                 self.say(f"load over at {self._t():.1f} s; draining clients")
                 for user in (*self.users, self.probe_user):
