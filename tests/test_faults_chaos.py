@@ -218,9 +218,14 @@ async def test_postgres_restarted_and_unreachable_for_a_while(
 ) -> None:
     _, result = await run_chaos(tmp_path, servers, scenario="postgres")
     assert_nothing_lost(result, kind="postgres_outage")
-    # The clients heard clear, retryable errors meanwhile (no hang, no silent drop).
+    # The clients heard clear, retryable errors meanwhile (no hang, no silent drop), worded as
+    # an outage, not as a bug.
     errors = result["clients"]["error_frames"]
-    assert errors and all(key.startswith("internal: ") for key in errors), errors
+    outage = {
+        "internal: temporarily unavailable, try again",
+        "internal: timed out waiting for the database, try again",
+    }
+    assert errors and set(errors) <= outage, errors
 
 
 async def test_worker_killed_mid_job(tmp_path: Path, servers: Servers) -> None:

@@ -41,7 +41,7 @@ from daemon.gateway.protocol import (
 )
 from daemon.hashing import VariantHasher
 from daemon.metrics import Metrics
-from daemon.stores.pg import Catalog, PgPool
+from daemon.stores.pg import Catalog, PgPool, is_pg_unavailable
 from daemon.stores.redis import RedisStore, is_redis_unavailable
 
 __all__ = ["Gateway", "GatewayAddresses"]
@@ -330,7 +330,7 @@ class Gateway:
                     "timed out waiting for the database, try again"
                     if timeout
                     else "temporarily unavailable, try again"
-                    if is_redis_unavailable(exc)
+                    if is_redis_unavailable(exc) or is_pg_unavailable(exc)
                     else "internal error"
                 )
                 conn.push(error_frame("internal", message_text))
