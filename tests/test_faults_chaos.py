@@ -208,6 +208,9 @@ async def test_redis_host_crash_with_fsync_everysec_measures_its_loss_window(
     # What that cost the books is counted, not hidden; and nothing else went wrong.
     assert window["blocks_unbilled"] == result["delivered_unbilled"]
     assert window["blocks_double_billed"] == result["double_billed"]
+    # …and visible to monitoring: each unbilled block is in the events log's reconciliation delta.
+    assert result["events_log_unbilled"] == result["delivered_unbilled"]
+    assert result["verified"]["loss_visible_in_events_log"]
     assert result["undelivered"] == 0 and result["wrong_amount"] == 0
     failed = [name for name, ok in result["verified"].items() if not ok]
     assert failed == [], failed
