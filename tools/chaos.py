@@ -54,11 +54,9 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.embedded import EmbeddedPostgres, EmbeddedRedis, read_secret
+from daemon.embedded import EmbeddedPostgres, EmbeddedRedis, _free_port, read_secret
 from tools.stress import in_thread, make_texts, pct, pg_query, redis_cmd
 from tools.stress import setup_database as _setup_database
-
-REPO = Path(__file__).resolve().parent.parent
 
 FAULT_KINDS = (
     "daemon_kill",
@@ -150,14 +148,6 @@ async def http_get(port: int, path: str, timeout_s: float = 3.0) -> tuple[int, A
         return status, json.loads(body)
     except ValueError:
         return status, None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.asynccontextmanager
@@ -1032,33 +1022,36 @@ events_path = {json.dumps(str(slot.events))}
             f"{p.users} users, faults {', '.join(p.kinds)}"
         )
         async with trio.open_nursery() as nursery:
-            if any(k.startswith("redis") for k in p.kinds):
-                self.clock = WriteClock(self.redis_url)
-                nursery.start_soon(trio.to_thread.run_sync, self.clock.run)
-            nursery.start_soon(self._keep_workers)
-            async with trio.open_nursery() as clients:
-                self.load_t0 = trio.current_time()
-                for user in (*self.users, self.probe_user):
-                    clients.start_soon(user.run)
-                baseline = FaultRecord("baseline", "-", 0.0, 0.0)
-                await self.wait_recovered(baseline)
-                self.baseline_s = baseline.recover_s
-                # The load's clock starts once every daemon has answered a probe.
-                self.load_t0 = trio.current_time()
-                await self.schedule()
-                self.say(f"load over at {self._t():.1f} s; draining clients")
-                for user in (*self.users, self.probe_user):
-                    user.drain()
-                drain_t0 = trio.current_time()
-                with trio.move_on_after(p.drain_timeout_s) as drain_scope:
-                    while not all(u.done() for u in self._all_users()):  # noqa: ASYNC110
-                        await trio.sleep(0.1)
-                self.clients_drain_s = trio.current_time() - drain_t0
-                self.clients_drained = not drain_scope.cancelled_caught
-                clients.cancel_scope.cancel()
-            if self.clock is not None:
-                self.clock.stop()
-            nursery.cancel_scope.cancel()
+            try:
+                if any(k.startswith("redis") for k in p.kinds):
+                    self.clock = WriteClock(self.redis_url)
+                    nursery.start_soon(trio.to_thread.run_sync, self.clock.run)
+                nursery.start_soon(self._keep_workers)
+                async with trio.open_nursery() as clients:
+                    self.load_t0 = trio.current_time()
+                    for user in (*self.users, self.probe_user):
+                        clients.start_soon(user.run)
+                    baseline = FaultRecord("baseline", "-", 0.0, 0.0)
+                    await self.wait_recovered(baseline)
+                    self.baseline_s = baseline.recover_s
+                    # The load's clock starts once every daemon has answered a probe.
+                    self.load_t0 = trio.current_time()
+                    await self.schedule()
+                    self.say(f"load over at {self._t():.1f} s; draining clients")
+                    for user in (*self.users, self.probe_user):
+                        user.drain()
+                    drain_t0 = trio.current_time()
+                    with trio.move_on_after(p.drain_timeout_s) as drain_scope:
+                        while not all(u.done() for u in self._all_users()):  # noqa: ASYNC110
+                            await trio.sleep(0.1)
+                    self.clients_drain_s = trio.current_time() - drain_t0
+                    self.clients_drained = not drain_scope.cancelled_caught
+                    clients.cancel_scope.cancel()
+            finally:
+                # the clock is a thread: it stops when told, whatever ended the run
+                if self.clock is not None:
+                    self.clock.stop()
+                nursery.cancel_scope.cancel()
         self.pipeline_quiet, self.pipeline_drain_s = await self._wait_quiescent()
         for slot in self.slots:
             if slot.alive:
@@ -1238,6 +1231,7 @@ events_path = {json.dumps(str(slot.events))}
             "sigterm": self.sigterm_exits,
             "worker_exits": self.worker_exits,
             "clients": self.stats.as_dict(),
+            "clients_drained": self.clients_drained,
             "clients_drain_s": round(self.clients_drain_s, 3),
             "pipeline_drain_s": round(self.pipeline_drain_s, 3),
             "redis_end": state,
