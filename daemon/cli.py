@@ -18,6 +18,8 @@ import trio
 import trio_asyncio
 
 from daemon.config import DEFAULT_CONFIG, Config, ConfigError, config_path, load_config
+from daemon.faults import FaultInjector, FaultSpecError
+from daemon.faults import from_env as faults_from_env
 
 if TYPE_CHECKING:
     from daemon.app import Daemon
@@ -81,15 +83,26 @@ async def serve_until_signalled(daemon: Daemon, *, name: str = "tts-daemon") -> 
             nursery.cancel_scope.cancel()
 
 
-async def _run(cfg: Config, redis_url: str, pg_url: str) -> None:
+async def _run(cfg: Config, redis_url: str, pg_url: str, faults: FaultInjector | None) -> None:
     from daemon.app import Daemon
 
-    await serve_until_signalled(Daemon(cfg, redis_url, pg_url))
+    if faults is None:
+        daemon = Daemon(cfg, redis_url, pg_url)
+    else:
+        # Only when TTS_DAEMON_FAULTS is set (the chaos tool, tests): see daemon/faults.py.
+        daemon = Daemon(cfg, redis_url, pg_url, billing_fault=faults)
+    await serve_until_signalled(daemon)
 
 
 def cmd_run(cfg: Config) -> int:
+    try:
+        faults = faults_from_env()
+    except FaultSpecError as exc:
+        return _fail(str(exc), 2)
+    if faults is not None:
+        print(f"tts-daemon: fault injection ON ({faults.describe()})", file=sys.stderr, flush=True)
     with resolve_servers(cfg) as (redis_url, pg_url):
-        trio.run(_run, cfg, redis_url, pg_url)
+        trio.run(_run, cfg, redis_url, pg_url, faults)
     print("tts-daemon: stopped", flush=True)
     return 0
 

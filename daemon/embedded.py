@@ -79,10 +79,10 @@ def _free_port() -> int:
 
 
 def _port_free(port: int) -> bool:
+    """Could a server bind ``port``? Both servers set SO_REUSEADDR, so a port held only by
+    TIME_WAIT connections of a killed predecessor is free for them: keep it, or everyone holding
+    the old URL loses the restarted server."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # As the servers themselves bind: connections of a server just stopped linger in
-        # TIME_WAIT, which must not count as "in use" (else a restart moves to another port and
-        # every client holding the old URL loses it). A listening socket still fails the bind.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))

@@ -45,7 +45,8 @@ from daemon.gateway.protocol import (
 from daemon.gateway.ratelimit import RateLimiter
 from daemon.hashing import VariantHasher
 from daemon.metrics import Metrics
-from daemon.stores.pg import Catalog, PgPool
+from daemon.outage import Outage
+from daemon.stores.pg import Catalog, PgPool, is_pg_unavailable
 from daemon.stores.redis import RedisStore, is_redis_unavailable
 
 __all__ = ["Gateway", "GatewayAddresses"]
@@ -173,6 +174,9 @@ class Gateway:
     ) -> None:
         ready = trio.Event()
         started = False
+        # Retried at least once a second: every second without the subscription is a second in
+        # which no client hears of its blocks. The outage is logged once a minute, not per try.
+        outage = Outage("gateway", self.events, max_s=1.0)
 
         def on_ready() -> None:
             ready.set()
@@ -190,6 +194,7 @@ class Gateway:
                         started = True
                         task_status.started()
                     else:
+                        outage.ok()
                         # Pub/sub is at-most-once: statuses published while we were not
                         # subscribed are gone. Re-read what they would have said.
                         await self._resync_or_log()
@@ -201,9 +206,8 @@ class Gateway:
                 )
                 if other is not None:
                     raise
-                self.events.error("gateway", f"notification listener lost Redis: {lost!r}")
                 ready = trio.Event()
-                await trio.sleep(1.0)
+                await outage.failed(lost, "Redis (notifications)")
 
     async def _resync_or_log(self) -> None:
         try:
@@ -435,7 +439,7 @@ class Gateway:
                     "timed out waiting for the database, try again"
                     if timeout
                     else "temporarily unavailable, try again"
-                    if is_redis_unavailable(exc)
+                    if is_redis_unavailable(exc) or is_pg_unavailable(exc)
                     else "internal error"
                 )
                 conn.push(error_frame("internal", message_text))

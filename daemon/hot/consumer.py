@@ -141,15 +141,25 @@ class HotConsumer:
         self, reader: RedisStore, send: trio.MemorySendChannel[_Claimed], stopping: trio.Event
     ) -> None:
         outage = Outage("hot", self.events)
+        take_back_own = False
         async with send:
             while not stopping.is_set():
                 try:
+                    if take_back_own:
+                        # A claim that Redis executed but whose reply was lost with the
+                        # connection left results in our claimed list and not in our hands; our
+                        # heartbeat keeps anyone else from giving them back. Give them back
+                        # ourselves (one still in a handler's hands is finalized once anyway:
+                        # its handler finds it gone, the copy given back is finalized).
+                        await self._beat(include_own=True)
+                        take_back_own = False
                     items = await reader.claim_results(
                         self.consumer_id, n=self.cfg.read_batch, block_s=self.block_s
                     )
                 except Exception as exc:
                     if not is_redis_unavailable(exc):
                         raise
+                    take_back_own = True
                     await outage.failed(exc, "Redis")
                     continue
                 outage.ok()

@@ -30,6 +30,7 @@ __all__ = [
     "PgPool",
     "UnknownUser",
     "hash_token",
+    "is_pg_unavailable",
     "open_pg_pool",
 ]
 
@@ -38,6 +39,22 @@ CLOSE_TIMEOUT_S = 10.0
 
 class UnknownUser(LookupError):
     """No user with that id or name."""
+
+
+def is_pg_unavailable(exc: BaseException) -> bool:
+    """True for the errors that mean "Postgres is down, restarting or unreachable" (worth a
+    retry), not a bug: refused connections, lost connections, and the server's own "starting
+    up" / "shutting down" answers. A group made only of such errors counts too."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_pg_unavailable(e) for e in exc.exceptions)
+    if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
+        return False  # a statement timeout: the server is there
+    return isinstance(
+        exc,
+        OSError
+        | asyncpg.exceptions.PostgresConnectionError
+        | asyncpg.exceptions.OperatorInterventionError,
+    )
 
 
 def hash_token(token: str) -> bytes:

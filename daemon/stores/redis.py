@@ -61,9 +61,14 @@ SCRIPTS = _load_scripts()
 
 
 def is_redis_unavailable(exc: BaseException) -> bool:
-    """True for the errors that mean "Redis is down or restarting": worth a retry with backoff."""
+    """True for the errors that mean "Redis is down or restarting": worth a retry with backoff.
+
+    A group made only of such errors counts too: a call made inside a nursery (the gateway's
+    notification listener) reports its failure wrapped in one."""
     from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_redis_unavailable(e) for e in exc.exceptions)
     if isinstance(exc, ConnectionError | TimeoutError | BusyLoadingError | OSError):
         return True
     # A restarted server may answer with LOADING or MASTERDOWN as a ResponseError subclass.
