@@ -197,7 +197,7 @@ class Gateway:
                         outage.ok()
                         # Pub/sub is at-most-once: statuses published while we were not
                         # subscribed are gone. Re-read what they would have said.
-                        await self._resync_or_log()
+                        await self._resync_until_done()
             except Exception as exc:
                 lost, other = (
                     exc.split(is_redis_unavailable)
@@ -209,11 +209,22 @@ class Gateway:
                 ready = trio.Event()
                 await outage.failed(lost, "Redis (notifications)")
 
-    async def _resync_or_log(self) -> None:
-        try:
-            await self.resync()
-        except Exception as exc:
-            self.events.error("gateway", f"resync after reconnecting failed: {exc!r}")
+    async def _resync_until_done(self) -> None:
+        """Resync, retrying while Redis is still unsteady (right after a restart, the pool hands
+        out connections the old server closed): a resync given up on leaves clients waiting for
+        statuses that were published while nobody listened."""
+        outage = Outage("gateway", self.events, max_s=1.0)
+        while True:
+            try:
+                await self.resync()
+            except Exception as exc:
+                if not is_redis_unavailable(exc):
+                    self.events.error("gateway", f"resync after reconnecting failed: {exc!r}")
+                    return
+                await outage.failed(exc, "Redis (resync)")
+                continue
+            outage.ok()
+            return
 
     async def resync(self) -> None:
         """Re-check every open wait against Redis and answer those whose status was lost.
