@@ -19,22 +19,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from itertools import groupby
 
 import attrs
 import trio
 
 from daemon.config import BillingConfig, PostgresConfig
-from daemon.contracts import BillingEvent, ContractError, usage_amount
+from daemon.contracts import BillingEvent, ContractError, billing_event_fields, usage_amount
 from daemon.events import EventLog
 from daemon.metrics import Metrics
-from daemon.stores.ledger import (
-    BILLING_DATA_ERRORS,
-    GroupOutcome,
-    PreparedEvent,
-    bill_group,
-    upsert_variants,
-)
+from daemon.stores.ledger import ChunkResult, PreparedEvent, bill_chunks, events_array
 from daemon.stores.pg import PgPool, open_pg_pool
 from daemon.stores.redis import BillingEntry, RedisStore, billing_block_ms
 
@@ -139,46 +132,48 @@ class BillingConsumer:
     async def bill_entries(self, entries: Sequence[BillingEntry]) -> BatchOutcome:
         """Bill one batch of stream entries and acknowledge them.
 
-        Malformed entries are dead-lettered; the variants' metadata is upserted in one
-        transaction; the users' events are billed in transactions of whole users (see
-        :meth:`_bill_users`). The variants and the billing transactions touch different tables and
-        are idempotent, so they run side by side on the pool's connections. Only then are the
-        entries acknowledged: a failure anywhere before leaves the whole batch pending.
+        Malformed entries are dead-lettered; the others are grouped by user and billed by
+        :meth:`_bill_users`: each connection of the pool bills its own users, in transactions
+        of whole users, all in one crossing. Only then are the entries acknowledged: a failure
+        anywhere before leaves the whole batch pending.
         """
         assert self.pool is not None and self.redis is not None
         t0 = time.perf_counter()
         await self.fault("billing.before_batch")
-        prepared: list[tuple[bytes, PreparedEvent]] = []
+        # {user_id: [(entry, its JSON text)]}, each user's events in arrival order
+        by_user: dict[int, list[tuple[BillingEntry, str]]] = {}
         dead = 0
         for entry in entries:
             try:
-                prepared.append((entry.entry_id, self._prepare(entry)))
+                user_id, text = self._check(entry)
             except ContractError as exc:
                 await self._dead_letter(entry, str(exc))
                 dead += 1
-        events = [p for _, p in prepared]
-        limiter = trio.CapacityLimiter(self.pg_cfg.billing_pool_size)
-        outcomes: list[GroupOutcome] = []
+                continue
+            mine = by_user.get(user_id)
+            if mine is None:
+                by_user[user_id] = [(entry, text)]
+            else:
+                mine.append((entry, text))
         failed: dict[int, str] = {}
-        if events:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._upsert_variants, events, limiter)
-                nursery.start_soon(self._bill_users, events, limiter, outcomes, failed)
+        billed = dups = text_length = 0
+        if by_user:
+            billed, dups, text_length = await self._bill_users(by_user, failed)
+            await self.fault("billing.after_chunk")
         for user_id, reason in failed.items():
-            for entry_id, p in prepared:
-                if p.event.user_id == user_id:
-                    await self._dead_letter(
-                        BillingEntry(entry_id, p.event.to_json().encode()), reason
-                    )
-                    dead += 1
+            for entry, _ in by_user[user_id]:
+                await self._dead_letter(entry, reason)
+                dead += 1
         await self.fault("billing.after_commit")
-        ok_ids = [eid for eid, p in prepared if p.event.user_id not in failed]
+        ok_ids = [
+            entry.entry_id
+            for user_id, mine in by_user.items()
+            if user_id not in failed
+            for entry, _ in mine
+        ]
         await self.redis.ack_billing(ok_ids)
-        billed = sum(len(o.billed) for o in outcomes)
-        dups = sum(len(o.duplicates) for o in outcomes)
-        text_length = sum(o.text_length for o in outcomes)
         duration_ms = (time.perf_counter() - t0) * 1000
-        users = len({p.event.user_id for p in events})
+        users = len(by_user)
         self.batches += 1
         self.metrics.billing_events.inc(billed)
         self.metrics.billing_duplicates.inc(dups)
@@ -195,100 +190,103 @@ class BillingConsumer:
         )
         return BatchOutcome(len(entries), users, billed, dups, dead, text_length, duration_ms)
 
-    def _prepare(self, entry: BillingEntry) -> PreparedEvent:
+    def _check(self, entry: BillingEntry) -> tuple[int, str]:
+        """The entry's user and its event as JSON text, validated (ContractError if not)."""
         if entry.raw is None:
             raise ContractError("billing event: stream entry has no 'event' field")
+        try:
+            text = entry.raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ContractError(f"billing event: not UTF-8: {exc}") from None
+        fields = billing_event_fields(text)
+        if fields["model"] not in self.usage_types:
+            raise ContractError(f"billing event: unknown model {fields['model']!r}")
+        return fields["user_id"], text
+
+    def _prepare(self, entry: BillingEntry) -> PreparedEvent:
+        """One entry as an event object (the unbatched baseline of tools/bench_billing.py)."""
+        self._check(entry)
+        assert entry.raw is not None
         event = BillingEvent.from_json(entry.raw)
-        usage_type = self.usage_types.get(event.model)
-        if usage_type is None:
-            raise ContractError(f"billing event: unknown model {event.model!r}")
         return PreparedEvent(
-            event, usage_type, usage_amount(event.text_length, event.usage_multiplier)
+            event,
+            self.usage_types[event.model],
+            usage_amount(event.text_length, event.usage_multiplier),
         )
 
-    async def _upsert_variants(
-        self, events: Sequence[PreparedEvent], limiter: trio.CapacityLimiter
-    ) -> None:
-        assert self.pool is not None
-        async with limiter:
-            with trio.fail_after(self.pg_cfg.command_timeout_s * 2):
-                await self.pool.run(
-                    upsert_variants,
-                    [p.event for p in events],
-                    acquire_timeout_s=self.pg_cfg.acquire_timeout_s,
-                )
-
-    def chunks(self, events: Sequence[PreparedEvent]) -> list[list[PreparedEvent]]:
-        """The batch's transactions: whole users (a user's events are never split, nor
-        reordered), at most ``billing.users_per_txn`` users each, of about equal numbers of
-        events, and — when there are enough users — at least twice as many as the pool has
-        connections, so that the connections (and the variants' transaction beside them) share
-        the work evenly instead of one waiting for the largest transaction."""
-        by_user = [
-            list(group)
-            for _, group in groupby(
-                sorted(events, key=lambda p: p.event.user_id), key=lambda p: p.event.user_id
-            )
-        ]
-        if not by_user:
+    def lanes(self, counts: dict[int, int]) -> list[list[list[int]]]:
+        """The batch's transactions, given each user's number of events: one lane per
+        connection of the pool (fewer with fewer users), each a list of transactions, each a
+        list of user ids. A user is in exactly one transaction (a user's events are never split),
+        so the lanes never wait for each other's row locks; the lanes get about equal numbers of
+        events (the largest users first, each to the least loaded lane); a transaction has at
+        most ``billing.users_per_txn`` users, a lane's transactions about equal numbers."""
+        n = min(self.pg_cfg.billing_pool_size, len(counts))
+        if n == 0:
             return []
-        per_txn = self.cfg.users_per_txn
-        n = max(-(-len(by_user) // per_txn), min(2 * self.pg_cfg.billing_pool_size, len(by_user)))
-        target = len(events) / n
-        out: list[list[PreparedEvent]] = []
-        chunk: list[PreparedEvent] = []
-        users = 0
-        for group in by_user:
-            if chunk and (users >= per_txn or len(chunk) + len(group) / 2 > target):
-                out.append(chunk)
-                chunk, users = [], 0
-            chunk.extend(group)
-            users += 1
-        out.append(chunk)
+        loads = [0] * n
+        members: list[list[int]] = [[] for _ in range(n)]
+        for user_id, count in sorted(counts.items(), key=lambda uc: (-uc[1], uc[0])):
+            i = loads.index(min(loads))
+            loads[i] += count
+            members[i].append(user_id)
+        out = []
+        for users in members:
+            users.sort()
+            size = -(-len(users) // -(-len(users) // self.cfg.users_per_txn))
+            out.append([users[j : j + size] for j in range(0, len(users), size)])
         return out
 
     async def _bill_users(
+        self, by_user: dict[int, list[tuple[BillingEntry, str]]], failed: dict[int, str]
+    ) -> tuple[int, int, int]:
+        """Bill every user's events (:meth:`lanes`, :func:`bill_chunks`); (billed, duplicates,
+        characters billed). Fills ``failed`` with {user_id: reason} for users that cannot be
+        billed (data errors: their events are dead-lettered, the others' are not held up; a
+        failing multi-user transaction is retried a user at a time to find the user). Any other
+        error propagates: the batch stays pending."""
+        billed = dups = chars = 0
+        lanes = self.lanes({u: len(mine) for u, mine in by_user.items()})
+        while lanes:
+            results = await self._bill_lanes(lanes, by_user)
+            singles: list[int] = []
+            for lane, lane_results in zip(lanes, results, strict=True):
+                for users, result in zip(lane, lane_results, strict=True):
+                    if isinstance(result, ChunkResult):
+                        n = sum(len(by_user[u]) for u in users)
+                        dups += len(result.duplicates)
+                        billed += n - len(result.duplicates)
+                        chars += result.text_length
+                    elif len(users) == 1:
+                        failed[users[0]] = f"{type(result).__name__}: {result}"
+                    else:
+                        singles.extend(users)
+            k = self.pg_cfg.billing_pool_size
+            lanes = [[[u] for u in singles[i::k]] for i in range(k) if singles[i::k]]
+        return billed, dups, chars
+
+    async def _bill_lanes(
         self,
-        events: Sequence[PreparedEvent],
-        limiter: trio.CapacityLimiter,
-        outcomes: list[GroupOutcome],
-        failed: dict[int, str],
-    ) -> None:
-        """Bill all events, one transaction per chunk (:meth:`chunks`), as many at once as
-        ``limiter`` allows. Appends to ``outcomes``; fills ``failed`` with {user_id: reason} for
-        users that cannot be billed (data errors: their events are dead-lettered, the others' are
-        not held up). Any other error propagates: the batch stays pending."""
-
-        async def bill(chunk: list[PreparedEvent]) -> None:
-            async with limiter:
-                try:
-                    outcomes.append(await self._bill_chunk(chunk))
-                    await self.fault("billing.after_chunk")
-                    return
-                except BILLING_DATA_ERRORS as exc:
-                    users = sorted({p.event.user_id for p in chunk})
-                    if len(users) == 1:
-                        failed[users[0]] = f"{type(exc).__name__}: {exc}"
-                        return
-            # A data error in a multi-user transaction: find the user, bill the others.
-            for user in sorted({p.event.user_id for p in chunk}):
-                await bill([p for p in chunk if p.event.user_id == user])
-
-        async with trio.open_nursery() as nursery:
-            for chunk in self.chunks(events):
-                nursery.start_soon(bill, chunk)
-
-    async def _bill_chunk(self, chunk: list[PreparedEvent]) -> GroupOutcome:
+        lanes: list[list[list[int]]],
+        by_user: dict[int, list[tuple[BillingEntry, str]]],
+    ) -> list[list[ChunkResult | Exception]]:
         assert self.pool is not None
-        with trio.fail_after(self.pg_cfg.command_timeout_s * 2):
-            outcome = await self.pool.run(
-                bill_group,
-                chunk,
+        payload = [
+            [events_array([text for u in users for _, text in by_user[u]]) for users in lane]
+            for lane in lanes
+        ]
+        longest = max(len(lane) for lane in lanes)
+        with trio.fail_after(
+            self.pg_cfg.acquire_timeout_s + self.pg_cfg.command_timeout_s * 2 * longest
+        ):
+            results = await self.pool.run(
+                bill_chunks,
+                payload,
                 acquire_timeout_s=self.pg_cfg.acquire_timeout_s,
                 txn_delay_s=self.cfg.txn_delay_ms / 1000.0,
             )
         self.metrics.billing_pool_in_use.set(self.pool.in_use())
-        return outcome
+        return results
 
     async def _dead_letter(self, entry: BillingEntry, reason: str) -> None:
         raw = (entry.raw or b"").decode("utf-8", errors="replace")
