@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from daemon.billing.consumer import BatchOutcome, BillingConsumer  # noqa: E402
+from daemon.billing.consumer import BatchOutcome, BillingConsumer, PreparedBatch  # noqa: E402
 from daemon.config import BillingConfig, PostgresConfig  # noqa: E402
 from daemon.contracts import BillingEvent, Keys  # noqa: E402
 from daemon.embedded import EmbeddedServers  # noqa: E402
@@ -53,7 +53,7 @@ from daemon.events import EventLog  # noqa: E402
 from daemon.metrics import Metrics  # noqa: E402
 from daemon.stores.ledger import bill_one  # noqa: E402
 from daemon.stores.pg import open_pg_pool  # noqa: E402
-from daemon.stores.redis import BillingEntry, RedisStore, open_redis  # noqa: E402
+from daemon.stores.redis import RedisStore, open_redis  # noqa: E402
 
 WORDS = [
     "the",
@@ -129,9 +129,10 @@ def make_events(n: int, user_ids: Sequence[int], rng: random.Random) -> list[Bil
 class UnbatchedConsumer(BillingConsumer):
     """The baseline: the same consumer loop, but every event in a transaction of its own."""
 
-    async def bill_entries(self, entries: Sequence[BillingEntry]) -> BatchOutcome:
+    async def bill_batch(self, batch: PreparedBatch) -> BatchOutcome:
         assert self.pool is not None
         t0 = time.perf_counter()
+        entries = [entry for mine in batch.by_user.values() for entry, _ in mine]
         prepared = [(e.entry_id, self._prepare(e)) for e in entries]
         limiter = trio.CapacityLimiter(self.pg_cfg.billing_pool_size)
         billed = 0
@@ -157,12 +158,13 @@ class UnbatchedConsumer(BillingConsumer):
         self.batches += 1
         self.events.emit(
             "billing_processed",
-            events_count=len(entries),
+            events_count=batch.events_count,
             users_count=users,
             duration_ms=ms,
             text_length=text_length,
         )
-        return BatchOutcome(len(entries), users, billed, len(entries) - billed, 0, text_length, ms)
+        n = batch.events_count
+        return BatchOutcome(n, users, billed, n - billed, 0, text_length, ms)
 
 
 # -- setup -------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from daemon.stores.ledger import ChunkResult, PreparedEvent, bill_chunks, events
 from daemon.stores.pg import PgPool, open_pg_pool
 from daemon.stores.redis import BillingEntry, RedisStore, billing_block_ms
 
-__all__ = ["BatchOutcome", "BillingConsumer", "FaultPoint"]
+__all__ = ["BatchOutcome", "BillingConsumer", "FaultPoint", "PreparedBatch"]
 
 # Tests and the chaos tool inject failures at these points: a callable that may raise.
 FaultPoint = Callable[[str], Awaitable[None]]
@@ -52,6 +52,17 @@ class BatchOutcome:
     duration_ms: float
 
 
+@attrs.frozen
+class PreparedBatch:
+    """A batch read and checked, not yet billed: its size, the valid events by user (each user's
+    as (entry, JSON text) in arrival order), how many were dead-lettered, the seconds it took."""
+
+    events_count: int
+    by_user: dict[int, list[tuple[BillingEntry, str]]]
+    dead_lettered: int
+    check_s: float
+
+
 @attrs.define
 class BillingConsumer:
     """One billing consumer; :meth:`run` is the (restartable) service."""
@@ -66,8 +77,11 @@ class BillingConsumer:
     block_s: float = 1.0
     fault: FaultPoint = _no_fault
     pool: PgPool | None = None
-    # The consumer's own Redis connection (reads, acknowledgements, dead letters): billing shares
-    # no pool with the request path, Postgres or Redis.
+    # The consumer's own Redis connections: one for reads (and dead letters of malformed
+    # events), one for acknowledgements (and dead letters of users that cannot be billed), so an
+    # acknowledgement never waits behind a blocking read. Billing shares no pool with the request
+    # path, Postgres or Redis.
+    reader: RedisStore | None = None
     redis: RedisStore | None = None
     usage_types: dict[str, str] = attrs.Factory(dict)
     batches: int = 0
@@ -75,9 +89,10 @@ class BillingConsumer:
     async def run(
         self, *, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Bill until ``stopping``; the batch in hand is finished (committed and acknowledged, or
-        left pending). ``started()`` once its pool is connected. Errors end the service (the
-        supervisor restarts it with backoff); nothing is acknowledged that was not committed.
+        """Bill until ``stopping``; the batches in hand (the one being billed and the one read
+        ahead) are finished (committed and acknowledged, or left pending). ``started()`` once its
+        pool is connected. Errors end the service (the supervisor restarts it with backoff);
+        nothing is acknowledged that was not committed.
         """
         async with (
             open_pg_pool(
@@ -88,22 +103,22 @@ class BillingConsumer:
                 command_timeout_s=self.pg_cfg.command_timeout_s,
             ) as pool,
             self.store.dedicated() as reader,
+            self.store.dedicated() as writer,
         ):
-            self.pool, self.redis = pool, reader
+            self.pool, self.reader, self.redis = pool, reader, writer
             try:
                 catalog = await pool.catalog()
                 self.usage_types = {m: info["usage_type"] for m, info in catalog.models.items()}
                 task_status.started()
                 await self._loop(reader, stopping)
             finally:
-                self.pool = self.redis = None
+                self.pool = self.reader = self.redis = None
 
     async def _loop(self, reader: RedisStore, stopping: trio.Event) -> None:
         block_ms = billing_block_ms(self.block_s)
-        claim_every_s = max(1.0, self.cfg.claim_idle_s / 2)
-        next_claim = trio.current_time()
         # Our own pending events first: those a previous run of this consumer read and did not
-        # acknowledge (it crashed mid-batch, or the process was killed).
+        # acknowledge (it crashed mid-batch, or the process was killed). One batch at a time: a
+        # pending read starts at the oldest unacknowledged entry, so it cannot read ahead.
         while not stopping.is_set():
             entries = await reader.read_billing(
                 self.consumer_name, count=self.cfg.max_batch, block_ms=block_ms, pending=True
@@ -111,6 +126,23 @@ class BillingConsumer:
             if not entries:
                 break
             await self.bill_entries(entries)
+        # Then new events, in two stages: this task reads and checks the next batch while the
+        # biller bills the current one (a channel without a buffer: one batch ahead at most).
+        send, recv = trio.open_memory_channel[PreparedBatch](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._biller, recv)
+            async with send:
+                await self._reader(reader, stopping, send, block_ms)
+
+    async def _reader(
+        self,
+        reader: RedisStore,
+        stopping: trio.Event,
+        send: trio.MemorySendChannel[PreparedBatch],
+        block_ms: int,
+    ) -> None:
+        claim_every_s = max(1.0, self.cfg.claim_idle_s / 2)
+        next_claim = trio.current_time()
         while not stopping.is_set():
             if trio.current_time() >= next_claim:
                 next_claim = trio.current_time() + claim_every_s
@@ -121,33 +153,37 @@ class BillingConsumer:
                 )
                 if stale:
                     self.events.emit("billing_claimed", service="billing", count=len(stale))
-                    await self.bill_entries(stale)
+                    await send.send(await self.prepare_batch(stale))
                     continue
             entries = await reader.read_billing(
                 self.consumer_name, count=self.cfg.max_batch, block_ms=block_ms
             )
             if entries:
-                await self.bill_entries(entries)
+                await send.send(await self.prepare_batch(entries))
+
+    async def _biller(self, recv: trio.MemoryReceiveChannel[PreparedBatch]) -> None:
+        async with recv:
+            async for batch in recv:
+                await self.bill_batch(batch)
 
     async def bill_entries(self, entries: Sequence[BillingEntry]) -> BatchOutcome:
-        """Bill one batch of stream entries and acknowledge them.
+        """Bill one batch of stream entries and acknowledge them (:meth:`prepare_batch`, then
+        :meth:`bill_batch`)."""
+        return await self.bill_batch(await self.prepare_batch(entries))
 
-        Malformed entries are dead-lettered; the others are grouped by user and billed by
-        :meth:`_bill_users`: each connection of the pool bills its own users, in transactions
-        of whole users, all in one crossing. Only then are the entries acknowledged: a failure
-        anywhere before leaves the whole batch pending.
-        """
-        assert self.pool is not None and self.redis is not None
+    async def prepare_batch(self, entries: Sequence[BillingEntry]) -> PreparedBatch:
+        """Check a batch: malformed entries are dead-lettered (on the reading connection), the
+        others grouped by user, each user's in arrival order."""
+        assert self.reader is not None
         t0 = time.perf_counter()
         await self.fault("billing.before_batch")
-        # {user_id: [(entry, its JSON text)]}, each user's events in arrival order
         by_user: dict[int, list[tuple[BillingEntry, str]]] = {}
         dead = 0
         for entry in entries:
             try:
                 user_id, text = self._check(entry)
             except ContractError as exc:
-                await self._dead_letter(entry, str(exc))
+                await self._dead_letter(self.reader, entry, str(exc))
                 dead += 1
                 continue
             mine = by_user.get(user_id)
@@ -155,6 +191,19 @@ class BillingConsumer:
                 by_user[user_id] = [(entry, text)]
             else:
                 mine.append((entry, text))
+        return PreparedBatch(len(entries), by_user, dead, time.perf_counter() - t0)
+
+    async def bill_batch(self, batch: PreparedBatch) -> BatchOutcome:
+        """Bill a checked batch and acknowledge it.
+
+        The users' events are billed by :meth:`_bill_users`: each connection of the pool bills
+        its own users, in transactions of whole users, all in one crossing. Only then are the
+        entries acknowledged: a failure anywhere before leaves the whole batch pending.
+        """
+        assert self.pool is not None and self.redis is not None
+        t0 = time.perf_counter()
+        by_user = batch.by_user
+        dead = batch.dead_lettered
         failed: dict[int, str] = {}
         billed = dups = text_length = 0
         if by_user:
@@ -162,7 +211,7 @@ class BillingConsumer:
             await self.fault("billing.after_chunk")
         for user_id, reason in failed.items():
             for entry, _ in by_user[user_id]:
-                await self._dead_letter(entry, reason)
+                await self._dead_letter(self.redis, entry, reason)
                 dead += 1
         await self.fault("billing.after_commit")
         ok_ids = [
@@ -172,7 +221,7 @@ class BillingConsumer:
             for entry, _ in mine
         ]
         await self.redis.ack_billing(ok_ids)
-        duration_ms = (time.perf_counter() - t0) * 1000
+        duration_ms = (time.perf_counter() - t0 + batch.check_s) * 1000
         users = len(by_user)
         self.batches += 1
         self.metrics.billing_events.inc(billed)
@@ -180,7 +229,7 @@ class BillingConsumer:
         self.metrics.billing_batch_seconds.observe(duration_ms / 1000)
         self.events.emit(
             "billing_processed",
-            events_count=len(entries),
+            events_count=batch.events_count,
             users_count=users,
             duration_ms=round(duration_ms, 3),
             text_length=text_length,
@@ -188,7 +237,7 @@ class BillingConsumer:
             duplicates=dups,
             dead_lettered=dead,
         )
-        return BatchOutcome(len(entries), users, billed, dups, dead, text_length, duration_ms)
+        return BatchOutcome(batch.events_count, users, billed, dups, dead, text_length, duration_ms)
 
     def _check(self, entry: BillingEntry) -> tuple[int, str]:
         """The entry's user and its event as JSON text, validated (ContractError if not)."""
@@ -288,7 +337,7 @@ class BillingConsumer:
         self.metrics.billing_pool_in_use.set(self.pool.in_use())
         return results
 
-    async def _dead_letter(self, entry: BillingEntry, reason: str) -> None:
+    async def _dead_letter(self, redis: RedisStore, entry: BillingEntry, reason: str) -> None:
         raw = (entry.raw or b"").decode("utf-8", errors="replace")
         record = json.dumps(
             {
@@ -299,8 +348,7 @@ class BillingConsumer:
                 "raw": raw[:10_000],
             }
         )
-        assert self.redis is not None
-        await self.redis.dead_letter_billing(entry.entry_id, record)
+        await redis.dead_letter_billing(entry.entry_id, record)
         self.metrics.billing_dead_letters.inc()
         self.events.error(
             "billing",
