@@ -292,13 +292,13 @@ class BillingConsumer:
         """Bill every user's events (:meth:`lanes`, :func:`bill_chunks`); (billed, duplicates,
         characters billed). Fills ``failed`` with {user_id: reason} for users that cannot be
         billed (data errors: their events are dead-lettered, the others' are not held up; a
-        failing multi-user transaction is retried a user at a time to find the user). Any other
-        error propagates: the batch stays pending."""
+        failing multi-user transaction is split in two and each half retried, until the user is
+        found). Any other error propagates: the batch stays pending."""
         billed = dups = chars = 0
         lanes = self.lanes({u: len(mine) for u, mine in by_user.items()})
         while lanes:
             results = await self._bill_lanes(lanes, by_user)
-            singles: list[int] = []
+            retry: list[list[int]] = []
             for lane, lane_results in zip(lanes, results, strict=True):
                 for users, result in zip(lane, lane_results, strict=True):
                     if isinstance(result, ChunkResult):
@@ -309,9 +309,10 @@ class BillingConsumer:
                     elif len(users) == 1:
                         failed[users[0]] = f"{type(result).__name__}: {result}"
                     else:
-                        singles.extend(users)
+                        half = len(users) // 2
+                        retry += [users[:half], users[half:]]
             k = self.pg_cfg.billing_pool_size
-            lanes = [[[u] for u in singles[i::k]] for i in range(k) if singles[i::k]]
+            lanes = [retry[i::k] for i in range(k) if retry[i::k]]
         return billed, dups, chars
 
     async def _bill_lanes(
