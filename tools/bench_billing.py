@@ -7,11 +7,12 @@ waterfall) is written to the real ``tts:billing`` stream of a fresh embedded Red
 the real :class:`~daemon.billing.consumer.BillingConsumer` — its own read loop, ``bill_entries``,
 its own pool of ``postgres.billing_pool_size`` (2) connections — into a fresh database:
 
-- **batched**: the consumer as shipped (drain-on-wake up to ``billing.max_batch``, variants in one
-  transaction, users grouped ``billing.users_per_txn`` to a transaction, two at once);
-- **unbatched** (the baseline, same run, same stream reads and acknowledgements, same two
-  connections): each event in a transaction of its own — variant upsert, ``record_usage``, stats —
-  two at once, the way the system this design came from billed.
+- **batched**: the consumer as shipped (drain-on-wake up to ``billing.max_batch``, the next batch
+  read while the current one bills, users split over the two connections and grouped
+  ``billing.users_per_txn`` to a ``tts_bill_batch`` transaction, variants and stats included);
+- **unbatched** (the baseline, same run, same stream reads, read-ahead and acknowledgements, same
+  two connections): each event in a transaction of its own — variant upsert, ``record_usage``,
+  stats — two at once, the way the system this design came from billed.
 
 ``drain_s`` is the time from the consumer's start (pool connected) until the last event of the
 backlog is billed and acknowledged. After each pair of runs the two databases are compared: every

@@ -7,11 +7,14 @@ on restart it re-reads its own pending events first, and events of a consumer th
 are claimed (XAUTOCLAIM) by another after ``billing.claim_idle_s``. Redelivery is harmless:
 ``usage_log.event_id`` makes a second billing a no-op.
 
-Per batch (drain-on-wake, up to ``billing.max_batch``): malformed events are dead-lettered; the
-variants' metadata is upserted in one transaction and, beside it, the users' events are billed in
-transactions of whole users, at most ``billing.users_per_txn`` each (rows locked in user-id order),
-as many at once as the pool has connections; then the batch is acknowledged (on the consumer's own
-Redis connection) and ``billing_processed`` logged. docs/billing.md says why each choice.
+Per batch (drain-on-wake, up to ``billing.max_batch``): the events are checked without building
+objects (malformed ones are dead-lettered) and grouped by user; the users are split into one lane
+per pool connection, each lane billed in transactions of whole users, at most
+``billing.users_per_txn`` each, every transaction one ``tts_bill_batch`` call on the events' JSON
+(rules, stats and the variants' metadata in SQL), both lanes in one crossing; then the batch is
+acknowledged (on the consumer's own Redis connection) and ``billing_processed`` logged. The next
+batch is read and checked while the current one is billed (one batch ahead at most).
+docs/billing.md says why each choice.
 """
 
 from __future__ import annotations
