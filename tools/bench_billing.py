@@ -46,7 +46,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from daemon.billing.consumer import BatchOutcome, BillingConsumer, PreparedBatch  # noqa: E402
+from daemon.billing.consumer import (  # noqa: E402
+    BillingConsumer,
+    CommittedBatch,
+    PreparedBatch,
+)
 from daemon.config import BillingConfig, PostgresConfig  # noqa: E402
 from daemon.contracts import BillingEvent, Keys  # noqa: E402
 from daemon.embedded import EmbeddedServers  # noqa: E402
@@ -128,13 +132,14 @@ def make_events(n: int, user_ids: Sequence[int], rng: random.Random) -> list[Bil
 
 
 class UnbatchedConsumer(BillingConsumer):
-    """The baseline: the same consumer loop, but every event in a transaction of its own."""
+    """The baseline: the same consumer loop (reads, checks, acknowledgements), but every event
+    billed in a transaction of its own."""
 
-    async def bill_batch(self, batch: PreparedBatch) -> BatchOutcome:
+    async def commit_batch(self, batch: PreparedBatch) -> CommittedBatch:
         assert self.pool is not None
         t0 = time.perf_counter()
         entries = [entry for mine in batch.by_user.values() for entry, _ in mine]
-        prepared = [(e.entry_id, self._prepare(e)) for e in entries]
+        prepared = [self._prepare(e) for e in entries]
         limiter = trio.CapacityLimiter(self.pg_cfg.billing_pool_size)
         billed = 0
         text_length = 0
@@ -150,22 +155,10 @@ class UnbatchedConsumer(BillingConsumer):
                 text_length += p.event.text_length
 
         async with trio.open_nursery() as nursery:
-            for _, p in prepared:
+            for p in prepared:
                 nursery.start_soon(one, p)
-        assert self.redis is not None
-        await self.redis.ack_billing([eid for eid, _ in prepared])
-        ms = (time.perf_counter() - t0) * 1000
-        users = len({p.event.user_id for _, p in prepared})
-        self.batches += 1
-        self.events.emit(
-            "billing_processed",
-            events_count=batch.events_count,
-            users_count=users,
-            duration_ms=ms,
-            text_length=text_length,
-        )
-        n = batch.events_count
-        return BatchOutcome(n, users, billed, n - billed, 0, text_length, ms)
+        dups = len(prepared) - billed
+        return CommittedBatch(batch, {}, billed, dups, text_length, time.perf_counter() - t0)
 
 
 # -- setup -------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from daemon.stores.ledger import ChunkResult, PreparedEvent, bill_chunks, events
 from daemon.stores.pg import PgPool, open_pg_pool
 from daemon.stores.redis import BillingEntry, RedisStore, billing_block_ms
 
-__all__ = ["BatchOutcome", "BillingConsumer", "FaultPoint", "PreparedBatch"]
+__all__ = ["BatchOutcome", "BillingConsumer", "CommittedBatch", "FaultPoint", "PreparedBatch"]
 
 # Tests and the chaos tool inject failures at these points: a callable that may raise.
 FaultPoint = Callable[[str], Awaitable[None]]
@@ -64,6 +64,20 @@ class PreparedBatch:
     by_user: dict[int, list[tuple[BillingEntry, str]]]
     dead_lettered: int
     check_s: float
+
+
+@attrs.frozen
+class CommittedBatch:
+    """A batch whose transactions committed, not yet acknowledged: the users that could not be
+    billed ({user_id: reason}), the events billed and duplicates, the characters billed, the
+    seconds billing took."""
+
+    batch: PreparedBatch
+    failed: dict[int, str]
+    billed: int
+    duplicates: int
+    text_length: int
+    commit_s: float
 
 
 @attrs.define
@@ -129,11 +143,14 @@ class BillingConsumer:
             if not entries:
                 break
             await self.bill_entries(entries)
-        # Then new events, in two stages: this task reads and checks the next batch while the
-        # biller bills the current one (a channel without a buffer: one batch ahead at most).
+        # Then new events, in three stages: this task reads and checks the next batch while the
+        # biller bills the current one and the finisher acknowledges the previous one (channels
+        # without a buffer: one batch ahead at most, one behind).
         send, recv = trio.open_memory_channel[PreparedBatch](0)
+        done_send, done_recv = trio.open_memory_channel[CommittedBatch](0)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._biller, recv)
+            nursery.start_soon(self._biller, recv, done_send)
+            nursery.start_soon(self._finisher, done_recv)
             async with send:
                 await self._reader(reader, stopping, send, block_ms)
 
@@ -164,10 +181,19 @@ class BillingConsumer:
             if entries:
                 await send.send(await self.prepare_batch(entries))
 
-    async def _biller(self, recv: trio.MemoryReceiveChannel[PreparedBatch]) -> None:
-        async with recv:
+    async def _biller(
+        self,
+        recv: trio.MemoryReceiveChannel[PreparedBatch],
+        done: trio.MemorySendChannel[CommittedBatch],
+    ) -> None:
+        async with recv, done:
             async for batch in recv:
-                await self.bill_batch(batch)
+                await done.send(await self.commit_batch(batch))
+
+    async def _finisher(self, recv: trio.MemoryReceiveChannel[CommittedBatch]) -> None:
+        async with recv:
+            async for committed in recv:
+                await self.finish_batch(committed)
 
     async def bill_entries(self, entries: Sequence[BillingEntry]) -> BatchOutcome:
         """Bill one batch of stream entries and acknowledge them (:meth:`prepare_batch`, then
@@ -197,21 +223,31 @@ class BillingConsumer:
         return PreparedBatch(len(entries), by_user, dead, time.perf_counter() - t0)
 
     async def bill_batch(self, batch: PreparedBatch) -> BatchOutcome:
-        """Bill a checked batch and acknowledge it.
+        """Bill a checked batch and acknowledge it (:meth:`commit_batch`, then
+        :meth:`finish_batch`)."""
+        return await self.finish_batch(await self.commit_batch(batch))
 
-        The users' events are billed by :meth:`_bill_users`: each connection of the pool bills
-        its own users, in transactions of whole users, all in one crossing. Only then are the
-        entries acknowledged: a failure anywhere before leaves the whole batch pending.
-        """
-        assert self.pool is not None and self.redis is not None
+    async def commit_batch(self, batch: PreparedBatch) -> CommittedBatch:
+        """Bill a checked batch: :meth:`_bill_users` — each connection of the pool bills its own
+        users, in transactions of whole users, all in one crossing. Nothing is acknowledged."""
+        assert self.pool is not None
         t0 = time.perf_counter()
-        by_user = batch.by_user
-        dead = batch.dead_lettered
         failed: dict[int, str] = {}
         billed = dups = text_length = 0
-        if by_user:
-            billed, dups, text_length = await self._bill_users(by_user, failed)
+        if batch.by_user:
+            billed, dups, text_length = await self._bill_users(batch.by_user, failed)
             await self.fault("billing.after_chunk")
+        return CommittedBatch(batch, failed, billed, dups, text_length, time.perf_counter() - t0)
+
+    async def finish_batch(self, committed: CommittedBatch) -> BatchOutcome:
+        """After the batch's transactions committed: dead-letter the events of users that could
+        not be billed, acknowledge the others, log ``billing_processed``."""
+        assert self.redis is not None
+        t0 = time.perf_counter()
+        batch = committed.batch
+        by_user = batch.by_user
+        failed = committed.failed
+        dead = batch.dead_lettered
         for user_id, reason in failed.items():
             for entry, _ in by_user[user_id]:
                 await self._dead_letter(self.redis, entry, reason)
@@ -224,8 +260,10 @@ class BillingConsumer:
             for entry, _ in mine
         ]
         await self.redis.ack_billing(ok_ids)
-        duration_ms = (time.perf_counter() - t0 + batch.check_s) * 1000
+        # the batch's own work: checking, billing, acknowledging (not its waits between stages)
+        duration_ms = (batch.check_s + committed.commit_s + time.perf_counter() - t0) * 1000
         users = len(by_user)
+        billed, dups, text_length = committed.billed, committed.duplicates, committed.text_length
         self.batches += 1
         self.metrics.billing_events.inc(billed)
         self.metrics.billing_duplicates.inc(dups)
