@@ -13,7 +13,8 @@ per pool connection, each lane billed in transactions of whole users, at most
 ``billing.users_per_txn`` each, every transaction one ``tts_bill_batch`` call on the events' JSON
 (rules, stats and the variants' metadata in SQL), both lanes in one crossing; then the batch is
 acknowledged (on the consumer's own Redis connection) and ``billing_processed`` logged. The next
-batch is read and checked while the current one is billed (one batch ahead at most).
+batch is read and checked, and the previous one acknowledged, while the current one is billed
+(one batch ahead and one behind at most).
 docs/billing.md says why each choice.
 """
 
@@ -106,10 +107,10 @@ class BillingConsumer:
     async def run(
         self, *, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Bill until ``stopping``; the batches in hand (the one being billed and the one read
-        ahead) are finished (committed and acknowledged, or left pending). ``started()`` once its
-        pool is connected. Errors end the service (the supervisor restarts it with backoff);
-        nothing is acknowledged that was not committed.
+        """Bill until ``stopping``; the batches in hand (read ahead, being billed, waiting for
+        their acknowledgement) are finished (committed and acknowledged, or left pending).
+        ``started()`` once its pool is connected. Errors end the service (the supervisor restarts
+        it with backoff); nothing is acknowledged that was not committed.
         """
         async with (
             open_pg_pool(
