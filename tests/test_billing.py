@@ -511,3 +511,21 @@ def test_batch_split_keeps_users_whole_on_one_connection_within_users_per_txn(
     # the connections get about equal work: no lane ahead by more than the largest user
     loads = [sum(counts[u] for txn in lane for u in txn) for lane in lanes]
     assert max(loads) - min(loads) <= max(counts.values())
+
+
+async def test_sql_amount_rounds_like_usage_amount(pg_url: str) -> None:
+    """tts_bill_batch computes each amount in SQL: halves up, exactly as contracts.usage_amount,
+    on the edges (x.5, binary fractions that are not exact, large lengths)."""
+    rng = random.Random(6)
+    cases = [(1, 0.5), (3, 0.5), (5, 1.5), (7, 2.5), (1, 0.1), (3, 0.1), (5, 0.3), (0, 2.0)]
+    cases += [(2**40 + 1, 0.5), (999_999, 1.0000001), (12, 1e-9), (13, 0.0)]
+    cases += [(rng.randint(0, 100_000), rng.choice([0.5, 1.5, 2.0, 0.25, rng.random() * 3]))]
+    cases += [(rng.randint(0, 5000), rng.random() * 4) for _ in range(200)]
+    rows = await pg_fetch(
+        pg_url,
+        "SELECT tts_usage_amount(c, m) AS a FROM unnest($1::bigint[], $2::float8[])"
+        " WITH ORDINALITY AS x(c, m, o) ORDER BY o",
+        [c for c, _ in cases],
+        [m for _, m in cases],
+    )
+    assert [r["a"] for r in rows] == [usage_amount(c, m) for c, m in cases]

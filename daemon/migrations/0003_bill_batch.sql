@@ -4,7 +4,7 @@
 
 -- amount = round(text_length × usage_multiplier), halves up: contracts.usage_amount, in SQL. Both
 -- are IEEE double arithmetic (multiply, add 0.5, floor), so they agree on every input
--- (tests/test_billing.py checks the edges).
+-- (tests/test_billing.py, test_sql_amount_rounds_like_usage_amount, checks the edges).
 CREATE FUNCTION tts_usage_amount(p_text_length bigint, p_multiplier double precision)
 RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
