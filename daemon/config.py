@@ -112,13 +112,15 @@ class HotConfig:
 
 @attrs.frozen
 class BillingConfig:
-    max_batch: int = 200
+    # Events per batch (drain-on-wake: up to this many). Large batches amortize each transaction's
+    # fixed cost (docs/billing.md, tools/bench_billing.py).
+    max_batch: int = 2000
     # A pending event idle this long (its consumer died) is claimed by another consumer.
     claim_idle_s: float = 30.0
     # Stand-in for slow storage: added inside each billing transaction (stress/bench only).
     txn_delay_ms: float = 0.0
     # Users whose events share one transaction (locked in user-id order).
-    users_per_txn: int = 50
+    users_per_txn: int = 250
 
 
 @attrs.frozen

@@ -20,6 +20,7 @@ __all__ = [
     "Keys",
     "ModelInfo",
     "Result",
+    "billing_event_fields",
 ]
 
 
@@ -302,23 +303,51 @@ class BillingEvent:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> BillingEvent:
-        d = _loads(raw, "billing event")
-        w = "billing event"
-        event = cls(
-            event_id=_field(d, "event_id", str, w),
-            user_id=_field(d, "user_id", int, w),
-            model=_field(d, "model", str, w),
-            voice=_field(d, "voice", str, w),
-            variant_hash=_field(d, "variant_hash", str, w),
-            text_length=_field(d, "text_length", int, w),
-            usage_multiplier=float(_field(d, "usage_multiplier", (int, float), w)),
-            duration_ms=int(_field(d, "duration_ms", (int, float), w)),
-            document_id=_field(d, "document_id", str, w),
-            block_idx=_field(d, "block_idx", int, w),
-            finalized_at=float(_field(d, "finalized_at", (int, float), w)),
+        d = billing_event_fields(raw)
+        return cls(
+            event_id=d["event_id"],
+            user_id=d["user_id"],
+            model=d["model"],
+            voice=d["voice"],
+            variant_hash=d["variant_hash"],
+            text_length=d["text_length"],
+            usage_multiplier=float(d["usage_multiplier"]),
+            duration_ms=int(d["duration_ms"]),
+            document_id=d["document_id"],
+            block_idx=d["block_idx"],
+            finalized_at=float(d["finalized_at"]),
         )
-        if not event.event_id:
-            raise ContractError(f"{w}: empty event_id")
-        if event.text_length < 0 or event.usage_multiplier < 0:
-            raise ContractError(f"{w}: negative text_length or usage_multiplier")
-        return event
+
+
+_BILLING_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("event_id", str),
+    ("user_id", int),
+    ("model", str),
+    ("voice", str),
+    ("variant_hash", str),
+    ("text_length", int),
+    ("usage_multiplier", (int, float)),
+    ("duration_ms", (int, float)),
+    ("document_id", str),
+    ("block_idx", int),
+    ("finalized_at", (int, float)),
+)
+
+
+def billing_event_fields(raw: bytes | str) -> dict[str, Any]:
+    """A billing event's JSON object, validated as :meth:`BillingEvent.from_json` does (every
+    field present and of its type, a non-empty ``event_id``, no negative ``text_length`` or
+    ``usage_multiplier``, finite numbers) without building the event: the billing consumer checks
+    each event this way and sends the raw JSON on to Postgres. Raises ContractError."""
+    w = "billing event"
+    d = _loads(raw, w)
+    for name, kind in _BILLING_FIELDS:
+        _field(d, name, kind, w)
+    if not d["event_id"]:
+        raise ContractError(f"{w}: empty event_id")
+    if d["text_length"] < 0 or d["usage_multiplier"] < 0:
+        raise ContractError(f"{w}: negative text_length or usage_multiplier")
+    for name in ("usage_multiplier", "duration_ms", "finalized_at"):
+        if isinstance(d[name], float) and not math.isfinite(d[name]):
+            raise ContractError(f"{w}: field {name!r} is not a finite number")
+    return d

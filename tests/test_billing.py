@@ -479,35 +479,53 @@ async def test_variants_metadata_upserted_idempotently(pg_url: str) -> None:
 # -- how a batch is split into transactions ------------------------------------------------------
 
 
-@pytest.mark.parametrize(("users", "per_txn"), [(1, 50), (5, 50), (500, 50), (500, 1), (60, 7)])
-def test_batch_split_keeps_users_whole_in_order_and_within_users_per_txn(
-    users: int, per_txn: int
+@pytest.mark.parametrize(
+    ("users", "per_txn", "pool"),
+    [(1, 50, 2), (5, 50, 2), (500, 50, 2), (500, 1, 2), (60, 7, 2), (60, 7, 3)],
+)
+def test_batch_split_keeps_users_whole_on_one_connection_within_users_per_txn(
+    users: int, per_txn: int, pool: int
 ) -> None:
     from daemon.billing.consumer import BillingConsumer
     from daemon.config import BillingConfig, PostgresConfig
 
     rng = random.Random(users)
-    batch = [event(rng.randint(1, users), "kokoro", 5) for _ in range(200)]
+    batch = [rng.randint(1, users) for _ in range(200)]  # the users of 200 events
+    counts = {u: batch.count(u) for u in set(batch)}
     consumer = BillingConsumer(
         store=None,  # type: ignore[arg-type]
         pg_url="",
-        pg_cfg=PostgresConfig(billing_pool_size=2),
+        pg_cfg=PostgresConfig(billing_pool_size=pool),
         cfg=BillingConfig(users_per_txn=per_txn),
         events=None,  # type: ignore[arg-type]
         metrics=None,  # type: ignore[arg-type]
         consumer_name="t",
     )
-    chunks = consumer.chunks(batch)
-    assert sorted(p.event.event_id for c in chunks for p in c) == sorted(
-        p.event.event_id for p in batch
+    lanes = consumer.lanes(counts)
+    # one lane per connection (fewer only with fewer users), none empty
+    assert len(lanes) == min(pool, len(counts)) and all(lanes)
+    txns = [txn for lane in lanes for txn in lane]
+    # every user in exactly one transaction: whole users, never on two connections at once
+    assert sorted(u for txn in txns for u in txn) == sorted(counts)
+    assert all(0 < len(txn) <= per_txn for txn in txns)
+    # the connections get about equal work: no lane ahead by more than the largest user
+    loads = [sum(counts[u] for txn in lane for u in txn) for lane in lanes]
+    assert max(loads) - min(loads) <= max(counts.values())
+
+
+async def test_sql_amount_rounds_like_usage_amount(pg_url: str) -> None:
+    """tts_bill_batch computes each amount in SQL: halves up, exactly as contracts.usage_amount,
+    on the edges (x.5, binary fractions that are not exact, large lengths)."""
+    rng = random.Random(6)
+    cases = [(1, 0.5), (3, 0.5), (5, 1.5), (7, 2.5), (1, 0.1), (3, 0.1), (5, 0.3), (0, 2.0)]
+    cases += [(2**40 + 1, 0.5), (999_999, 1.0000001), (12, 1e-9), (13, 0.0)]
+    cases += [(rng.randint(0, 100_000), rng.choice([0.5, 1.5, 2.0, 0.25, rng.random() * 3]))]
+    cases += [(rng.randint(0, 5000), rng.random() * 4) for _ in range(200)]
+    rows = await pg_fetch(
+        pg_url,
+        "SELECT tts_usage_amount(c, m) AS a FROM unnest($1::bigint[], $2::float8[])"
+        " WITH ORDINALITY AS x(c, m, o) ORDER BY o",
+        [c for c, _ in cases],
+        [m for _, m in cases],
     )
-    seen: set[int] = set()
-    for chunk in chunks:
-        ids = {p.event.user_id for p in chunk}
-        assert len(ids) <= per_txn and not ids & seen  # whole users, never split
-        seen |= ids
-        for user_id in ids:  # each user's events in arrival order
-            mine = [p for p in chunk if p.event.user_id == user_id]
-            assert mine == [p for p in batch if p.event.user_id == user_id]
-    distinct = len({p.event.user_id for p in batch})
-    assert len(chunks) >= min(4, distinct)  # both connections get work
+    assert [r["a"] for r in rows] == [usage_amount(c, m) for c, m in cases]

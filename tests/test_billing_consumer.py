@@ -152,6 +152,7 @@ async def test_poison_events_are_dead_lettered_and_the_events_around_them_billed
     missing_field = json.loads(good[0].to_json()) | {"event_id": "x2"}
     del missing_field["user_id"]
     no_such_user = billing_event(987_654, "kokoro", 5)
+    not_a_number = json.loads(good[0].to_json()) | {"event_id": "x3", "duration_ms": float("nan")}
     await xadd(
         redis_url,
         [
@@ -162,6 +163,8 @@ async def test_poison_events_are_dead_lettered_and_the_events_around_them_billed
             json.dumps(missing_field),
             {"something": "else"},
             no_such_user,
+            json.dumps(not_a_number),  # NaN: valid to Python's json, not to Postgres
+            {"event": b"\xff\xfe not UTF-8"},  # type: ignore[dict-item]
             good[2],
         ],
     )
@@ -169,15 +172,43 @@ async def test_poison_events_are_dead_lettered_and_the_events_around_them_billed
     assert await kokoro_used(pg_url, user_id) == 66
     dead = [json.loads(x) for x in await redis_call(redis_url, "LRANGE", Keys.BILLING_DEAD, 0, -1)]
     reasons = sorted(d["reason"] for d in dead)
-    assert len(reasons) == 5, reasons
+    assert len(reasons) == 7, reasons
     assert any("not JSON" in r for r in reasons)
+    assert any("'duration_ms' is not a finite number" in r for r in reasons)
+    assert any("not UTF-8" in r for r in reasons)
     assert any("unknown model 'opera'" in r for r in reasons)
     assert any("missing field 'user_id'" in r for r in reasons)
     assert any("no 'event' field" in r for r in reasons)
     assert any("user 987654 has no subscription" in r for r in reasons)
     assert all(d["entry_id"] and d["consumer"] == daemon.instance_id for d in dead)
     errors = [r for r in records if r["event"] == "error" and r["service"] == "billing"]
-    assert len(errors) == 5 and all("dead-lettered" in e["message"] for e in errors)
+    assert len(errors) == 7 and all("dead-lettered" in e["message"] for e in errors)
+    assert daemon.supervisor.states["billing"].restarts == 0
+
+
+async def test_a_user_that_cannot_be_billed_is_found_in_a_shared_transaction(
+    daemon: Daemon, pg_url: str, redis_url: str
+) -> None:
+    """Ten users' events in one batch, so several users share each connection's transaction; one
+    user has no subscription. That transaction fails; it is split until the user is found: the
+    user's events are dead-lettered, every other user is billed in full, nothing restarts."""
+    records = record_events(daemon)
+    users = [(await add_user(pg_url, f"many-{i}", "basic"))[0] for i in range(9)]
+    rng = random.Random(3)
+    events = [billing_event(u, "kokoro", rng.randint(5, 90)) for u in users for _ in range(4)]
+    missing = [billing_event(987_001, "kokoro", 7) for _ in range(3)]
+    stream = events + missing
+    rng.shuffle(stream)
+    await xadd(redis_url, stream)  # atomically: one batch
+    await wait_billed(pg_url, redis_url, len(events))
+    for u in users:
+        assert await kokoro_used(pg_url, u) == sum(e.text_length for e in events if e.user_id == u)
+    dead = [json.loads(x) for x in await redis_call(redis_url, "LRANGE", Keys.BILLING_DEAD, 0, -1)]
+    assert len(dead) == 3
+    assert all("user 987001 has no subscription" in d["reason"] for d in dead)
+    batches = [r for r in records if r["event"] == "billing_processed"]
+    assert sum(b["billed"] for b in batches) == len(events)
+    assert sum(b["dead_lettered"] for b in batches) == 3
     assert daemon.supervisor.states["billing"].restarts == 0
 
 

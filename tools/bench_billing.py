@@ -7,11 +7,12 @@ waterfall) is written to the real ``tts:billing`` stream of a fresh embedded Red
 the real :class:`~daemon.billing.consumer.BillingConsumer` — its own read loop, ``bill_entries``,
 its own pool of ``postgres.billing_pool_size`` (2) connections — into a fresh database:
 
-- **batched**: the consumer as shipped (drain-on-wake up to ``billing.max_batch``, variants in one
-  transaction, users grouped ``billing.users_per_txn`` to a transaction, two at once);
-- **unbatched** (the baseline, same run, same stream reads and acknowledgements, same two
-  connections): each event in a transaction of its own — variant upsert, ``record_usage``, stats —
-  two at once, the way the system this design came from billed.
+- **batched**: the consumer as shipped (drain-on-wake up to ``billing.max_batch``, the next batch
+  read while the current one bills, users split over the two connections and grouped
+  ``billing.users_per_txn`` to a ``tts_bill_batch`` transaction, variants and stats included);
+- **unbatched** (the baseline, same run, same stream reads, read-ahead and acknowledgements, same
+  two connections): each event in a transaction of its own — variant upsert, ``record_usage``,
+  stats — two at once, the way the system this design came from billed.
 
 ``drain_s`` is the time from the consumer's start (pool connected) until the last event of the
 backlog is billed and acknowledged. After each pair of runs the two databases are compared: every
@@ -45,7 +46,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from daemon.billing.consumer import BatchOutcome, BillingConsumer  # noqa: E402
+from daemon.billing.consumer import (  # noqa: E402
+    BillingConsumer,
+    CommittedBatch,
+    PreparedBatch,
+)
 from daemon.config import BillingConfig, PostgresConfig  # noqa: E402
 from daemon.contracts import BillingEvent, Keys  # noqa: E402
 from daemon.embedded import EmbeddedServers  # noqa: E402
@@ -53,7 +58,7 @@ from daemon.events import EventLog  # noqa: E402
 from daemon.metrics import Metrics  # noqa: E402
 from daemon.stores.ledger import bill_one  # noqa: E402
 from daemon.stores.pg import open_pg_pool  # noqa: E402
-from daemon.stores.redis import BillingEntry, RedisStore, open_redis  # noqa: E402
+from daemon.stores.redis import RedisStore, open_redis  # noqa: E402
 
 WORDS = [
     "the",
@@ -127,12 +132,14 @@ def make_events(n: int, user_ids: Sequence[int], rng: random.Random) -> list[Bil
 
 
 class UnbatchedConsumer(BillingConsumer):
-    """The baseline: the same consumer loop, but every event in a transaction of its own."""
+    """The baseline: the same consumer loop (reads, checks, acknowledgements), but every event
+    billed in a transaction of its own."""
 
-    async def bill_entries(self, entries: Sequence[BillingEntry]) -> BatchOutcome:
+    async def commit_batch(self, batch: PreparedBatch) -> CommittedBatch:
         assert self.pool is not None
         t0 = time.perf_counter()
-        prepared = [(e.entry_id, self._prepare(e)) for e in entries]
+        entries = [entry for mine in batch.by_user.values() for entry, _ in mine]
+        prepared = [self._prepare(e) for e in entries]
         limiter = trio.CapacityLimiter(self.pg_cfg.billing_pool_size)
         billed = 0
         text_length = 0
@@ -148,21 +155,10 @@ class UnbatchedConsumer(BillingConsumer):
                 text_length += p.event.text_length
 
         async with trio.open_nursery() as nursery:
-            for _, p in prepared:
+            for p in prepared:
                 nursery.start_soon(one, p)
-        assert self.redis is not None
-        await self.redis.ack_billing([eid for eid, _ in prepared])
-        ms = (time.perf_counter() - t0) * 1000
-        users = len({p.event.user_id for _, p in prepared})
-        self.batches += 1
-        self.events.emit(
-            "billing_processed",
-            events_count=len(entries),
-            users_count=users,
-            duration_ms=ms,
-            text_length=text_length,
-        )
-        return BatchOutcome(len(entries), users, billed, len(entries) - billed, 0, text_length, ms)
+        dups = len(prepared) - billed
+        return CommittedBatch(batch, {}, billed, dups, text_length, time.perf_counter() - t0)
 
 
 # -- setup -------------------------------------------------------------------------------------

@@ -7,11 +7,15 @@ on restart it re-reads its own pending events first, and events of a consumer th
 are claimed (XAUTOCLAIM) by another after ``billing.claim_idle_s``. Redelivery is harmless:
 ``usage_log.event_id`` makes a second billing a no-op.
 
-Per batch (drain-on-wake, up to ``billing.max_batch``): malformed events are dead-lettered; the
-variants' metadata is upserted in one transaction and, beside it, the users' events are billed in
-transactions of whole users, at most ``billing.users_per_txn`` each (rows locked in user-id order),
-as many at once as the pool has connections; then the batch is acknowledged (on the consumer's own
-Redis connection) and ``billing_processed`` logged. docs/billing.md says why each choice.
+Per batch (drain-on-wake, up to ``billing.max_batch``): the events are checked without building
+objects (malformed ones are dead-lettered) and grouped by user; the users are split into one lane
+per pool connection, each lane billed in transactions of whole users, at most
+``billing.users_per_txn`` each, every transaction one ``tts_bill_batch`` call on the events' JSON
+(rules, stats and the variants' metadata in SQL), both lanes in one crossing; then the batch is
+acknowledged (on the consumer's own Redis connection) and ``billing_processed`` logged. The next
+batch is read and checked, and the previous one acknowledged, while the current one is billed
+(one batch ahead and one behind at most).
+docs/billing.md says why each choice.
 """
 
 from __future__ import annotations
@@ -19,26 +23,19 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from itertools import groupby
 
 import attrs
 import trio
 
 from daemon.config import BillingConfig, PostgresConfig
-from daemon.contracts import BillingEvent, ContractError, usage_amount
+from daemon.contracts import BillingEvent, ContractError, billing_event_fields, usage_amount
 from daemon.events import EventLog
 from daemon.metrics import Metrics
-from daemon.stores.ledger import (
-    BILLING_DATA_ERRORS,
-    GroupOutcome,
-    PreparedEvent,
-    bill_group,
-    upsert_variants,
-)
+from daemon.stores.ledger import ChunkResult, PreparedEvent, bill_chunks, events_array
 from daemon.stores.pg import PgPool, open_pg_pool
 from daemon.stores.redis import BillingEntry, RedisStore, billing_block_ms
 
-__all__ = ["BatchOutcome", "BillingConsumer", "FaultPoint"]
+__all__ = ["BatchOutcome", "BillingConsumer", "CommittedBatch", "FaultPoint", "PreparedBatch"]
 
 # Tests and the chaos tool inject failures at these points: a callable that may raise.
 FaultPoint = Callable[[str], Awaitable[None]]
@@ -59,6 +56,31 @@ class BatchOutcome:
     duration_ms: float
 
 
+@attrs.frozen
+class PreparedBatch:
+    """A batch read and checked, not yet billed: its size, the valid events by user (each user's
+    as (entry, JSON text) in arrival order), how many were dead-lettered, the seconds it took."""
+
+    events_count: int
+    by_user: dict[int, list[tuple[BillingEntry, str]]]
+    dead_lettered: int
+    check_s: float
+
+
+@attrs.frozen
+class CommittedBatch:
+    """A batch whose transactions committed, not yet acknowledged: the users that could not be
+    billed ({user_id: reason}), the events billed and duplicates, the characters billed, the
+    seconds billing took."""
+
+    batch: PreparedBatch
+    failed: dict[int, str]
+    billed: int
+    duplicates: int
+    text_length: int
+    commit_s: float
+
+
 @attrs.define
 class BillingConsumer:
     """One billing consumer; :meth:`run` is the (restartable) service."""
@@ -73,8 +95,11 @@ class BillingConsumer:
     block_s: float = 1.0
     fault: FaultPoint = _no_fault
     pool: PgPool | None = None
-    # The consumer's own Redis connection (reads, acknowledgements, dead letters): billing shares
-    # no pool with the request path, Postgres or Redis.
+    # The consumer's own Redis connections: one for reads (and dead letters of malformed
+    # events), one for acknowledgements (and dead letters of users that cannot be billed), so an
+    # acknowledgement never waits behind a blocking read. Billing shares no pool with the request
+    # path, Postgres or Redis.
+    reader: RedisStore | None = None
     redis: RedisStore | None = None
     usage_types: dict[str, str] = attrs.Factory(dict)
     batches: int = 0
@@ -82,9 +107,10 @@ class BillingConsumer:
     async def run(
         self, *, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Bill until ``stopping``; the batch in hand is finished (committed and acknowledged, or
-        left pending). ``started()`` once its pool is connected. Errors end the service (the
-        supervisor restarts it with backoff); nothing is acknowledged that was not committed.
+        """Bill until ``stopping``; the batches in hand (read ahead, being billed, waiting for
+        their acknowledgement) are finished (committed and acknowledged, or left pending).
+        ``started()`` once its pool is connected. Errors end the service (the supervisor restarts
+        it with backoff); nothing is acknowledged that was not committed.
         """
         async with (
             open_pg_pool(
@@ -95,22 +121,22 @@ class BillingConsumer:
                 command_timeout_s=self.pg_cfg.command_timeout_s,
             ) as pool,
             self.store.dedicated() as reader,
+            self.store.dedicated() as writer,
         ):
-            self.pool, self.redis = pool, reader
+            self.pool, self.reader, self.redis = pool, reader, writer
             try:
                 catalog = await pool.catalog()
                 self.usage_types = {m: info["usage_type"] for m, info in catalog.models.items()}
                 task_status.started()
                 await self._loop(reader, stopping)
             finally:
-                self.pool = self.redis = None
+                self.pool = self.reader = self.redis = None
 
     async def _loop(self, reader: RedisStore, stopping: trio.Event) -> None:
         block_ms = billing_block_ms(self.block_s)
-        claim_every_s = max(1.0, self.cfg.claim_idle_s / 2)
-        next_claim = trio.current_time()
         # Our own pending events first: those a previous run of this consumer read and did not
-        # acknowledge (it crashed mid-batch, or the process was killed).
+        # acknowledge (it crashed mid-batch, or the process was killed). One batch at a time: a
+        # pending read starts at the oldest unacknowledged entry, so it cannot read ahead.
         while not stopping.is_set():
             entries = await reader.read_billing(
                 self.consumer_name, count=self.cfg.max_batch, block_ms=block_ms, pending=True
@@ -118,6 +144,26 @@ class BillingConsumer:
             if not entries:
                 break
             await self.bill_entries(entries)
+        # Then new events, in three stages: this task reads and checks the next batch while the
+        # biller bills the current one and the finisher acknowledges the previous one (channels
+        # without a buffer: one batch ahead at most, one behind).
+        send, recv = trio.open_memory_channel[PreparedBatch](0)
+        done_send, done_recv = trio.open_memory_channel[CommittedBatch](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._biller, recv, done_send)
+            nursery.start_soon(self._finisher, done_recv)
+            async with send:
+                await self._reader(reader, stopping, send, block_ms)
+
+    async def _reader(
+        self,
+        reader: RedisStore,
+        stopping: trio.Event,
+        send: trio.MemorySendChannel[PreparedBatch],
+        block_ms: int,
+    ) -> None:
+        claim_every_s = max(1.0, self.cfg.claim_idle_s / 2)
+        next_claim = trio.current_time()
         while not stopping.is_set():
             if trio.current_time() >= next_claim:
                 next_claim = trio.current_time() + claim_every_s
@@ -128,64 +174,104 @@ class BillingConsumer:
                 )
                 if stale:
                     self.events.emit("billing_claimed", service="billing", count=len(stale))
-                    await self.bill_entries(stale)
+                    await send.send(await self.prepare_batch(stale))
                     continue
             entries = await reader.read_billing(
                 self.consumer_name, count=self.cfg.max_batch, block_ms=block_ms
             )
             if entries:
-                await self.bill_entries(entries)
+                await send.send(await self.prepare_batch(entries))
+
+    async def _biller(
+        self,
+        recv: trio.MemoryReceiveChannel[PreparedBatch],
+        done: trio.MemorySendChannel[CommittedBatch],
+    ) -> None:
+        async with recv, done:
+            async for batch in recv:
+                await done.send(await self.commit_batch(batch))
+
+    async def _finisher(self, recv: trio.MemoryReceiveChannel[CommittedBatch]) -> None:
+        async with recv:
+            async for committed in recv:
+                await self.finish_batch(committed)
 
     async def bill_entries(self, entries: Sequence[BillingEntry]) -> BatchOutcome:
-        """Bill one batch of stream entries and acknowledge them.
+        """Bill one batch of stream entries and acknowledge them (:meth:`prepare_batch`, then
+        :meth:`bill_batch`)."""
+        return await self.bill_batch(await self.prepare_batch(entries))
 
-        Malformed entries are dead-lettered; the variants' metadata is upserted in one
-        transaction; the users' events are billed in transactions of whole users (see
-        :meth:`_bill_users`). The variants and the billing transactions touch different tables and
-        are idempotent, so they run side by side on the pool's connections. Only then are the
-        entries acknowledged: a failure anywhere before leaves the whole batch pending.
-        """
-        assert self.pool is not None and self.redis is not None
+    async def prepare_batch(self, entries: Sequence[BillingEntry]) -> PreparedBatch:
+        """Check a batch: malformed entries are dead-lettered (on the reading connection), the
+        others grouped by user, each user's in arrival order."""
+        assert self.reader is not None
         t0 = time.perf_counter()
         await self.fault("billing.before_batch")
-        prepared: list[tuple[bytes, PreparedEvent]] = []
+        by_user: dict[int, list[tuple[BillingEntry, str]]] = {}
         dead = 0
         for entry in entries:
             try:
-                prepared.append((entry.entry_id, self._prepare(entry)))
+                user_id, text = self._check(entry)
             except ContractError as exc:
-                await self._dead_letter(entry, str(exc))
+                await self._dead_letter(self.reader, entry, str(exc))
                 dead += 1
-        events = [p for _, p in prepared]
-        limiter = trio.CapacityLimiter(self.pg_cfg.billing_pool_size)
-        outcomes: list[GroupOutcome] = []
+                continue
+            mine = by_user.get(user_id)
+            if mine is None:
+                by_user[user_id] = [(entry, text)]
+            else:
+                mine.append((entry, text))
+        return PreparedBatch(len(entries), by_user, dead, time.perf_counter() - t0)
+
+    async def bill_batch(self, batch: PreparedBatch) -> BatchOutcome:
+        """Bill a checked batch and acknowledge it (:meth:`commit_batch`, then
+        :meth:`finish_batch`)."""
+        return await self.finish_batch(await self.commit_batch(batch))
+
+    async def commit_batch(self, batch: PreparedBatch) -> CommittedBatch:
+        """Bill a checked batch: :meth:`_bill_users` — each connection of the pool bills its own
+        users, in transactions of whole users, all in one crossing. Nothing is acknowledged."""
+        assert self.pool is not None
+        t0 = time.perf_counter()
         failed: dict[int, str] = {}
-        if events:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._upsert_variants, events, limiter)
-                nursery.start_soon(self._bill_users, events, limiter, outcomes, failed)
+        billed = dups = text_length = 0
+        if batch.by_user:
+            billed, dups, text_length = await self._bill_users(batch.by_user, failed)
+            await self.fault("billing.after_chunk")
+        return CommittedBatch(batch, failed, billed, dups, text_length, time.perf_counter() - t0)
+
+    async def finish_batch(self, committed: CommittedBatch) -> BatchOutcome:
+        """After the batch's transactions committed: dead-letter the events of users that could
+        not be billed, acknowledge the others, log ``billing_processed``."""
+        assert self.redis is not None
+        t0 = time.perf_counter()
+        batch = committed.batch
+        by_user = batch.by_user
+        failed = committed.failed
+        dead = batch.dead_lettered
         for user_id, reason in failed.items():
-            for entry_id, p in prepared:
-                if p.event.user_id == user_id:
-                    await self._dead_letter(
-                        BillingEntry(entry_id, p.event.to_json().encode()), reason
-                    )
-                    dead += 1
+            for entry, _ in by_user[user_id]:
+                await self._dead_letter(self.redis, entry, reason)
+                dead += 1
         await self.fault("billing.after_commit")
-        ok_ids = [eid for eid, p in prepared if p.event.user_id not in failed]
+        ok_ids = [
+            entry.entry_id
+            for user_id, mine in by_user.items()
+            if user_id not in failed
+            for entry, _ in mine
+        ]
         await self.redis.ack_billing(ok_ids)
-        billed = sum(len(o.billed) for o in outcomes)
-        dups = sum(len(o.duplicates) for o in outcomes)
-        text_length = sum(o.text_length for o in outcomes)
-        duration_ms = (time.perf_counter() - t0) * 1000
-        users = len({p.event.user_id for p in events})
+        # the batch's own work: checking, billing, acknowledging (not its waits between stages)
+        duration_ms = (batch.check_s + committed.commit_s + time.perf_counter() - t0) * 1000
+        users = len(by_user)
+        billed, dups, text_length = committed.billed, committed.duplicates, committed.text_length
         self.batches += 1
         self.metrics.billing_events.inc(billed)
         self.metrics.billing_duplicates.inc(dups)
         self.metrics.billing_batch_seconds.observe(duration_ms / 1000)
         self.events.emit(
             "billing_processed",
-            events_count=len(entries),
+            events_count=batch.events_count,
             users_count=users,
             duration_ms=round(duration_ms, 3),
             text_length=text_length,
@@ -193,104 +279,108 @@ class BillingConsumer:
             duplicates=dups,
             dead_lettered=dead,
         )
-        return BatchOutcome(len(entries), users, billed, dups, dead, text_length, duration_ms)
+        return BatchOutcome(batch.events_count, users, billed, dups, dead, text_length, duration_ms)
 
-    def _prepare(self, entry: BillingEntry) -> PreparedEvent:
+    def _check(self, entry: BillingEntry) -> tuple[int, str]:
+        """The entry's user and its event as JSON text, validated (ContractError if not)."""
         if entry.raw is None:
             raise ContractError("billing event: stream entry has no 'event' field")
+        try:
+            text = entry.raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ContractError(f"billing event: not UTF-8: {exc}") from None
+        fields = billing_event_fields(text)
+        if fields["model"] not in self.usage_types:
+            raise ContractError(f"billing event: unknown model {fields['model']!r}")
+        return fields["user_id"], text
+
+    def _prepare(self, entry: BillingEntry) -> PreparedEvent:
+        """One entry as an event object (the unbatched baseline of tools/bench_billing.py)."""
+        self._check(entry)
+        assert entry.raw is not None
         event = BillingEvent.from_json(entry.raw)
-        usage_type = self.usage_types.get(event.model)
-        if usage_type is None:
-            raise ContractError(f"billing event: unknown model {event.model!r}")
         return PreparedEvent(
-            event, usage_type, usage_amount(event.text_length, event.usage_multiplier)
+            event,
+            self.usage_types[event.model],
+            usage_amount(event.text_length, event.usage_multiplier),
         )
 
-    async def _upsert_variants(
-        self, events: Sequence[PreparedEvent], limiter: trio.CapacityLimiter
-    ) -> None:
-        assert self.pool is not None
-        async with limiter:
-            with trio.fail_after(self.pg_cfg.command_timeout_s * 2):
-                await self.pool.run(
-                    upsert_variants,
-                    [p.event for p in events],
-                    acquire_timeout_s=self.pg_cfg.acquire_timeout_s,
-                )
-
-    def chunks(self, events: Sequence[PreparedEvent]) -> list[list[PreparedEvent]]:
-        """The batch's transactions: whole users (a user's events are never split, nor
-        reordered), at most ``billing.users_per_txn`` users each, of about equal numbers of
-        events, and — when there are enough users — at least twice as many as the pool has
-        connections, so that the connections (and the variants' transaction beside them) share
-        the work evenly instead of one waiting for the largest transaction."""
-        by_user = [
-            list(group)
-            for _, group in groupby(
-                sorted(events, key=lambda p: p.event.user_id), key=lambda p: p.event.user_id
-            )
-        ]
-        if not by_user:
+    def lanes(self, counts: dict[int, int]) -> list[list[list[int]]]:
+        """The batch's transactions, given each user's number of events: one lane per
+        connection of the pool (fewer with fewer users), each a list of transactions, each a
+        list of user ids. A user is in exactly one transaction (a user's events are never split),
+        so the lanes never wait for each other's row locks; the lanes get about equal numbers of
+        events (the largest users first, each to the least loaded lane); a transaction has at
+        most ``billing.users_per_txn`` users, a lane's transactions about equal numbers."""
+        n = min(self.pg_cfg.billing_pool_size, len(counts))
+        if n == 0:
             return []
-        per_txn = self.cfg.users_per_txn
-        n = max(-(-len(by_user) // per_txn), min(2 * self.pg_cfg.billing_pool_size, len(by_user)))
-        target = len(events) / n
-        out: list[list[PreparedEvent]] = []
-        chunk: list[PreparedEvent] = []
-        users = 0
-        for group in by_user:
-            if chunk and (users >= per_txn or len(chunk) + len(group) / 2 > target):
-                out.append(chunk)
-                chunk, users = [], 0
-            chunk.extend(group)
-            users += 1
-        out.append(chunk)
+        loads = [0] * n
+        members: list[list[int]] = [[] for _ in range(n)]
+        for user_id, count in sorted(counts.items(), key=lambda uc: (-uc[1], uc[0])):
+            i = loads.index(min(loads))
+            loads[i] += count
+            members[i].append(user_id)
+        out = []
+        for users in members:
+            users.sort()
+            size = -(-len(users) // -(-len(users) // self.cfg.users_per_txn))
+            out.append([users[j : j + size] for j in range(0, len(users), size)])
         return out
 
     async def _bill_users(
+        self, by_user: dict[int, list[tuple[BillingEntry, str]]], failed: dict[int, str]
+    ) -> tuple[int, int, int]:
+        """Bill every user's events (:meth:`lanes`, :func:`bill_chunks`); (billed, duplicates,
+        characters billed). Fills ``failed`` with {user_id: reason} for users that cannot be
+        billed (data errors: their events are dead-lettered, the others' are not held up; a
+        failing multi-user transaction is split in two and each half retried, until the user is
+        found). Any other error propagates: the batch stays pending."""
+        billed = dups = chars = 0
+        lanes = self.lanes({u: len(mine) for u, mine in by_user.items()})
+        while lanes:
+            results = await self._bill_lanes(lanes, by_user)
+            retry: list[list[int]] = []
+            for lane, lane_results in zip(lanes, results, strict=True):
+                for users, result in zip(lane, lane_results, strict=True):
+                    if isinstance(result, ChunkResult):
+                        n = sum(len(by_user[u]) for u in users)
+                        dups += len(result.duplicates)
+                        billed += n - len(result.duplicates)
+                        chars += result.text_length
+                    elif len(users) == 1:
+                        failed[users[0]] = f"{type(result).__name__}: {result}"
+                    else:
+                        half = len(users) // 2
+                        retry += [users[:half], users[half:]]
+            k = self.pg_cfg.billing_pool_size
+            lanes = [retry[i::k] for i in range(k) if retry[i::k]]
+        return billed, dups, chars
+
+    async def _bill_lanes(
         self,
-        events: Sequence[PreparedEvent],
-        limiter: trio.CapacityLimiter,
-        outcomes: list[GroupOutcome],
-        failed: dict[int, str],
-    ) -> None:
-        """Bill all events, one transaction per chunk (:meth:`chunks`), as many at once as
-        ``limiter`` allows. Appends to ``outcomes``; fills ``failed`` with {user_id: reason} for
-        users that cannot be billed (data errors: their events are dead-lettered, the others' are
-        not held up). Any other error propagates: the batch stays pending."""
-
-        async def bill(chunk: list[PreparedEvent]) -> None:
-            async with limiter:
-                try:
-                    outcomes.append(await self._bill_chunk(chunk))
-                    await self.fault("billing.after_chunk")
-                    return
-                except BILLING_DATA_ERRORS as exc:
-                    users = sorted({p.event.user_id for p in chunk})
-                    if len(users) == 1:
-                        failed[users[0]] = f"{type(exc).__name__}: {exc}"
-                        return
-            # A data error in a multi-user transaction: find the user, bill the others.
-            for user in sorted({p.event.user_id for p in chunk}):
-                await bill([p for p in chunk if p.event.user_id == user])
-
-        async with trio.open_nursery() as nursery:
-            for chunk in self.chunks(events):
-                nursery.start_soon(bill, chunk)
-
-    async def _bill_chunk(self, chunk: list[PreparedEvent]) -> GroupOutcome:
+        lanes: list[list[list[int]]],
+        by_user: dict[int, list[tuple[BillingEntry, str]]],
+    ) -> list[list[ChunkResult | Exception]]:
         assert self.pool is not None
-        with trio.fail_after(self.pg_cfg.command_timeout_s * 2):
-            outcome = await self.pool.run(
-                bill_group,
-                chunk,
+        payload = [
+            [events_array([text for u in users for _, text in by_user[u]]) for users in lane]
+            for lane in lanes
+        ]
+        longest = max(len(lane) for lane in lanes)
+        with trio.fail_after(
+            self.pg_cfg.acquire_timeout_s + self.pg_cfg.command_timeout_s * 2 * longest
+        ):
+            results = await self.pool.run(
+                bill_chunks,
+                payload,
                 acquire_timeout_s=self.pg_cfg.acquire_timeout_s,
                 txn_delay_s=self.cfg.txn_delay_ms / 1000.0,
             )
         self.metrics.billing_pool_in_use.set(self.pool.in_use())
-        return outcome
+        return results
 
-    async def _dead_letter(self, entry: BillingEntry, reason: str) -> None:
+    async def _dead_letter(self, redis: RedisStore, entry: BillingEntry, reason: str) -> None:
         raw = (entry.raw or b"").decode("utf-8", errors="replace")
         record = json.dumps(
             {
@@ -301,8 +391,7 @@ class BillingConsumer:
                 "raw": raw[:10_000],
             }
         )
-        assert self.redis is not None
-        await self.redis.dead_letter_billing(entry.entry_id, record)
+        await redis.dead_letter_billing(entry.entry_id, record)
         self.metrics.billing_dead_letters.inc()
         self.events.error(
             "billing",

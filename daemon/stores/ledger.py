@@ -1,15 +1,15 @@
 """The billing ledger in Postgres: ``record_usage`` and the billing consumer's transactions.
 
 These are asyncio coroutines; the billing consumer calls each transaction with one crossing. The
-rules themselves live in SQL — ``tts_bill_events`` (migration 0002), of which ``tts_record_usage``
-is a one-event call — so the batched path, the single-event path and any other writer share one
+rules themselves live in SQL — ``tts_bill_events`` (migrations 0002, 0003), of which
+``tts_record_usage`` is a one-event call and ``tts_bill_batch`` (0003) the consumer's whole
+transaction — so the batched path, the single-event path and any other writer share one
 implementation of the waterfall.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -22,10 +22,13 @@ from daemon.contracts import BillingEvent
 
 __all__ = [
     "BILLING_DATA_ERRORS",
+    "ChunkResult",
     "GroupOutcome",
     "UsageRecord",
+    "bill_chunks",
     "bill_group",
     "bill_one",
+    "events_array",
     "record_usage",
     "upsert_variants",
 ]
@@ -89,28 +92,6 @@ class PreparedEvent:
     amount: int
 
 
-# One statement, so one transaction unless the caller holds one: every event through the rules
-# (tts_bill_events: usage_log first, subscription rows locked in user-id order, the waterfall),
-# then user_voice_stats for the events that were not duplicates.
-_BILL_SQL = """
-WITH r AS (
-    SELECT event_ord, event_details FROM tts_bill_events($1, $2, $3, $4, $5)
-), stats AS (
-    INSERT INTO user_voice_stats AS s
-           (user_id, model, voice, month, total_characters, total_duration_ms, synth_count)
-    SELECT x.u, x.m, x.v, x.mo, sum(x.c), sum(x.d), count(*)
-      FROM unnest($1::bigint[], $6::text[], $7::text[], $8::date[], $9::bigint[], $10::bigint[])
-           WITH ORDINALITY AS x(u, m, v, mo, c, d, o)
-      JOIN r ON r.event_ord = x.o
-     WHERE r.event_details IS NOT NULL
-     GROUP BY x.u, x.m, x.v, x.mo
-    ON CONFLICT (user_id, model, voice, month) DO UPDATE
-       SET total_characters = s.total_characters + EXCLUDED.total_characters,
-           total_duration_ms = s.total_duration_ms + EXCLUDED.total_duration_ms,
-           synth_count = s.synth_count + EXCLUDED.synth_count
-)
-SELECT event_ord, event_details IS NULL AS duplicate FROM r ORDER BY event_ord
-"""
 _STATS_SQL = """
 INSERT INTO user_voice_stats AS s
        (user_id, model, voice, month, total_characters, total_duration_ms, synth_count)
@@ -149,8 +130,72 @@ def _details_dict(e: BillingEvent) -> dict[str, Any]:
     }
 
 
-def _details(e: BillingEvent) -> str:
-    return json.dumps(_details_dict(e), separators=(",", ":"))
+_BATCH_SQL = "SELECT dup_ords, billed_chars FROM tts_bill_batch($1::text)"
+
+
+@attrs.frozen
+class ChunkResult:
+    """One committed billing transaction: the positions (0-based) of its duplicates, and the
+    characters billed now."""
+
+    duplicates: tuple[int, ...]
+    text_length: int
+
+
+def events_array(raw_events: Sequence[str]) -> str:
+    """The JSON array ``tts_bill_batch`` takes, from events already serialized as JSON objects."""
+    return "[" + ",".join(raw_events) + "]"
+
+
+async def _bill_json(conn: asyncpg.Connection, events_json: str, txn_delay_s: float) -> ChunkResult:
+    if txn_delay_s > 0:
+        async with conn.transaction():
+            row = await conn.fetchrow(_BATCH_SQL, events_json)
+            await asyncio.sleep(txn_delay_s)
+    else:
+        # One statement is one transaction: no BEGIN/COMMIT round trips.
+        row = await conn.fetchrow(_BATCH_SQL, events_json)
+    assert row is not None
+    return ChunkResult(tuple(o - 1 for o in row["dup_ords"] or ()), int(row["billed_chars"]))
+
+
+async def bill_chunks(
+    pool: asyncpg.Pool,
+    lanes: Sequence[Sequence[str]],
+    *,
+    acquire_timeout_s: float,
+    txn_delay_s: float = 0.0,
+) -> list[list[ChunkResult | Exception]]:
+    """Bill several transactions at once, one lane per connection: each lane is a list of JSON
+    arrays of events (:func:`events_array`), each billed by ``tts_bill_batch`` in a transaction
+    of its own, one after the other on the lane's connection, while the other lanes run on theirs.
+
+    The lanes must not share a user (the caller splits the batch by user): they never wait for
+    each other's row locks. For each transaction, returns its :class:`ChunkResult`, or the error
+    when it failed with one of :data:`BILLING_DATA_ERRORS` (it will fail the same way again; the
+    lane goes on with its next transaction). Any other error is raised once every lane has
+    stopped, so no connection is left working behind the caller.
+    """
+
+    async def lane(chunks: Sequence[str]) -> list[ChunkResult | Exception]:
+        out: list[ChunkResult | Exception] = []
+        conn = await pool.acquire(timeout=acquire_timeout_s)
+        try:
+            for events_json in chunks:
+                try:
+                    out.append(await _bill_json(conn, events_json, txn_delay_s))
+                except BILLING_DATA_ERRORS as exc:
+                    out.append(exc)
+        finally:
+            await pool.release(conn)
+        return out
+
+    results = await asyncio.gather(*(lane(c) for c in lanes if c), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    done = iter(results)
+    return [next(done) if c else [] for c in lanes]  # type: ignore[misc]
 
 
 async def bill_group(
@@ -160,47 +205,33 @@ async def bill_group(
     acquire_timeout_s: float,
     txn_delay_s: float = 0.0,
 ) -> GroupOutcome:
-    """Bill the events of some users in one transaction (one statement).
+    """Bill the events of some users in one transaction — the billing consumer's transaction,
+    ``tts_bill_batch``, for events at hand as objects (tests, tools).
 
     Every event goes through ``tts_bill_events`` — the rules of ``record_usage``, set-based: the
-    ``usage_log`` rows first (duplicates stop there), then the users' subscription rows locked
-    ``FOR UPDATE`` in user-id order (the order every writer uses, so billing transactions cannot
-    deadlock with each other or with payment writers), then the waterfall in arrival order; and
-    ``user_voice_stats`` gets the non-duplicates, summed. ``txn_delay_s`` holds the transaction
-    open that much longer (the slow storage of a small VM, for stress tests and benchmarks).
+    users' subscription rows locked ``FOR UPDATE`` in user-id order (the order every writer uses,
+    so billing transactions cannot deadlock with each other or with payment writers), duplicates
+    (already in ``usage_log``) change nothing, then the waterfall in arrival order;
+    ``user_voice_stats`` gets the non-duplicates, summed, and ``block_variants`` each variant's
+    duration. The amount and usage type are the database's, from the event's ``text_length``,
+    ``usage_multiplier`` and ``model`` (``PreparedEvent.amount`` and ``usage_type`` agree with
+    them). ``txn_delay_s`` holds the transaction open that much longer (the slow storage of a
+    small VM, for stress tests and benchmarks).
     """
     t0 = time.perf_counter()
     conn = await pool.acquire(timeout=acquire_timeout_s)
     waited = time.perf_counter() - t0
-    args = (
-        [p.event.user_id for p in events],
-        [p.usage_type for p in events],
-        [p.amount for p in events],
-        [p.event.event_id for p in events],
-        [_details(p.event) for p in events],
-        [p.event.model for p in events],
-        [p.event.voice for p in events],
-        [_month(p.event.finalized_at) for p in events],
-        [p.event.text_length for p in events],
-        [p.event.duration_ms for p in events],
-    )
     try:
-        if txn_delay_s > 0:
-            async with conn.transaction():
-                rows = await conn.fetch(_BILL_SQL, *args)
-                await asyncio.sleep(txn_delay_s)
-        else:
-            # One statement is one transaction: no BEGIN/COMMIT round trips.
-            rows = await conn.fetch(_BILL_SQL, *args)
+        result = await _bill_json(
+            conn, events_array([p.event.to_json() for p in events]), txn_delay_s
+        )
     finally:
         await pool.release(conn)
-    billed = [p for p, row in zip(events, rows, strict=True) if not row["duplicate"]]
+    dups = set(result.duplicates)
     return GroupOutcome(
-        billed=tuple(p.event.event_id for p in billed),
-        duplicates=tuple(
-            p.event.event_id for p, row in zip(events, rows, strict=True) if row["duplicate"]
-        ),
-        text_length=sum(p.event.text_length for p in billed),
+        billed=tuple(p.event.event_id for i, p in enumerate(events) if i not in dups),
+        duplicates=tuple(p.event.event_id for i, p in enumerate(events) if i in dups),
+        text_length=result.text_length,
         waited_s=waited,
     )
 
