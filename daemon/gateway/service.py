@@ -46,6 +46,7 @@ from daemon.gateway.ratelimit import RateLimiter
 from daemon.hashing import VariantHasher
 from daemon.metrics import Metrics
 from daemon.outage import Outage
+from daemon.priority import RequestFirst
 from daemon.stores.pg import Catalog, PgPool, is_pg_unavailable
 from daemon.stores.redis import RedisStore, is_redis_unavailable
 from daemon.stores.request import PoolWait, check_and_enqueue
@@ -99,6 +100,7 @@ class Gateway:
     _auth_limiter: trio.CapacityLimiter = attrs.field(init=False)
     _stopping: bool = False
     # The listener's hand-off to the fan-out (set per run), and drops not yet resynced.
+    priority: RequestFirst = attrs.Factory(RequestFirst)
     _notify_send: trio.MemorySendChannel[tuple[int, bytes]] | None = None
     _unsynced_drops: int = 0
     _drops_logged_at: float = -math.inf
@@ -161,9 +163,14 @@ class Gateway:
                 conns.cancel_scope.deadline = trio.current_time() + self.cfg.close_grace_s
             root.cancel_scope.cancel()
 
+    async def _get_audio(self, variant_hash: str) -> tuple[bytes, str] | None:
+        await self.priority.bulk_turn()
+        assert self.store is not None
+        return await self.store.get_audio(variant_hash)
+
     def _http_server(self, stopping: trio.Event) -> Callable[..., Awaitable[None]]:
         app = HttpApp(
-            get_audio=self.store.get_audio,
+            get_audio=self._get_audio,
             health=self.health,
             refresh_metrics=self.refresh_metrics,
             registry=self.metrics.registry,
@@ -255,6 +262,7 @@ class Gateway:
                     await self._resync_until_done()
                     continue
                 user_id, data = await receive.receive()
+                await self.priority.bulk_turn()
                 self._deliver(user_id, data)
                 for _ in range(FAN_OUT_SLICE - 1):
                     try:
@@ -508,7 +516,8 @@ class Gateway:
             try:
                 request = parse_frame(message)
                 if isinstance(request, Synthesize):
-                    await self._synthesize(conn, request)
+                    with self.priority.request():
+                        await self._synthesize(conn, request)
                 else:
                     await self._cursor_moved(conn, request)
             except ProtocolError as exc:
