@@ -36,6 +36,7 @@ from daemon.hashing import VariantHasher
 from daemon.hot.consumer import HotConsumer, HotFault, no_fault
 from daemon.metrics import Metrics
 from daemon.monitor import Monitor
+from daemon.priority import RequestFirst
 from daemon.stats import OpsStats
 from daemon.stores.bridge import open_bridge
 from daemon.stores.pg import PgPool, open_pg_pool
@@ -82,6 +83,8 @@ class Daemon:
     workers_stopping: trio.Event = attrs.Factory(trio.Event)
     consumers_stopping: trio.Event = attrs.Factory(trio.Event)
     stopped: trio.Event = attrs.Factory(trio.Event)
+    # The request path goes first (daemon/priority.py): shared by the gateway and the hot path.
+    priority: RequestFirst = attrs.Factory(RequestFirst)
     _stop_requested: trio.Event = attrs.Factory(trio.Event)
     _cancel_scope: trio.CancelScope | None = None
     # Operations: the dashboard's statistics (fed by the events log) and the monitor service.
@@ -123,6 +126,7 @@ class Daemon:
             consumer_id=self.instance_id,
             block_s=self.cfg.redis.block_s,
             fault=self.hot_fault,
+            priority=self.priority,
         )
         return ServiceSpec("hot", functools.partial(self.hot.run, stopping=self.consumers_stopping))
 
@@ -226,6 +230,9 @@ class Daemon:
                 # Open every connection at start: a connection made under load pays its
                 # authentication (SCRAM) on the request path, right in the middle of a burst.
                 min_size=cfg.postgres.request_pool_size,
+                # Its queries leave no session state (the migration lock is transaction-scoped):
+                # no reset round trip on every release, on every synthesize.
+                reset_session=False,
                 acquire_timeout_s=cfg.postgres.acquire_timeout_s,
                 command_timeout_s=cfg.postgres.command_timeout_s,
             ) as db,
@@ -270,6 +277,7 @@ class Daemon:
                                 health=self.health,
                                 refresh_metrics=self.refresh_metrics,
                                 dashboard=self.dashboard,
+                                priority=self.priority,
                             )
                             run_gateway = functools.partial(
                                 self.gateway.run, stopping=self.gateway_stopping

@@ -65,6 +65,9 @@ class GatewayConfig:
     max_connections_per_user: int = 50
     # Blocks one connection may wait for at once (a synthesize beyond it gets rate_limited).
     max_pending_blocks: int = 4096
+    # Statuses from Redis queued for routing to connections; when full, more are dropped and
+    # the open waits re-read from Redis (every block still gets its terminal status).
+    notify_buffer: int = 4096
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The server TLS context when both ``tls_cert`` and ``tls_key`` are set, else ``None``."""
@@ -246,6 +249,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "gateway.close_grace_s": _NON_NEGATIVE,
     "gateway.max_connections_per_user": _AT_LEAST_1,
     "gateway.max_pending_blocks": _AT_LEAST_1,
+    "gateway.notify_buffer": _AT_LEAST_1,
     "redis.max_connections": _AT_LEAST_1,
     "redis.pool_timeout_s": _POSITIVE,
     "redis.command_timeout_s": _POSITIVE,

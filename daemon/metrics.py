@@ -106,3 +106,8 @@ class Metrics:
             buckets=_SLOW,
             registry=r,
         )
+        self.notifications_dropped = Counter(
+            "tts_notifications_dropped",
+            "Statuses from Redis dropped by a full gateway.notify_buffer (then resynced)",
+            registry=r,
+        )

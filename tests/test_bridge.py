@@ -62,3 +62,52 @@ async def test_an_unhandled_asyncio_error_is_logged_and_the_daemon_keeps_serving
 async def _billed(pg_url: str, user_id: int, n: int) -> bool:
     count = await pg_val(pg_url, "SELECT count(*) FROM usage_log WHERE user_id = $1", user_id)
     return count >= n
+
+
+async def test_the_draining_step_is_installed_and_keeps_asyncio_order() -> None:
+    """The loop's step runs ready callbacks back to back (daemon/stores/bridge.py). It relies on
+    trio-asyncio internals, so check it is really installed on the version we run, and that
+    asyncio still sees what it expects: callbacks in FIFO order (also those scheduled by
+    callbacks), timers in deadline order after the ready work, Trio code called from asyncio."""
+    from daemon.stores.bridge import install_drain
+
+    order: list[str] = []
+
+    async def asyncio_side() -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        loop.call_later(0.02, order.append, "timer 20 ms")
+        loop.call_later(0.01, order.append, "timer 10 ms")
+
+        def chain(i: int) -> None:
+            order.append(f"soon {i}")
+            if i < 5:
+                loop.call_soon(chain, i + 2)  # scheduled after "soon i+1", already queued
+
+        loop.call_soon(chain, 0)
+        loop.call_soon(chain, 1)
+        loop.call_later(0.03, done.set_result, None)
+        await done
+
+        async def trio_side() -> str:
+            await trio.sleep(0)
+            return "trio"
+
+        order.append(await trio_asyncio.trio_as_aio(trio_side)())
+
+    async with trio_asyncio.open_loop() as loop:
+        assert install_drain(loop, 0.001), "trio-asyncio internals moved: the step is not drained"
+        with trio.fail_after(10):
+            await trio_asyncio.aio_as_trio(asyncio_side)()
+    assert order == [
+        "soon 0",
+        "soon 1",
+        "soon 2",
+        "soon 3",
+        "soon 4",
+        "soon 5",
+        "soon 6",
+        "timer 10 ms",
+        "timer 20 ms",
+        "trio",
+    ]

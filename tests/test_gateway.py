@@ -24,6 +24,7 @@ from daemon.hashing import VariantHasher
 from tests.conftest import make_config
 from tests.gateway_helpers import ManualWorker, job_ids, queue_ids, status_frames
 from tests.helpers import WsClient, add_user, handshake_status, pg_fetch, redis_call, wait_until
+from tests.ops_support import scrape
 
 # -- fixtures ----------------------------------------------------------------------------------
 
@@ -746,3 +747,52 @@ async def test_hostile_connections_do_not_hurt_the_gateway(
         await client.synthesize("doc", ["Still serving."])
         assert (await client.receive())["status"] == "queued"
     gateway_healthy(manual_daemon)
+
+
+async def test_statuses_dropped_by_a_full_fan_out_are_recovered_exactly_once(
+    tmp_path: Path, redis_url: str, pg_url: str
+) -> None:
+    """The notification listener never waits for the fan-out: with its channel full, a status is
+    dropped and the open waits are re-read from Redis instead. Bursts of finished jobs against a
+    one-slot channel: every block still hears exactly one terminal status, and the drops show in
+    the metric and an ``error`` event."""
+    cfg = make_config(tmp_path, workers={"simulated": 0}, gateway={"notify_buffer": 1})
+    _, token = await add_user(pg_url, "burst", "plus")
+    worker = ManualWorker(redis_url)
+    n = 24
+    async with open_daemon(cfg, redis_url, pg_url) as daemon:
+        assert daemon.gateway is not None
+        errors: list[dict[str, Any]] = []
+        daemon.events.add_listener(lambda e: errors.append(e) if e["event"] == "error" else None)
+        async with WsClient.connect(ws_url(daemon), token) as client:
+            for burst in range(5):
+                doc = f"doc{burst}"
+                await client.synthesize(doc, [f"Burst {burst}, block {i}." for i in range(n)])
+                jobs = [await worker.pull_wait() for _ in range(n)]
+                async with trio.open_nursery() as nursery:
+                    for job in jobs:
+                        nursery.start_soon(worker.finish, job)
+                await client.until(lambda _, doc=doc: len(client.terminal(doc)) == n)
+                if daemon.gateway.notifications_dropped:
+                    break
+            assert daemon.gateway.notifications_dropped > 0, "five bursts and never a full channel"
+            # Settled: nothing more arrives for any block (no second terminal status).
+            await wait_until(
+                lambda: daemon.gateway is not None and not daemon.gateway._unsynced_drops,
+                what="the drops resynced",
+            )
+            await client.synthesize("last", ["After the bursts."])
+            last = await worker.pull_wait()
+            await worker.finish(last)
+            await client.until(lambda _: len(client.terminal("last")) == 1)
+        for b in range(burst + 1):
+            for idx, statuses in client.statuses(f"doc{b}").items():
+                assert [s for s in statuses if s in ("cached", "error", "skipped")] == ["cached"], (
+                    b,
+                    idx,
+                    statuses,
+                )
+        assert daemon.addresses is not None
+        dropped = (await scrape(daemon.addresses.http_url))[("tts_notifications_dropped_total", ())]
+        assert dropped == daemon.gateway.notifications_dropped
+        assert any("notification channel full" in e["message"] for e in errors)

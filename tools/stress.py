@@ -433,7 +433,7 @@ async def _run_with_servers(
     samples_path = run_dir / "samples.json"
     daemon_cmd = [
         sys.executable,
-        str(REPO / "tools" / "stress_daemon.py"),
+        os.environ.get("STRESS_DAEMON", str(REPO / "tools" / "stress_daemon.py")),
         "--arch", arch, "--config", str(config), "--redis-url", redis_url,
         "--pg-url", pg_url, "--samples", str(samples_path),
     ]  # fmt: skip

@@ -46,12 +46,17 @@ from daemon.gateway.ratelimit import RateLimiter
 from daemon.hashing import VariantHasher
 from daemon.metrics import Metrics
 from daemon.outage import Outage
+from daemon.priority import RequestFirst
 from daemon.stores.pg import Catalog, PgPool, is_pg_unavailable
 from daemon.stores.redis import RedisStore, is_redis_unavailable
+from daemon.stores.request import PoolWait, check_and_enqueue
 
 __all__ = ["Gateway", "GatewayAddresses"]
 
 WS_PATH = "/v1/ws"
+
+# Statuses the fan-out routes in one scheduling step (~20 µs each: a JSON decode and encode).
+FAN_OUT_SLICE = 32
 
 
 @attrs.frozen
@@ -85,13 +90,20 @@ class Gateway:
     by_conn: dict[str, Connection] = attrs.Factory(dict)
     # Connections open or being authenticated (a slot is taken before the token lookup).
     connection_count: int = 0
-    # Times the notification listener re-subscribed and re-checked the open waits.
+    # Times the open waits were re-checked against Redis (re-subscribed, or statuses dropped).
     resyncs: int = 0
+    # Statuses from Redis dropped because the fan-out's channel was full (each then resynced).
+    notifications_dropped: int = 0
     tokens: TokenCache = attrs.field(init=False)
     rate: RateLimiter = attrs.field(init=False)
     addresses: GatewayAddresses | None = None
     _auth_limiter: trio.CapacityLimiter = attrs.field(init=False)
     _stopping: bool = False
+    # The listener's hand-off to the fan-out (set per run), and drops not yet resynced.
+    priority: RequestFirst = attrs.Factory(RequestFirst)
+    _notify_send: trio.MemorySendChannel[tuple[int, bytes]] | None = None
+    _unsynced_drops: int = 0
+    _drops_logged_at: float = -math.inf
 
     def __attrs_post_init__(self) -> None:
         self.tokens = TokenCache(self.db)
@@ -151,9 +163,14 @@ class Gateway:
                 conns.cancel_scope.deadline = trio.current_time() + self.cfg.close_grace_s
             root.cancel_scope.cancel()
 
+    async def _get_audio(self, variant_hash: str) -> tuple[bytes, str] | None:
+        await self.priority.bulk_turn()
+        assert self.store is not None
+        return await self.store.get_audio(variant_hash)
+
     def _http_server(self, stopping: trio.Event) -> Callable[..., Awaitable[None]]:
         app = HttpApp(
-            get_audio=self.store.get_audio,
+            get_audio=self._get_audio,
             health=self.health,
             refresh_metrics=self.refresh_metrics,
             registry=self.metrics.registry,
@@ -172,6 +189,16 @@ class Gateway:
     async def _listen_notifications(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        """Subscribe to every user's statuses, and route them to connections: the asyncio
+        listener only hands each raw message over a bounded channel (:meth:`_offer`); the routing
+        runs here in Trio, in short slices (:meth:`_fan_out`)."""
+        send, receive = trio.open_memory_channel[tuple[int, bytes]](self.cfg.notify_buffer)
+        self._notify_send = send
+        async with trio.open_nursery() as fan_out:
+            fan_out.start_soon(self._fan_out, receive)
+            await self._subscribe(task_status)
+
+    async def _subscribe(self, task_status: trio.TaskStatus[None]) -> None:
         ready = trio.Event()
         started = False
         # Retried at least once a second: every second without the subscription is a second in
@@ -186,7 +213,7 @@ class Gateway:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(
                         functools.partial(
-                            self.store.listen_notifications, self._deliver, ready=on_ready
+                            self.store.listen_notifications, self._offer, ready=on_ready
                         )
                     )
                     await ready.wait()
@@ -209,6 +236,53 @@ class Gateway:
                 ready = trio.Event()
                 await outage.failed(lost, "Redis (notifications)")
 
+    def _offer(self, user_id: int, data: bytes) -> None:
+        """Hand one published status to the fan-out. Called by the asyncio listener for each
+        message, so it does nothing else: no parsing, no routing. A full channel drops the
+        status; the fan-out then re-reads the open waits from Redis, as after a lost
+        subscription (pub/sub is at-most-once anyway), so every block still gets its terminal
+        status."""
+        assert self._notify_send is not None
+        try:
+            self._notify_send.send_nowait((user_id, data))
+        except trio.WouldBlock:
+            self._unsynced_drops += 1
+            self.notifications_dropped += 1
+            self.metrics.notifications_dropped.inc()
+
+    async def _fan_out(self, receive: trio.MemoryReceiveChannel[tuple[int, bytes]]) -> None:
+        """Route statuses to connections, at most ``FAN_OUT_SLICE`` per scheduling step (each
+        ``receive`` is a checkpoint), so a burst of them never holds up the request path for
+        long. Once the channel is empty after drops, resync the open waits."""
+        async with receive:
+            while True:
+                if self._unsynced_drops and not receive.statistics().current_buffer_used:
+                    self._log_drops()
+                    self._unsynced_drops = 0
+                    await self._resync_until_done()
+                    continue
+                user_id, data = await receive.receive()
+                await self.priority.bulk_turn()
+                self._deliver(user_id, data)
+                for _ in range(FAN_OUT_SLICE - 1):
+                    try:
+                        user_id, data = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    self._deliver(user_id, data)
+
+    def _log_drops(self) -> None:
+        now = time.monotonic()
+        if now - self._drops_logged_at < 60.0:
+            return
+        self._drops_logged_at = now
+        self.events.error(
+            "gateway",
+            f"notification channel full (gateway.notify_buffer = {self.cfg.notify_buffer}):"
+            f" {self._unsynced_drops} statuses dropped; re-reading the open waits from Redis",
+            dropped_total=self.notifications_dropped,
+        )
+
     async def _resync_until_done(self) -> None:
         """Resync, retrying while Redis is still unsteady (right after a restart, the pool hands
         out connections the old server closed): a resync given up on leaves clients waiting for
@@ -226,21 +300,27 @@ class Gateway:
             outage.ok()
             return
 
-    async def resync(self) -> None:
-        """Re-check every open wait against Redis and answer those whose status was lost.
+    async def resync(
+        self, waits: list[tuple[Connection, PendingKey, tuple[str, str]]] | None = None
+    ) -> None:
+        """Re-check every open wait (or just ``waits``: connection, key, (model, voice)) against
+        Redis and answer those whose status was lost.
 
         A block whose audio is cached gets ``cached``; one whose job is gone without audio
         (failed, skipped, or evicted by Redis losing data) gets ``error`` (recoverable: ask
         again). A block still in flight keeps waiting. A status that also arrives over pub/sub
         is dropped by the connection's routing, so nobody hears a terminal status twice.
+        A block whose request is still in progress is skipped (its script may not have run);
+        that request re-checks it when it ends (:meth:`_synthesize`).
         """
-        waits = [
-            (conn, key, mv)
-            for conn in self.by_conn.values()
-            for key, mv in conn.pending.items()
-            if key not in conn.requesting  # its script has not run yet: nothing to re-read
-        ]
-        self.resyncs += 1
+        if waits is None:
+            waits = [
+                (conn, key, mv)
+                for conn in self.by_conn.values()
+                for key, mv in conn.pending.items()
+                if key not in conn.requesting
+            ]
+            self.resyncs += 1
         if not waits:
             return
         hashes = sorted({key[2] for _, key, _ in waits})
@@ -274,7 +354,7 @@ class Gateway:
 
     def _deliver(self, user_id: int, data: bytes) -> None:
         """Route one published status to the connection that waits for it (called by the
-        listener, synchronously). Only the user's own connections can match: the channel names
+        fan-out). Only the user's own connections can match: the channel names
         the user, and the connection must belong to that user."""
         try:
             frame = json.loads(data)
@@ -436,7 +516,8 @@ class Gateway:
             try:
                 request = parse_frame(message)
                 if isinstance(request, Synthesize):
-                    await self._synthesize(conn, request)
+                    with self.priority.request():
+                        await self._synthesize(conn, request)
                 else:
                     await self._cursor_moved(conn, request)
             except ProtocolError as exc:
@@ -484,16 +565,6 @@ class Gateway:
         if retry is not None:
             raise self._rate_limited(n, retry)
 
-        t_pool = time.perf_counter()
-        try:
-            with trio.fail_after(self.db.acquire_timeout_s + 5):
-                budget, waited = await self.db.budget(conn.user_id)
-        except (TimeoutError, trio.TooSlowError):
-            # Starvation must show in the histogram, not only in the error count.
-            self.metrics.request_pool_wait_seconds.observe(time.perf_counter() - t_pool)
-            raise
-        self.metrics.request_pool_wait_seconds.observe(waited)
-
         multiplier = model["usage_multiplier"]
         now = time.time()
         blocks = []
@@ -523,24 +594,36 @@ class Gateway:
             conn.pending[key] = (req.model, voice)
         conn.requesting.update(added)
         conn.hold()
+        resyncs = self.resyncs
         try:
+            pool_wait = PoolWait()
             try:
-                head, result = await self.store.enqueue_blocks(
+                # The usage check (request pool) and enqueue.lua: one unit of work, one crossing.
+                head, result = await check_and_enqueue(
+                    self.db,
+                    self.store,
                     user_id=conn.user_id,
+                    usage_type=model["usage_type"],
                     conn_id=conn.conn_id,
                     document_id=req.document_id,
                     model=req.model,
                     now=now,
                     rate_limit=self.cfg.rate_limit_blocks_per_min,
-                    budget=budget.for_type(model["usage_type"]),
                     blocks=blocks,
+                    wait=pool_wait,
                 )
-            except BaseException:
+            except BaseException as exc:
                 # No reply: the client hears an error for the request as a whole, so nothing it
                 # asked for here may be answered later (the script may still have run).
                 for key in added:
                     conn.pending.pop(key, None)
+                if pool_wait.waited is None and isinstance(exc, TimeoutError | trio.TooSlowError):
+                    # Starvation must show in the histogram, not only in the error count.
+                    self.metrics.request_pool_wait_seconds.observe(pool_wait.elapsed())
                 raise
+            finally:
+                if pool_wait.waited is not None:
+                    self.metrics.request_pool_wait_seconds.observe(pool_wait.waited)
             if head == "rate_limited":
                 for key in added:
                     conn.pending.pop(key, None)
@@ -583,6 +666,23 @@ class Gateway:
             conn.release()
         self.metrics.requests.labels("ok").inc()
         self.metrics.ack_seconds.observe(time.perf_counter() - t0)
+        if self.resyncs != resyncs:
+            # A resync ran while this request was in progress and skipped its blocks, whose
+            # statuses may be among those it was run for: check them now.
+            await self._recheck(conn, added)
+
+    async def _recheck(self, conn: Connection, keys: list[PendingKey]) -> None:
+        waits = [(conn, key, conn.pending[key]) for key in keys if key in conn.pending]
+        if not waits:
+            return
+        try:
+            await self.resync(waits)
+        except Exception as exc:
+            # The request itself succeeded; its client must not hear an error for it. If Redis
+            # is gone again, the resync after the next subscription covers these blocks.
+            self.events.error(
+                "gateway", f"re-checking a request's blocks failed: {exc!r}", user_id=conn.user_id
+            )
 
     def _rate_limited(self, n: int, retry_after_s: float) -> ProtocolError:
         limit = self.cfg.rate_limit_blocks_per_min

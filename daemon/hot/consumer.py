@@ -37,6 +37,7 @@ from daemon.contracts import BillingEvent, ContractError, Result
 from daemon.events import EventLog
 from daemon.metrics import Metrics
 from daemon.outage import Outage
+from daemon.priority import RequestFirst
 from daemon.stores.redis import (
     ClaimedResult,
     DeadLetter,
@@ -80,6 +81,7 @@ class HotConsumer:
     consumer_id: str
     block_s: float = 1.0
     fault: HotFault = no_fault
+    priority: RequestFirst = attrs.Factory(RequestFirst)
     in_flight: int = 0  # results being finalized now
     handled: int = 0  # results done with (finalized, duplicate, gone or dead-lettered)
 
@@ -195,6 +197,7 @@ class HotConsumer:
                         break
                     limiter.acquire_on_behalf_of_nowait(item)
                     group.append(item)
+                await self.priority.bulk_turn()
                 nursery.start_soon(self._handle_and_release, group, limiter)
 
     async def _handle_and_release(

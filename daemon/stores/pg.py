@@ -29,6 +29,7 @@ __all__ = [
     "Catalog",
     "PgPool",
     "UnknownUser",
+    "fetch_budget",
     "hash_token",
     "is_pg_unavailable",
     "open_pg_pool",
@@ -64,6 +65,10 @@ def hash_token(token: str) -> bytes:
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A pool ``reset`` that sends nothing (see ``open_pg_pool(reset_session=False)``)."""
 
 
 @attrs.frozen
@@ -122,15 +127,20 @@ def budget_from_row(row: asyncpg.Record | None) -> Budget:
     return Budget(kokoro, premium)
 
 
+async def fetch_budget(conn: asyncpg.Connection, user_id: int) -> Budget:
+    """(asyncio side) The user's remaining allowance, on a connection in hand."""
+    return budget_from_row(await conn.fetchrow(_BUDGET_SQL, user_id))
+
+
 async def _budget(
     pool: asyncpg.Pool, user_id: int, acquire_timeout_s: float
 ) -> tuple[Budget, float]:
     conn, waited = await _acquire_timed(pool, acquire_timeout_s)
     try:
-        row = await conn.fetchrow(_BUDGET_SQL, user_id)
+        budget = await fetch_budget(conn, user_id)
     finally:
         await pool.release(conn)
-    return budget_from_row(row), waited
+    return budget, waited
 
 
 async def _lookup_token(
@@ -315,8 +325,13 @@ async def open_pg_pool(
     command_timeout_s: float = 30.0,
     connect_timeout_s: float = 10.0,
     min_size: int | None = None,
+    reset_session: bool = True,
 ) -> AsyncIterator[PgPool]:
     """An asyncpg pool of ``size`` connections, closed (shielded, bounded) on exit.
+
+    ``reset_session=False`` skips asyncpg's session reset on release (``RESET ALL``, ``UNLISTEN
+    *``, … : a round trip per release) for a pool whose users leave no session state: plain
+    queries and transactions only. An open transaction is still rolled back on release.
 
     Must run inside ``trio_asyncio.open_loop()``. Raises ``OSError``/``asyncpg`` errors if the
     server cannot be reached within ``connect_timeout_s``.
@@ -329,6 +344,7 @@ async def open_pg_pool(
             command_timeout=command_timeout_s,
             timeout=connect_timeout_s,
             init=_init_connection,
+            reset=None if reset_session else _keep_session,
             max_inactive_connection_lifetime=300.0,
         )
     try:

@@ -28,11 +28,14 @@ from redis.exceptions import NoScriptError, ResponseError
 from daemon.contracts import ContractError, Keys
 
 __all__ = [
+    "ENQUEUE_BUDGET_ARG",
     "BillingEntry",
     "ClaimedResult",
     "DeadLetter",
     "FinalizeArgs",
     "RedisStore",
+    "enqueue_call",
+    "enqueue_reply",
     "is_redis_unavailable",
     "open_redis",
 ]
@@ -136,6 +139,46 @@ class BillingEntry:
 
     entry_id: bytes
     raw: bytes | None
+
+
+# Position of the budget in enqueue.lua's ARGV (0-based in enqueue_call's args).
+ENQUEUE_BUDGET_ARG = 5
+
+
+def enqueue_call(
+    *,
+    user_id: int,
+    conn_id: str,
+    document_id: str,
+    model: str,
+    now: float,
+    rate_limit: int,
+    budget: int | None,
+    blocks: Sequence[tuple[int, str, str, int, str]],
+) -> tuple[list[Any], list[Any]]:
+    """KEYS and ARGV of ``enqueue.lua`` (see :meth:`RedisStore.enqueue_blocks`); the budget
+    (``None``: unlimited) is ``args[ENQUEUE_BUDGET_ARG]``."""
+    args: list[Any] = [
+        user_id,
+        conn_id,
+        document_id,
+        repr(now),
+        rate_limit,
+        -1 if budget is None else budget,
+        len(blocks),
+    ]
+    for block in blocks:
+        args.extend(block)
+    keys = [Keys.rate(user_id), Keys.JOBS, Keys.queue(model), Keys.processing(model)]
+    return keys, args
+
+
+def enqueue_reply(reply: Any) -> tuple[str, list[str] | int]:
+    """``enqueue.lua``'s reply as :meth:`RedisStore.enqueue_blocks` returns it."""
+    head = reply[0].decode()
+    if head == "rate_limited":
+        return head, int(reply[1])
+    return head, [s.decode() for s in reply[1:]]
 
 
 class RedisStore:
@@ -247,23 +290,22 @@ class RedisStore:
         Returns ("ok", [status per block]) — each one of cached, queued, processing, limit — or
         ("rate_limited", milliseconds until the user's bucket holds enough; -1 never).
         """
-        args: list[Any] = [
-            user_id,
-            conn_id,
-            document_id,
-            repr(now),
-            rate_limit,
-            -1 if budget is None else budget,
-            len(blocks),
-        ]
-        for block in blocks:
-            args.extend(block)
-        keys = [Keys.rate(user_id), Keys.JOBS, Keys.queue(model), Keys.processing(model)]
-        reply = await self._script("enqueue", keys, args)
-        head = reply[0].decode()
-        if head == "rate_limited":
-            return head, int(reply[1])
-        return head, [s.decode() for s in reply[1:]]
+        keys, args = enqueue_call(
+            user_id=user_id,
+            conn_id=conn_id,
+            document_id=document_id,
+            model=model,
+            now=now,
+            rate_limit=rate_limit,
+            budget=budget,
+            blocks=blocks,
+        )
+        return enqueue_reply(await self._script("enqueue", keys, args))
+
+    async def aio_enqueue(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """(asyncio side) ``enqueue.lua`` with the ``keys`` and ``args`` of :func:`enqueue_call`,
+        for a unit of work that does more than this in one crossing (``stores/request.py``)."""
+        return await self._scripts["enqueue"](list(keys), list(args))
 
     async def evict(
         self,
