@@ -158,8 +158,7 @@ def redis_cmd(url: str, *args: Any) -> Any:
 
 @attrs.define
 class Recorder:
-    t0: float = 0.0
-    acks: list[tuple[float, float, str]] = attrs.Factory(list)  # (t since load start, ms, who)
+    acks: list[tuple[float, float, str]] = attrs.Factory(list)  # (sent, perf_counter; ms; who)
     idle_acks: list[float] = attrs.Factory(list)
     audio_ms: list[float] = attrs.Factory(list)
     requests: int = 0
@@ -220,7 +219,7 @@ class Client:
                 if self.idle:
                     self.rec.idle_acks.append(ms)
                 else:
-                    self.rec.acks.append((sent - self.rec.t0, ms, self.name))
+                    self.rec.acks.append((sent, ms, self.name))
                 del self.pending[n]
                 acked.set()
                 return
@@ -543,7 +542,7 @@ async def _drive(
             f"[{arch}] idle ack p50 {pct(rec.idle_acks, 50):.1f} ms,"
             f" p99 {pct(rec.idle_acks, 99):.1f} ms; load starts"
         )
-        load_t0 = rec.t0 = time.perf_counter()
+        load_t0 = time.perf_counter()
         nursery.start_soon(_progress, arch, rec, p, say)
         with trio.move_on_after(p.max_load_s) as load_scope:
             async with trio.open_nursery() as listeners:
@@ -578,7 +577,7 @@ async def _progress(arch: str, rec: Recorder, p: Params, say: Any) -> None:
     total = p.users * p.blocks
     while True:
         await trio.sleep(2.0)
-        recent = [ms for t, ms, _ in rec.acks if t > time.perf_counter() - rec.t0 - 2.0]
+        recent = [ms for t, ms, _ in rec.acks if t > time.perf_counter() - 2.0]
         say(
             f"[{arch}] {rec.blocks_terminal}/{total}+ blocks, {rec.requests} requests,"
             f" ack p99 (last 2 s) {pct(recent, 99):.1f} ms, errors {rec.errors}"
@@ -658,7 +657,8 @@ async def _summarize(
         },
         "error_messages": rec.error_messages,
         "timeline": {
-            "acks": [(round(t, 4), round(ms, 3), who) for t, ms, who in rec.acks],
+            # seconds since the load started (a probe request may precede it by a few ms)
+            "acks": [(round(t - load_t0, 4), round(ms, 3), who) for t, ms, who in rec.acks],
             "results": [round(t, 4) for t in completes],
         },
     }
