@@ -334,6 +334,17 @@ _BILLING_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
 )
 
 
+# The columns' ranges (migrations/0001_init.sql): bigint ids, integer lengths and durations,
+# numeric(6, 3) multipliers; the amount (text_length × multiplier) then fits a bigint.
+_BILLING_LIMITS: tuple[tuple[str, float], ...] = (
+    ("user_id", 2**63 - 1),
+    ("text_length", 2**31 - 1),
+    ("block_idx", 2**31 - 1),
+    ("duration_ms", 2**31 - 1),
+    ("usage_multiplier", 999.999),
+)
+
+
 def billing_event_fields(raw: bytes | str) -> dict[str, Any]:
     """A billing event's JSON object, validated as :meth:`BillingEvent.from_json` does (every
     field present and of its type, a non-empty ``event_id``, no negative ``text_length`` or
@@ -350,4 +361,12 @@ def billing_event_fields(raw: bytes | str) -> dict[str, Any]:
     for name in ("usage_multiplier", "duration_ms", "finalized_at"):
         if isinstance(d[name], float) and not math.isfinite(d[name]):
             raise ContractError(f"{w}: field {name!r} is not a finite number")
+    # What Python accepts and Postgres would refuse must stop here, for this event alone: a refusal
+    # in Postgres fails the transaction of the user's other events too.
+    for name, limit in _BILLING_LIMITS:
+        if not -limit <= d[name] <= limit:
+            raise ContractError(f"{w}: field {name!r} out of range (|value| <= {limit})")
+    for name, kind in _BILLING_FIELDS:
+        if kind is str and "\x00" in d[name]:
+            raise ContractError(f"{w}: field {name!r} contains a NUL character")
     return d

@@ -153,6 +153,11 @@ async def test_poison_events_are_dead_lettered_and_the_events_around_them_billed
     del missing_field["user_id"]
     no_such_user = billing_event(987_654, "kokoro", 5)
     not_a_number = json.loads(good[0].to_json()) | {"event_id": "x3", "duration_ms": float("nan")}
+    # Valid to Python, refused by Postgres (integer columns, text without NUL): the same user's
+    # good events around them must still be billed.
+    too_long = json.loads(good[0].to_json()) | {"event_id": "x4", "text_length": 2**31}
+    too_costly = json.loads(good[0].to_json()) | {"event_id": "x5", "usage_multiplier": 1e300}
+    nul_voice = json.loads(good[0].to_json()) | {"event_id": "x6", "voice": "af\x00heart"}
     await xadd(
         redis_url,
         [
@@ -164,6 +169,9 @@ async def test_poison_events_are_dead_lettered_and_the_events_around_them_billed
             {"something": "else"},
             no_such_user,
             json.dumps(not_a_number),  # NaN: valid to Python's json, not to Postgres
+            json.dumps(too_long),
+            json.dumps(too_costly),
+            json.dumps(nul_voice),
             {"event": b"\xff\xfe not UTF-8"},  # type: ignore[dict-item]
             good[2],
         ],
@@ -172,7 +180,10 @@ async def test_poison_events_are_dead_lettered_and_the_events_around_them_billed
     assert await kokoro_used(pg_url, user_id) == 66
     dead = [json.loads(x) for x in await redis_call(redis_url, "LRANGE", Keys.BILLING_DEAD, 0, -1)]
     reasons = sorted(d["reason"] for d in dead)
-    assert len(reasons) == 7, reasons
+    assert len(reasons) == 10, reasons
+    assert any("'text_length' out of range" in r for r in reasons)
+    assert any("'usage_multiplier' out of range" in r for r in reasons)
+    assert any("'voice' contains a NUL character" in r for r in reasons)
     assert any("not JSON" in r for r in reasons)
     assert any("'duration_ms' is not a finite number" in r for r in reasons)
     assert any("not UTF-8" in r for r in reasons)
@@ -182,7 +193,7 @@ async def test_poison_events_are_dead_lettered_and_the_events_around_them_billed
     assert any("user 987654 has no subscription" in r for r in reasons)
     assert all(d["entry_id"] and d["consumer"] == daemon.instance_id for d in dead)
     errors = [r for r in records if r["event"] == "error" and r["service"] == "billing"]
-    assert len(errors) == 7 and all("dead-lettered" in e["message"] for e in errors)
+    assert len(errors) == 10 and all("dead-lettered" in e["message"] for e in errors)
     assert daemon.supervisor.states["billing"].restarts == 0
 
 
