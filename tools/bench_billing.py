@@ -403,7 +403,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated user counts (default 5,500)",
     )
     p.add_argument("--pool", type=int, default=2, help="postgres.billing_pool_size")
-    p.add_argument("--max-batch", type=int, default=BillingConfig().max_batch)
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=2000,
+        help="billing.max_batch (default 2000, as conf/daemon.toml ships; the built-in default is"
+        f" {BillingConfig().max_batch})",
+    )
     p.add_argument("--users-per-txn", type=int, default=BillingConfig().users_per_txn)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(

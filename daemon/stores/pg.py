@@ -132,17 +132,6 @@ async def fetch_budget(conn: asyncpg.Connection, user_id: int) -> Budget:
     return budget_from_row(await conn.fetchrow(_BUDGET_SQL, user_id))
 
 
-async def _budget(
-    pool: asyncpg.Pool, user_id: int, acquire_timeout_s: float
-) -> tuple[Budget, float]:
-    conn, waited = await _acquire_timed(pool, acquire_timeout_s)
-    try:
-        budget = await fetch_budget(conn, user_id)
-    finally:
-        await pool.release(conn)
-    return budget, waited
-
-
 async def _lookup_token(
     pool: asyncpg.Pool, token_hash: bytes, acquire_timeout_s: float
 ) -> tuple[tuple[int, str] | None, float]:
@@ -281,10 +270,6 @@ class PgPool:
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run an asyncio coroutine function ``fn(pool, *args, **kwargs)``: one unit of work."""
         return await trio_asyncio.aio_as_trio(fn)(self.pool, *args, **kwargs)
-
-    async def budget(self, user_id: int) -> tuple[Budget, float]:
-        """The user's remaining allowance, and seconds waited for a connection."""
-        return await self.run(_budget, user_id, self.acquire_timeout_s)
 
     async def lookup_token(self, token: str) -> tuple[tuple[int, str] | None, float]:
         return await self.run(_lookup_token, hash_token(token), self.acquire_timeout_s)

@@ -156,8 +156,9 @@ def enqueue_call(
     budget: int | None,
     blocks: Sequence[tuple[int, str, str, int, str]],
 ) -> tuple[list[Any], list[Any]]:
-    """KEYS and ARGV of ``enqueue.lua`` (see :meth:`RedisStore.enqueue_blocks`); the budget
-    (``None``: unlimited) is ``args[ENQUEUE_BUDGET_ARG]``."""
+    """KEYS and ARGV of ``enqueue.lua`` (run by ``stores/request.py``, after the usage check).
+    ``blocks``: (idx, variant_hash, job_id, cost, job_json); the budget (``None``: unlimited) is
+    ``args[ENQUEUE_BUDGET_ARG]``."""
     args: list[Any] = [
         user_id,
         conn_id,
@@ -174,7 +175,9 @@ def enqueue_call(
 
 
 def enqueue_reply(reply: Any) -> tuple[str, list[str] | int]:
-    """``enqueue.lua``'s reply as :meth:`RedisStore.enqueue_blocks` returns it."""
+    """``enqueue.lua``'s reply: ("ok", [status per block]) — each one of cached, queued,
+    processing, limit — or ("rate_limited", milliseconds until the user's bucket holds enough;
+    -1 never)."""
     head = reply[0].decode()
     if head == "rate_limited":
         return head, int(reply[1])
@@ -272,35 +275,6 @@ class RedisStore:
         return await self._cross(self._client.execute_command, *args)
 
     # -- gateway ----------------------------------------------------------------------------
-
-    async def enqueue_blocks(
-        self,
-        *,
-        user_id: int,
-        conn_id: str,
-        document_id: str,
-        model: str,
-        now: float,
-        rate_limit: int,
-        budget: int | None,
-        blocks: Sequence[tuple[int, str, str, int, str]],
-    ) -> tuple[str, list[str] | int]:
-        """Run ``enqueue.lua``. ``blocks``: (idx, variant_hash, job_id, cost, job_json).
-
-        Returns ("ok", [status per block]) — each one of cached, queued, processing, limit — or
-        ("rate_limited", milliseconds until the user's bucket holds enough; -1 never).
-        """
-        keys, args = enqueue_call(
-            user_id=user_id,
-            conn_id=conn_id,
-            document_id=document_id,
-            model=model,
-            now=now,
-            rate_limit=rate_limit,
-            budget=budget,
-            blocks=blocks,
-        )
-        return enqueue_reply(await self._script("enqueue", keys, args))
 
     async def aio_enqueue(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """(asyncio side) ``enqueue.lua`` with the ``keys`` and ``args`` of :func:`enqueue_call`,

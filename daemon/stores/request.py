@@ -92,7 +92,8 @@ async def check_and_enqueue(
     wait: PoolWait,
 ) -> tuple[str, list[str] | int]:
     """Read the user's allowance of ``usage_type`` on the request pool, then run ``enqueue.lua``
-    with it (see :meth:`RedisStore.enqueue_blocks` for ``blocks`` and the reply), in one crossing.
+    with it (see :func:`enqueue_call` for ``blocks``, :func:`enqueue_reply` for the reply), in one
+    crossing.
 
     ``wait`` records the pool wait as it happens. Deadline: the pool's acquire timeout plus 5 s
     for the query, plus Redis's command timeout for the script (``trio.TooSlowError``); the
