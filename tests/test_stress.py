@@ -102,6 +102,9 @@ def test_small_compare_completes_with_the_spec_shape(tmp_path: Path) -> None:
         assert run["events_billed"] == run["blocks"] - run["blocks_evicted"]
         assert run["reconciliation_delta"] == 0
         assert run["idle_ack_ms"]["p50"] > 0 and run["ack_ms"]["p50"] > 0
+        # the load's acks, split by request shape: the probe's and the listeners' together
+        assert run["probe_ack_ms"]["p50"] > 0 and run["listener_ack_ms"]["p50"] > 0
+        assert run["probe_ack_p99_over_idle"] > 0
         assert run["rss_mb_max"] > 10
     assert set(result["targets"]) == {"split_ack_p99_within_1.5x_idle", "inline_starves"}
     assert plot.stat().st_size > 10_000
