@@ -7,12 +7,11 @@ it finishes, and can look at the queue in between.
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 from daemon.audio import wav_bytes
-from daemon.contracts import Job, Keys, Result
-from daemon.stores.redis import SCRIPTS
+from daemon.contracts import Job, Keys
+from tests import worker_side
 from tests.helpers import WsClient, redis_call, wait_until
 
 __all__ = ["ManualWorker", "job_ids", "queue_ids", "status_frames"]
@@ -24,12 +23,8 @@ class ManualWorker:
     def __init__(self, redis_url: str) -> None:
         self.redis_url = redis_url
 
-    async def _eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        return await redis_call(self.redis_url, "EVAL", SCRIPTS[script], len(keys), *keys, *args)
-
     async def pull(self, model: str = "kokoro") -> Job | None:
-        raw = await self._eval("pull", [Keys.queue(model), Keys.processing(model), Keys.JOBS], [])
-        return None if raw is None else Job.from_json(raw)
+        return await worker_side.pull(self.redis_url, model)
 
     async def pull_wait(self, model: str = "kokoro") -> Job:
         return await wait_until(lambda: self.pull(model), what=f"a {model} job to pull")
@@ -37,25 +32,12 @@ class ManualWorker:
     async def finish(self, job: Job, *, error: str | None = None) -> None:
         """Push the job's result as a worker does; the daemon's hot path takes it from there."""
         if error is None:
-            audio = wav_bytes(200)
-            result = Result.for_job(
-                job,
-                worker_id="test-worker",
-                queue_wait_ms=1.0,
-                processing_time_ms=1.0,
-                audio_base64=base64.b64encode(audio).decode(),
-                duration_ms=200,
-                content_type="audio/wav",
+            payload = worker_side.result_json(
+                job, wav_bytes(200), duration_ms=200, content_type="audio/wav"
             )
         else:
-            result = Result.for_job(
-                job, worker_id="test-worker", queue_wait_ms=1.0, processing_time_ms=1.0, error=error
-            )
-        await self._eval(
-            "push_result",
-            [Keys.RESULTS, Keys.processing(job.model)],
-            [result.to_json(), job.job_id],
-        )
+            payload = worker_side.result_json(job, error=error)
+        await worker_side.push(self.redis_url, job, payload)
 
 
 async def queue_ids(redis_url: str, model: str = "kokoro") -> list[str]:

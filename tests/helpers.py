@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,6 +17,8 @@ import asyncpg
 import redis
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
+
+from daemon.contracts import MODELS, BillingEvent
 
 __all__ = [
     "WsClient",
@@ -235,3 +239,23 @@ class _Connect:
             # connection first (1009, 1013, 1001): its aclose() returns early. Close it here.
             if self._ws is not None:
                 await self._ws._stream.aclose()
+
+
+def billing_event(
+    user_id: int, model: str = "kokoro", text_length: int = 40, event_id: str | None = None
+) -> BillingEvent:
+    """A billing event as the hot path writes it, for ``model``'s default voice."""
+    info = MODELS[model]
+    return BillingEvent(
+        event_id=event_id or uuid.uuid4().hex,
+        user_id=user_id,
+        model=model,
+        voice=info.default_voice,
+        variant_hash=uuid.uuid4().hex * 2,
+        text_length=text_length,
+        usage_multiplier=info.usage_multiplier,
+        duration_ms=text_length * 60,
+        document_id="doc",
+        block_idx=0,
+        finalized_at=time.time(),
+    )

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +17,7 @@ import attrs
 import pytest
 import trio
 
-from daemon.contracts import MODELS, BillingEvent, usage_amount
+from daemon.contracts import MODELS, usage_amount
 from daemon.stores.ledger import (
     BILLING_DATA_ERRORS,
     PreparedEvent,
@@ -29,7 +27,7 @@ from daemon.stores.ledger import (
     upsert_variants,
 )
 from daemon.stores.pg import _init_connection
-from tests.helpers import add_user, pg_fetch, pg_val
+from tests.helpers import add_user, billing_event, pg_fetch, pg_val
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,19 +49,7 @@ async def with_pool(url: str, fn: Callable[[asyncpg.Pool], Awaitable[Any]], size
 
 def event(user_id: int, model: str, text_length: int, event_id: str | None = None) -> PreparedEvent:
     info = MODELS[model]
-    e = BillingEvent(
-        event_id=event_id or uuid.uuid4().hex,
-        user_id=user_id,
-        model=model,
-        voice=info.default_voice,
-        variant_hash=uuid.uuid4().hex * 2,
-        text_length=text_length,
-        usage_multiplier=info.usage_multiplier,
-        duration_ms=text_length * 60,
-        document_id="doc",
-        block_idx=0,
-        finalized_at=time.time(),
-    )
+    e = billing_event(user_id, model, text_length, event_id)
     return PreparedEvent(e, info.usage_type, usage_amount(text_length, info.usage_multiplier))
 
 

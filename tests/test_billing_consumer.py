@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +18,20 @@ import trio
 
 from daemon.app import Daemon, open_daemon
 from daemon.config import Config
-from daemon.contracts import MODELS, BillingEvent, Keys, usage_amount
+from daemon.contracts import BillingEvent, Keys, usage_amount
 from daemon.stores.pg import _credit, _init_connection
 from tests.conftest import make_config
-from tests.helpers import WsClient, add_user, pg_fetch, pg_val, redis_call, wait_until
+from tests.helpers import (
+    WsClient,
+    add_user,
+    billing_event,
+    pg_fetch,
+    pg_val,
+    redis_call,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def billing_event(user_id: int, model: str = "kokoro", text_length: int = 40) -> BillingEvent:
-    info = MODELS[model]
-    return BillingEvent(
-        event_id=uuid.uuid4().hex,
-        user_id=user_id,
-        model=model,
-        voice=info.default_voice,
-        variant_hash=uuid.uuid4().hex * 2,
-        text_length=text_length,
-        usage_multiplier=info.usage_multiplier,
-        duration_ms=text_length * 60,
-        document_id="doc",
-        block_idx=0,
-        finalized_at=time.time(),
-    )
 
 
 async def xadd(redis_url: str, payloads: list[str | BillingEvent | dict[str, str]]) -> None:

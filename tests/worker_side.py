@@ -11,30 +11,17 @@ import base64
 import json
 from typing import Any
 
-import redis
 import trio
 
 from daemon.contracts import Job, Keys, Result
 from daemon.stores.redis import SCRIPTS
+from tests.helpers import redis_call
 
 __all__ = ["audio_bytes", "pull", "push", "push_raw", "r", "result_json"]
 
 
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url)
-
-
-async def r(url: str, *args: Any) -> Any:
-    """One raw command on a fresh client (in a thread)."""
-
-    def call() -> Any:
-        c = _client(url)
-        try:
-            return c.execute_command(*args)
-        finally:
-            c.close()
-
-    return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+# One raw command on a fresh client (in a thread): the suite's one helper for it.
+r = redis_call
 
 
 async def pull(url: str, model: str = "kokoro") -> Job | None:
