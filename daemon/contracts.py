@@ -302,6 +302,23 @@ class BillingEvent:
         return json.dumps(attrs.asdict(self), separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
+    def for_result(cls, r: Result, *, finalized_at: float) -> BillingEvent:
+        """The event of a finalized audio result (the job id is the event id)."""
+        return cls(
+            event_id=r.job_id,
+            user_id=r.user_id,
+            model=r.model,
+            voice=r.voice,
+            variant_hash=r.variant_hash,
+            text_length=r.text_length,
+            usage_multiplier=r.usage_multiplier,
+            duration_ms=r.duration_ms or 0,
+            document_id=r.document_id,
+            block_idx=r.block_idx,
+            finalized_at=finalized_at,
+        )
+
+    @classmethod
     def from_json(cls, raw: bytes | str) -> BillingEvent:
         d = billing_event_fields(raw)
         return cls(

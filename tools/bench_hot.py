@@ -118,19 +118,7 @@ async def run_baseline_hot(
             "HSET", Keys.audio(hash_), "data", audio, "content_type", r.content_type or ""
         )
         await store.execute("EXPIRE", Keys.audio(hash_), cfg.audio_ttl_s)
-        event = BillingEvent(
-            event_id=r.job_id,
-            user_id=r.user_id,
-            model=r.model,
-            voice=r.voice,
-            variant_hash=hash_,
-            text_length=r.text_length,
-            usage_multiplier=r.usage_multiplier,
-            duration_ms=r.duration_ms or 0,
-            document_id=r.document_id,
-            block_idx=r.block_idx,
-            finalized_at=time.time(),
-        )
+        event = BillingEvent.for_result(r, finalized_at=time.time())
         await store.execute("XADD", Keys.BILLING, "*", "event", event.to_json())
         # SMEMBERS + one PUBLISH per waiter, done by the daemon's own Lua helper so the frames
         # are exactly what the gateway routes (one round trip: flatters the baseline a little).

@@ -275,19 +275,7 @@ class HotConsumer:
             return _Prepared(c, FinalizeArgs(kind="error", error=r.error[:500], **common), r)
         if item.audio_len <= 0:
             return _Prepared(c, FinalizeArgs(kind="skipped", **common), r)
-        event = BillingEvent(
-            event_id=r.job_id,
-            user_id=r.user_id,
-            model=r.model,
-            voice=r.voice,
-            variant_hash=r.variant_hash,
-            text_length=r.text_length,
-            usage_multiplier=r.usage_multiplier,
-            duration_ms=r.duration_ms or 0,
-            document_id=r.document_id,
-            block_idx=r.block_idx,
-            finalized_at=time.time(),
-        )
+        event = BillingEvent.for_result(r, finalized_at=time.time())
         args = FinalizeArgs(
             kind="audio",
             content_type=r.content_type or "application/octet-stream",
