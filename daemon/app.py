@@ -27,13 +27,14 @@ from typing import Any
 import attrs
 import trio
 
-from daemon.billing.consumer import BillingConsumer, FaultPoint, _no_fault
+from daemon.billing.consumer import BillingConsumer
 from daemon.config import Config
 from daemon.events import EventLog
+from daemon.faults import FaultPoint, no_fault
 from daemon.gateway.dashboard import Dashboard
 from daemon.gateway.service import Gateway, GatewayAddresses
 from daemon.hashing import VariantHasher
-from daemon.hot.consumer import HotConsumer, HotFault, no_fault
+from daemon.hot.consumer import HotConsumer
 from daemon.metrics import Metrics
 from daemon.monitor import Monitor
 from daemon.priority import RequestFirst
@@ -68,8 +69,8 @@ class Daemon:
     redis_url: str
     pg_url: str
     instance_id: str = attrs.Factory(make_instance_id)
-    billing_fault: FaultPoint = _no_fault
-    hot_fault: HotFault = no_fault
+    billing_fault: FaultPoint = no_fault
+    hot_fault: FaultPoint = no_fault
     events: EventLog = attrs.field(init=False)
     metrics: Metrics = attrs.Factory(Metrics)
     supervisor: Supervisor = attrs.field(init=False)

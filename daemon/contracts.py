@@ -370,7 +370,10 @@ def billing_event_fields(raw: bytes | str) -> dict[str, Any]:
     w = "billing event"
     d = _loads(raw, w)
     for name, kind in _BILLING_FIELDS:
-        _field(d, name, kind, w)
+        value = _field(d, name, kind, w)
+        # Postgres refuses NUL in text: stop it here, for this event alone (see below).
+        if kind is str and "\x00" in value:
+            raise ContractError(f"{w}: field {name!r} contains a NUL character")
     if not d["event_id"]:
         raise ContractError(f"{w}: empty event_id")
     if d["text_length"] < 0 or d["usage_multiplier"] < 0:
@@ -383,7 +386,4 @@ def billing_event_fields(raw: bytes | str) -> dict[str, Any]:
     for name, limit in _BILLING_LIMITS:
         if not -limit <= d[name] <= limit:
             raise ContractError(f"{w}: field {name!r} out of range (|value| <= {limit})")
-    for name, kind in _BILLING_FIELDS:
-        if kind is str and "\x00" in d[name]:
-            raise ContractError(f"{w}: field {name!r} contains a NUL character")
     return d

@@ -23,13 +23,31 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import attrs
 import trio
 
-__all__ = ["ENV_VAR", "POINTS", "FaultInjector", "FaultSpecError", "InjectedFault", "from_env"]
+__all__ = [
+    "ENV_VAR",
+    "POINTS",
+    "FaultInjector",
+    "FaultPoint",
+    "FaultSpecError",
+    "InjectedFault",
+    "from_env",
+    "no_fault",
+]
+
+# What the consumers call at their fault points (tests and the chaos tool pass one that raises or
+# blocks); ``no_fault`` does nothing.
+FaultPoint = Callable[[str], Awaitable[None]]
+
+
+async def no_fault(point: str) -> None:
+    return None
+
 
 ENV_VAR = "TTS_DAEMON_FAULTS"
 # The points the daemon calls; a spec naming another is a typo, refused rather than ignored.

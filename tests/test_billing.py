@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -17,17 +18,17 @@ import attrs
 import pytest
 import trio
 
-from daemon.contracts import MODELS, usage_amount
+from daemon.contracts import MODELS, BillingEvent, usage_amount
 from daemon.stores.ledger import (
     BILLING_DATA_ERRORS,
-    PreparedEvent,
-    bill_group,
-    bill_one,
+    ChunkResult,
+    bill_chunks,
+    events_array,
     record_usage,
-    upsert_variants,
 )
 from daemon.stores.pg import _init_connection
 from tests.helpers import add_user, billing_event, pg_fetch, pg_val
+from tools.inline import bill_one
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,14 +48,46 @@ async def with_pool(url: str, fn: Callable[[asyncpg.Pool], Awaitable[Any]], size
     return await trio.to_thread.run_sync(lambda: asyncio.run(go()))
 
 
+@attrs.frozen
+class PreparedEvent:
+    """An event with what the step-by-step model needs: its usage type and amount."""
+
+    event: BillingEvent
+    usage_type: str
+    amount: int
+
+
 def event(user_id: int, model: str, text_length: int, event_id: str | None = None) -> PreparedEvent:
     info = MODELS[model]
     e = billing_event(user_id, model, text_length, event_id)
     return PreparedEvent(e, info.usage_type, usage_amount(text_length, info.usage_multiplier))
 
 
-async def bill(url: str, events: list[PreparedEvent]) -> Any:
-    return await with_pool(url, lambda pool: bill_group(pool, events, acquire_timeout_s=5))
+@attrs.frozen
+class GroupOutcome:
+    billed: tuple[str, ...]  # event ids billed now
+    duplicates: tuple[str, ...]  # event ids billed before
+    text_length: int  # characters billed now
+
+
+async def bill_group(pool: asyncpg.Pool, events: list[PreparedEvent]) -> GroupOutcome:
+    """The billing consumer's transaction (``tts_bill_batch`` through ``bill_chunks``) for these
+    events; its data error raised."""
+    ((result,),) = await bill_chunks(
+        pool, [[events_array([p.event.to_json() for p in events])]], acquire_timeout_s=5
+    )
+    if not isinstance(result, ChunkResult):
+        raise result
+    dups = set(result.duplicates)
+    return GroupOutcome(
+        billed=tuple(p.event.event_id for i, p in enumerate(events) if i not in dups),
+        duplicates=tuple(p.event.event_id for i, p in enumerate(events) if i in dups),
+        text_length=result.text_length,
+    )
+
+
+async def bill(url: str, events: list[PreparedEvent]) -> GroupOutcome:
+    return await with_pool(url, lambda pool: bill_group(pool, events))
 
 
 async def set_state(
@@ -331,11 +364,12 @@ async def test_batched_waterfall_matches_one_event_at_a_time(pg_url: str) -> Non
             i += n
             if n % 5 == 0:  # some through record_usage, one event per transaction
                 for p in part:
-                    dup_flags.append(await bill_one(pool, p, acquire_timeout_s=5))
+                    dup, _ = await bill_one(pool, p.event, p.usage_type, acquire_timeout_s=5)
+                    dup_flags.append(dup)
                 continue
             # bill_group bills whole users in arrival order: group the way the consumer does
             for users_part in _split_users(part, rng):
-                outcome = await bill_group(pool, users_part, acquire_timeout_s=5)
+                outcome = await bill_group(pool, users_part)
                 dups = set(outcome.duplicates)
                 dup_flags.extend(p.event.event_id in dups for p in users_part)
         return dup_flags
@@ -451,11 +485,10 @@ async def test_variants_metadata_upserted_idempotently(pg_url: str) -> None:
     p = event(user_id, "kokoro", 12)
     later = attrs.evolve(p.event, duration_ms=999)
 
-    async def go(pool: asyncpg.Pool) -> None:
-        await upsert_variants(pool, [p.event], acquire_timeout_s=5)
-        await upsert_variants(pool, [p.event, later], acquire_timeout_s=5)
-
-    await with_pool(pg_url, go)
+    # the same variant billed again by another event (another job), later, with a new duration
+    again = attrs.evolve(later, event_id=uuid.uuid4().hex)
+    await bill(pg_url, [p])
+    await bill(pg_url, [p, PreparedEvent(again, p.usage_type, p.amount)])
     rows = await pg_fetch(pg_url, "SELECT * FROM block_variants")
     assert [(r["hash"], r["model"], r["text_length"], r["duration_ms"]) for r in rows] == [
         (p.event.variant_hash, "kokoro", 12, 999)

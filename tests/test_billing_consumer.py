@@ -263,7 +263,7 @@ async def test_crash_loop_mid_batch_loses_nothing_bills_nothing_twice_and_servin
 
     async def fault(point: str) -> None:
         nonlocal crashes
-        if point == "billing.after_chunk" and crashes < 4:
+        if point == "billing.after_commit" and crashes < 4:
             crashes += 1
             raise RuntimeError(f"injected crash {crashes}")
 
@@ -333,7 +333,7 @@ async def test_two_daemons_bill_every_event_once_when_one_dies_mid_batch(
     stuck = trio.Event()
 
     async def die_mid_batch(point: str) -> None:
-        if point == "billing.after_chunk":  # one transaction committed, the batch not acked
+        if point == "billing.after_commit":  # the batch committed, not acknowledged
             stuck.set()
             await trio.sleep_forever()
 

@@ -56,9 +56,9 @@ from daemon.contracts import BillingEvent, Keys  # noqa: E402
 from daemon.embedded import EmbeddedServers  # noqa: E402
 from daemon.events import EventLog  # noqa: E402
 from daemon.metrics import Metrics  # noqa: E402
-from daemon.stores.ledger import bill_one  # noqa: E402
 from daemon.stores.pg import open_pg_pool  # noqa: E402
 from daemon.stores.redis import RedisStore, open_redis  # noqa: E402
+from tools.inline import bill_one  # noqa: E402
 
 WORDS = [
     "the",
@@ -138,26 +138,31 @@ class UnbatchedConsumer(BillingConsumer):
     async def commit_batch(self, batch: PreparedBatch) -> CommittedBatch:
         assert self.pool is not None
         t0 = time.perf_counter()
-        entries = [entry for mine in batch.by_user.values() for entry, _ in mine]
-        prepared = [self._prepare(e) for e in entries]
+        # The checked JSON texts, parsed once more into events (the batched path sends the text).
+        events = [
+            BillingEvent.from_json(text) for mine in batch.by_user.values() for _, text in mine
+        ]
         limiter = trio.CapacityLimiter(self.pg_cfg.billing_pool_size)
         billed = 0
         text_length = 0
 
-        async def one(p: Any) -> None:
+        async def one(e: BillingEvent) -> None:
             nonlocal billed, text_length
             async with limiter:
-                dup = await self.pool.run(  # type: ignore[union-attr]
-                    bill_one, p, acquire_timeout_s=self.pg_cfg.acquire_timeout_s
+                dup, _ = await self.pool.run(  # type: ignore[union-attr]
+                    bill_one,
+                    e,
+                    self.usage_types[e.model],
+                    acquire_timeout_s=self.pg_cfg.acquire_timeout_s,
                 )
             if not dup:
                 billed += 1
-                text_length += p.event.text_length
+                text_length += e.text_length
 
         async with trio.open_nursery() as nursery:
-            for p in prepared:
-                nursery.start_soon(one, p)
-        dups = len(prepared) - billed
+            for e in events:
+                nursery.start_soon(one, e)
+        dups = len(events) - billed
         return CommittedBatch(batch, {}, billed, dups, text_length, time.perf_counter() - t0)
 
 

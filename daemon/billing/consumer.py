@@ -21,28 +21,23 @@ docs/billing.md says why each choice.
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import attrs
 import trio
 
 from daemon.config import BillingConfig, PostgresConfig
-from daemon.contracts import BillingEvent, ContractError, billing_event_fields, usage_amount
+from daemon.contracts import ContractError, billing_event_fields
 from daemon.events import EventLog
+from daemon.faults import FaultPoint, no_fault
 from daemon.metrics import Metrics
-from daemon.stores.ledger import ChunkResult, PreparedEvent, bill_chunks, events_array
+from daemon.stores.ledger import ChunkResult, bill_chunks, events_array
 from daemon.stores.pg import PgPool, open_pg_pool
 from daemon.stores.redis import BillingEntry, RedisStore, billing_block_ms
 
-__all__ = ["BatchOutcome", "BillingConsumer", "CommittedBatch", "FaultPoint", "PreparedBatch"]
-
-# Tests and the chaos tool inject failures at these points: a callable that may raise.
-FaultPoint = Callable[[str], Awaitable[None]]
-
-
-async def _no_fault(point: str) -> None:
-    return None
+__all__ = ["BatchOutcome", "BillingConsumer", "CommittedBatch", "PreparedBatch"]
 
 
 @attrs.frozen
@@ -93,7 +88,7 @@ class BillingConsumer:
     metrics: Metrics
     consumer_name: str
     block_s: float = 1.0
-    fault: FaultPoint = _no_fault
+    fault: FaultPoint = no_fault
     pool: PgPool | None = None
     # The consumer's own Redis connections: one for reads (and dead letters of malformed
     # events), one for acknowledgements (and dead letters of users that cannot be billed), so an
@@ -237,7 +232,6 @@ class BillingConsumer:
         billed = dups = text_length = 0
         if batch.by_user:
             billed, dups, text_length = await self._bill_users(batch.by_user, failed)
-            await self.fault("billing.after_chunk")
         return CommittedBatch(batch, failed, billed, dups, text_length, time.perf_counter() - t0)
 
     async def finish_batch(self, committed: CommittedBatch) -> BatchOutcome:
@@ -294,17 +288,6 @@ class BillingConsumer:
             raise ContractError(f"billing event: unknown model {fields['model']!r}")
         return fields["user_id"], text
 
-    def _prepare(self, entry: BillingEntry) -> PreparedEvent:
-        """One entry as an event object (the unbatched baseline of tools/bench_billing.py)."""
-        self._check(entry)
-        assert entry.raw is not None
-        event = BillingEvent.from_json(entry.raw)
-        return PreparedEvent(
-            event,
-            self.usage_types[event.model],
-            usage_amount(event.text_length, event.usage_multiplier),
-        )
-
     def lanes(self, counts: dict[int, int]) -> list[list[list[int]]]:
         """The batch's transactions, given each user's number of events: one lane per
         connection of the pool (fewer with fewer users), each a list of transactions, each a
@@ -324,7 +307,8 @@ class BillingConsumer:
         out = []
         for users in members:
             users.sort()
-            size = -(-len(users) // -(-len(users) // self.cfg.users_per_txn))
+            txns = math.ceil(len(users) / self.cfg.users_per_txn)
+            size = math.ceil(len(users) / txns)
             out.append([users[j : j + size] for j in range(0, len(users), size)])
         return out
 
@@ -377,7 +361,6 @@ class BillingConsumer:
                 acquire_timeout_s=self.pg_cfg.acquire_timeout_s,
                 txn_delay_s=self.cfg.txn_delay_ms / 1000.0,
             )
-        self.metrics.billing_pool_in_use.set(self.pool.in_use())
         return results
 
     async def _dead_letter(self, redis: RedisStore, entry: BillingEntry, reason: str) -> None:

@@ -27,7 +27,7 @@ another consumer once this one's heartbeat expires.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import attrs
 import trio
@@ -35,6 +35,7 @@ import trio
 from daemon.config import HotConfig
 from daemon.contracts import BillingEvent, ContractError, Result
 from daemon.events import EventLog
+from daemon.faults import FaultPoint, no_fault
 from daemon.metrics import Metrics
 from daemon.outage import Outage
 from daemon.priority import RequestFirst
@@ -46,15 +47,7 @@ from daemon.stores.redis import (
     is_redis_unavailable,
 )
 
-__all__ = ["HotConsumer", "HotFault", "run_hot_consumer"]
-
-# Tests and the chaos tool stop the consumer at these points: "claimed" (results claimed, not yet
-# handed over) and "finalize" (a group about to be finalized). A callable that may raise or block.
-HotFault = Callable[[str], Awaitable[None]]
-
-
-async def no_fault(point: str) -> None:
-    return None
+__all__ = ["HotConsumer", "run_hot_consumer"]
 
 
 @attrs.define(eq=False)  # hashable by identity: it is its own limiter token
@@ -80,7 +73,9 @@ class HotConsumer:
     metrics: Metrics
     consumer_id: str
     block_s: float = 1.0
-    fault: HotFault = no_fault
+    # Tests and the chaos tool stop the consumer at its fault points: "claimed" (results
+    # claimed, not yet handed over) and "finalize" (a group about to be finalized).
+    fault: FaultPoint = no_fault
     priority: RequestFirst = attrs.Factory(RequestFirst)
     in_flight: int = 0  # results being finalized now
     handled: int = 0  # results done with (finalized, duplicate, gone or dead-lettered)
