@@ -29,7 +29,7 @@ import trio
 
 from daemon.billing.consumer import BillingConsumer
 from daemon.config import Config
-from daemon.events import EventLog
+from daemon.events import EventLog, describe
 from daemon.faults import FaultPoint, no_fault
 from daemon.gateway.dashboard import Dashboard
 from daemon.gateway.service import Gateway, GatewayAddresses
@@ -207,7 +207,7 @@ class Daemon:
                     # Start-up failed or a critical service escalated: whoever tails the log
                     # must see why the daemon is gone, not only its stderr.
                     self.events.error(
-                        "daemon", f"daemon stopped by a failure: {_describe(exc)}", fatal=True
+                        "daemon", f"daemon stopped by a failure: {describe(exc)}", fatal=True
                     )
                     raise
                 finally:
@@ -346,7 +346,7 @@ class Daemon:
         if now - self._failure_logged_at.get(what, float("-inf")) < 60.0:
             return
         self._failure_logged_at[what] = now
-        self.events.error("http", f"{what}: {_describe(exc)}")
+        self.events.error("http", f"{what}: {describe(exc)}")
 
     async def health(self) -> tuple[dict[str, Any], bool]:
         """``GET /healthz``: each service's state, ``billing_queue_depth`` and pool use; healthy
@@ -405,13 +405,6 @@ class Daemon:
         data["connections"] = self.gateway.connection_count if self.gateway else 0
         data["events"] = {"written": self.events.written, "dropped": self.events.dropped}
         return data
-
-
-def _describe(exc: BaseException) -> str:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @contextlib.asynccontextmanager

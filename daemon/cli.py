@@ -18,6 +18,7 @@ import trio
 import trio_asyncio
 
 from daemon.config import DEFAULT_CONFIG, Config, ConfigError, config_path, load_config
+from daemon.events import describe
 from daemon.faults import FaultInjector, FaultSpecError
 from daemon.faults import from_env as faults_from_env
 
@@ -235,9 +236,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except Exception as exc:
-        return _fail(_describe(exc))
-
-
-def _describe(exc: BaseException) -> str:
-    exc = _single(exc)
-    return f"{type(exc).__name__}: {exc}"
+        return _fail(describe(exc))

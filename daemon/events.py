@@ -30,12 +30,20 @@ from typing import Any
 
 import trio
 
-__all__ = ["EventLog", "log_files", "rotation_names", "utc_iso"]
+__all__ = ["EventLog", "describe", "log_files", "rotation_names", "utc_iso"]
 
 
 def utc_iso(ts: float | None = None) -> str:
     dt = datetime.now(UTC) if ts is None else datetime.fromtimestamp(ts, UTC)
     return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of an error for a person, a group of one unwrapped to its error."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _default(value: Any) -> Any:

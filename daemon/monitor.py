@@ -51,7 +51,7 @@ from daemon.events import EventLog
 from daemon.metrics import Metrics
 from daemon.outage import Outage
 from daemon.stats import OpsStats, Reconciliation, grade_lag
-from daemon.stores.pg import PgPool, open_pg_pool
+from daemon.stores.pg import PgPool, is_pg_unavailable, open_pg_pool
 from daemon.stores.redis import RedisStore, is_redis_unavailable
 
 __all__ = [
@@ -212,19 +212,11 @@ async def oldest_waiting_age_s(store: RedisStore) -> tuple[float | None, float]:
 
 def _unavailable(exc: BaseException) -> bool:
     """Redis or Postgres down or slow: wait it out (named errors only; the rest is a bug)."""
-    if is_redis_unavailable(exc) or isinstance(exc, TimeoutError | trio.TooSlowError | OSError):
-        return True
-    # asyncpg's connection errors, by module: this module does not import the driver.
-    module = type(exc).__module__ or ""
-    return module.startswith("asyncpg") and type(exc).__name__ in {
-        "ConnectionDoesNotExistError",
-        "InterfaceError",
-        "CannotConnectNowError",
-        "ConnectionFailureError",
-        "AdminShutdownError",
-        "CrashShutdownError",
-        "TooManyConnectionsError",
-    }
+    return (
+        is_redis_unavailable(exc)
+        or is_pg_unavailable(exc)
+        or isinstance(exc, TimeoutError | trio.TooSlowError)
+    )
 
 
 @attrs.define(eq=False)

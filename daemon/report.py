@@ -41,7 +41,7 @@ import trio_asyncio
 
 from daemon.config import DEFAULT_CONFIG, Config, ConfigError, config_path, load_config
 from daemon.contracts import MODELS, Keys
-from daemon.events import rotation_names
+from daemon.events import describe, rotation_names
 from daemon.monitor import (
     billed_among,
     dead_letter_counts,
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         with resolve_servers(cfg) as (redis_url, pg_url):
             servers = trio.run(_servers_part, cfg, redis_url, pg_url, list(scan.synthesized))
     except Exception as exc:
-        print(f"report: RED — cannot read Redis/Postgres: {_describe(exc)}", file=sys.stderr)
+        print(f"report: RED — cannot read Redis/Postgres: {describe(exc)}", file=sys.stderr)
         return 2
     report = build_report(cfg, scan, servers, _healthz(cfg), now=time.time(), log_paths=log_paths)
     if args.json:
@@ -512,12 +512,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(render(report, max_missing=args.max_missing))
     return EXIT[report["grade"]]
-
-
-def _describe(exc: BaseException) -> str:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}"
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import trio
 
 from daemon.backoff import Backoff, IntensityWindow
 from daemon.config import SupervisorConfig
-from daemon.events import EventLog
+from daemon.events import EventLog, describe
 from daemon.metrics import Metrics
 
 __all__ = ["ServiceEscalation", "ServiceSpec", "ServiceState", "Supervisor"]
@@ -102,12 +102,12 @@ class Supervisor:
                 except Exception as exc:
                     if self.stopping.is_set():
                         # Failing while shutting down: say so, do not restart.
-                        self.events.error(spec.name, f"failed during shutdown: {_describe(exc)}")
+                        self.events.error(spec.name, f"failed during shutdown: {describe(exc)}")
                         return
                     if not reported and spec.fail_start_up:
                         st.state = "failed"
                         raise
-                    reason = _describe(exc)
+                    reason = describe(exc)
                     print(f"tts-daemon: service {spec.name} failed:", file=sys.stderr)
                     traceback.print_exception(exc, file=sys.stderr)
                 now = trio.current_time()
@@ -144,10 +144,3 @@ class Supervisor:
         finally:
             if st.state != "failed":
                 st.state = "stopped"
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        return _describe(exc.exceptions[0])
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

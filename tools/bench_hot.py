@@ -103,7 +103,7 @@ async def run_baseline_hot(
     async def handle(raw: bytes) -> None:
         try:
             r = Result.from_json(raw)
-            audio = base64.b64decode(r.audio_base64 or "", validate=True)
+            base64.b64decode(r.audio_base64 or "", validate=True)  # the old shape decoded it
         except (ContractError, ValueError):
             await store.execute("LREM", claimed, 1, raw)
             return
@@ -114,9 +114,9 @@ async def run_baseline_hot(
         await store.execute("DEL", Keys.inflight(hash_))
         await store.execute("HDEL", Keys.JOBS, r.job_id)
         await store.execute("ZREM", Keys.processing(r.model), r.job_id)
-        await store.execute(
-            "HSET", Keys.audio(hash_), "data", audio, "content_type", r.content_type or ""
-        )
+        # the stored shape the gateway serves: the base64 audio, then where it is (RPUSH)
+        meta = json.dumps({"loc": "i:1", "content_type": r.content_type or ""})
+        await store.execute("RPUSH", Keys.audio(hash_), r.audio_base64 or "", meta)
         await store.execute("EXPIRE", Keys.audio(hash_), cfg.audio_ttl_s)
         event = BillingEvent.for_result(r, finalized_at=time.time())
         await store.execute("XADD", Keys.BILLING, "*", "event", event.to_json())

@@ -81,7 +81,6 @@ def _int(value: Any, name: str, lo: int, hi: int) -> int:
 
 # JSON may carry escaped lone surrogates ("\\ud800"): they are not text, cannot be encoded as
 # UTF-8 (for Redis, the worker, the reply) and are refused wherever a string is accepted.
-_SURROGATE = re.compile("[\ud800-\udfff]")
 # Control characters have no place in an identifier; NUL in particular cannot be stored in Postgres
 # text/jsonb, where document_id ends up (the billing details).
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -94,11 +93,15 @@ def _str(
         raise _bad(f"{name}: must be a string")
     if not lo <= len(value) <= hi:
         raise _bad(f"{name}: must be {lo}..{hi} {what}")
-    if _SURROGATE.search(value):
-        raise _bad(f"{name}: must be valid Unicode (no lone surrogates)")
-    if ident and _CONTROL.search(value):
-        raise _bad(f"{name}: must not contain control characters")
-    if "\x00" in value:
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # only lone surrogates do not encode
+            raise _bad(f"{name}: must be valid Unicode (no lone surrogates)") from None
+    if ident:
+        if _CONTROL.search(value):  # NUL included
+            raise _bad(f"{name}: must not contain control characters")
+    elif "\x00" in value:
         raise _bad(f"{name}: must not contain NUL characters")
     return value
 

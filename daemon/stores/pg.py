@@ -45,7 +45,8 @@ class UnknownUser(LookupError):
 def is_pg_unavailable(exc: BaseException) -> bool:
     """True for the errors that mean "Postgres is down, restarting or unreachable" (worth a
     retry), not a bug: refused connections, lost connections, and the server's own "starting
-    up" / "shutting down" answers. A group made only of such errors counts too."""
+    up" / "shutting down" / "too many connections" answers. A group made only of such errors counts
+    too."""
     if isinstance(exc, BaseExceptionGroup):
         return all(is_pg_unavailable(e) for e in exc.exceptions)
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
@@ -54,7 +55,8 @@ def is_pg_unavailable(exc: BaseException) -> bool:
         exc,
         OSError
         | asyncpg.exceptions.PostgresConnectionError
-        | asyncpg.exceptions.OperatorInterventionError,
+        | asyncpg.exceptions.OperatorInterventionError
+        | asyncpg.exceptions.TooManyConnectionsError,
     )
 
 

@@ -28,7 +28,6 @@ from redis.exceptions import NoScriptError, ResponseError
 from daemon.contracts import ContractError, Keys
 
 __all__ = [
-    "ENQUEUE_BUDGET_ARG",
     "BillingEntry",
     "ClaimedResult",
     "DeadLetter",
@@ -141,10 +140,6 @@ class BillingEntry:
     raw: bytes | None
 
 
-# Position of the budget in enqueue.lua's ARGV (0-based in enqueue_call's args).
-ENQUEUE_BUDGET_ARG = 5
-
-
 def enqueue_call(
     *,
     user_id: int,
@@ -157,8 +152,7 @@ def enqueue_call(
     blocks: Sequence[tuple[int, str, str, int, str]],
 ) -> tuple[list[Any], list[Any]]:
     """KEYS and ARGV of ``enqueue.lua`` (run by ``stores/request.py``, after the usage check).
-    ``blocks``: (idx, variant_hash, job_id, cost, job_json); the budget (``None``: unlimited) is
-    ``args[ENQUEUE_BUDGET_ARG]``."""
+    ``blocks``: (idx, variant_hash, job_id, cost, job_json); ``budget`` ``None``: unlimited."""
     args: list[Any] = [
         user_id,
         conn_id,
@@ -276,10 +270,10 @@ class RedisStore:
 
     # -- gateway ----------------------------------------------------------------------------
 
-    async def aio_enqueue(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def aio_enqueue(self, keys: list[Any], args: list[Any]) -> Any:
         """(asyncio side) ``enqueue.lua`` with the ``keys`` and ``args`` of :func:`enqueue_call`,
         for a unit of work that does more than this in one crossing (``stores/request.py``)."""
-        return await self._scripts["enqueue"](list(keys), list(args))
+        return await self._scripts["enqueue"](keys, args)
 
     async def evict(
         self,
@@ -321,28 +315,10 @@ class RedisStore:
         The hot path stores audio without copying it (``finalize.lua``): a list whose first
         element is the worker's result JSON and whose last says where the base64 audio is in it.
         It is sliced out and decoded here, strictly, when a listener fetches it; raises
-        :class:`ContractError` if it does not decode. (A hash with raw ``data`` is read too.)
+        :class:`ContractError` if it does not decode.
         """
-        key = Keys.audio(variant_hash)
-        client = self._client
-
-        async def get() -> Any:
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.lrange(key, 0, -1)
-                pipe.hmget(key, "data", "content_type")
-                return await pipe.execute(raise_on_error=False)
-
-        items, fields = await self._cross(get)
-        if isinstance(items, list) and items:
-            return _audio_from_item(variant_hash, items)
-        if isinstance(fields, list) and fields[0] is not None:
-            return fields[0], (fields[1] or b"application/octet-stream").decode()
-        return None
-
-    async def audio_exists(self, variant_hash: str) -> bool:
-        return bool(await self._cross(self._client.exists, Keys.audio(variant_hash)))
-
-    # -- workers ----------------------------------------------------------------------------
+        items = await self._cross(self._client.lrange, Keys.audio(variant_hash), 0, -1)
+        return _audio_from_item(variant_hash, items) if items else None
 
     async def pull_job(self, model: str) -> bytes | None:
         """The atomic pull of SPEC section 5 (``pull.lua``)."""

@@ -6,17 +6,16 @@ trip through the Trio scheduler and the asyncio loop's queue, and under a burst 
 waits behind whatever else is runnable. Here both are one asyncio coroutine, called once
 (docs/bridge.md, "one unit of work, one crossing"):
 
-    acquire (timed) → the usage query → release, overlapped with → enqueue.lua
+    acquire (timed) → the usage query → release → enqueue.lua
 
-The connection's release (asyncpg resets the session: a round trip of its own) runs while the
-script runs, and the unit returns once both are done, so no connection outlives the call.
+The release sends nothing (the request pool skips asyncpg's session reset), so the connection is
+back in the pool before the script runs.
 
 The hot path never imports this module (it names Postgres).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +27,6 @@ import trio_asyncio
 
 from daemon.stores.pg import PgPool, fetch_budget
 from daemon.stores.redis import (
-    ENQUEUE_BUDGET_ARG,
     RedisStore,
     enqueue_call,
     enqueue_reply,
@@ -56,8 +54,7 @@ async def _check_and_enqueue(
     store: RedisStore,
     user_id: int,
     usage_type: str,
-    keys: list[Any],
-    args: list[Any],
+    enqueue: dict[str, Any],
     wait: PoolWait,
 ) -> Any:
     wait.started = time.perf_counter()
@@ -65,16 +62,11 @@ async def _check_and_enqueue(
     wait.waited = time.perf_counter() - wait.started
     try:
         budget = (await fetch_budget(conn, user_id)).for_type(usage_type)
-    except BaseException:
-        await pool.release(conn)
-        raise
-    # asyncpg's release is shielded inside: cancelling this task does not stop it.
-    released = asyncio.ensure_future(pool.release(conn))
-    try:
-        args[ENQUEUE_BUDGET_ARG] = -1 if budget is None else budget
-        return await store.aio_enqueue(keys, args)
     finally:
-        await released
+        # No round trip: the request pool keeps sessions as they are (open_pg_pool).
+        await pool.release(conn)
+    keys, args = enqueue_call(user_id=user_id, budget=budget, **enqueue)
+    return await store.aio_enqueue(keys, args)
 
 
 async def check_and_enqueue(
@@ -100,18 +92,16 @@ async def check_and_enqueue(
     acquire itself gives up after ``db.acquire_timeout_s`` (``TimeoutError``). Errors of either
     store are raised as they are; the script may have run if the error came after it was sent.
     """
-    keys, args = enqueue_call(
-        user_id=user_id,
-        conn_id=conn_id,
-        document_id=document_id,
-        model=model,
-        now=now,
-        rate_limit=rate_limit,
-        budget=None,  # filled in from the usage query, inside the unit
-        blocks=blocks,
-    )
+    enqueue = {
+        "conn_id": conn_id,
+        "document_id": document_id,
+        "model": model,
+        "now": now,
+        "rate_limit": rate_limit,
+        "blocks": blocks,
+    }
     with trio.fail_after(db.acquire_timeout_s + 5 + store.command_timeout_s):
         reply = await trio_asyncio.aio_as_trio(_check_and_enqueue)(
-            db.pool, db.acquire_timeout_s, store, user_id, usage_type, keys, args, wait
+            db.pool, db.acquire_timeout_s, store, user_id, usage_type, enqueue, wait
         )
     return enqueue_reply(reply)
