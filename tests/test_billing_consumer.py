@@ -377,7 +377,11 @@ async def test_concurrent_credits_and_premium_billing_lose_no_update(
     exactly at the arithmetic. The plan's allowance is used up, so every premium character comes
     from rollover, purchased or debt: rollover + purchased falls by exactly the characters billed
     and rises by exactly the characters credited, in whatever order the writers got the lock."""
-    cfg = make_config(tmp_path, workers={"simulated": 0}, billing={"txn_delay_ms": 5.0})
+    # At most 10 events a batch: billing runs in many transactions (20 or more), interleaved
+    # with the payments, however fast or slow the consumer is here.
+    cfg = make_config(
+        tmp_path, workers={"simulated": 0}, billing={"txn_delay_ms": 5.0, "max_batch": 10}
+    )
     user_id, _ = await add_user(pg_url, "payer", "plus")
     await pg_fetch(
         pg_url,

@@ -76,8 +76,9 @@ async def test_the_draining_step_is_installed_and_keeps_asyncio_order() -> None:
     async def asyncio_side() -> None:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        loop.call_later(0.02, order.append, "timer 20 ms")
-        loop.call_later(0.01, order.append, "timer 10 ms")
+        # Timers far enough out that no preemption of this process makes them due mid-chain.
+        loop.call_later(1.0, order.append, "timer 1 s")
+        loop.call_later(0.5, order.append, "timer 0.5 s")
 
         def chain(i: int) -> None:
             order.append(f"soon {i}")
@@ -86,7 +87,7 @@ async def test_the_draining_step_is_installed_and_keeps_asyncio_order() -> None:
 
         loop.call_soon(chain, 0)
         loop.call_soon(chain, 1)
-        loop.call_later(0.03, done.set_result, None)
+        loop.call_later(1.5, done.set_result, None)
         await done
 
         async def trio_side() -> str:
@@ -107,7 +108,7 @@ async def test_the_draining_step_is_installed_and_keeps_asyncio_order() -> None:
         "soon 4",
         "soon 5",
         "soon 6",
-        "timer 10 ms",
-        "timer 20 ms",
+        "timer 0.5 s",
+        "timer 1 s",
         "trio",
     ]

@@ -15,14 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
-import trio
 
 from daemon.app import Daemon, open_daemon
 from daemon.config import Config
 from daemon.contracts import Job, Keys
 from tests.conftest import make_config
 from tests.helpers import WsClient, add_user, pg_fetch, wait_until
-from tests.worker_side import audio_bytes, pull_n, push, push_raw, r, result_json
+from tests.worker_side import audio_bytes, pull_n, push, push_raw, r, result_json, settle
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -98,16 +97,16 @@ async def test_two_results_for_one_job_are_finalized_and_billed_once(
             what="both extra results seen as duplicates",
         )
         rows = await wait_until(usage_rows_for(pg_url, 1), what="the usage row")
-        await trio.sleep(0.3)  # a second cached frame or usage row would have come by now
+        sentinel = await settle(client, redis_url, pg_url)  # a second frame or row is here now
         statuses = client.statuses("doc")[0]
     assert statuses.count("cached") == 1
-    assert len(await usage_rows(pg_url)) == 1
+    assert len([r for r in await usage_rows(pg_url) if r["event_id"] != sentinel]) == 1
     assert rows[0]["event_id"] == job.job_id and rows[0]["user_id"] == user_id
     assert len(events.named("synthesis_complete", job_id=job.job_id)) == 1
     assert await leftovers(redis_url) == NOTHING_LEFT
     # The audio kept is the first result's, byte for byte.
     async with httpx.AsyncClient(base_url=quiet.addresses.http_url) as http:
-        response = await http.get(client.terminal()[0]["audio_url"])
+        response = await http.get(client.terminal("doc")[0]["audio_url"])
     assert response.content == audio_bytes(job)
 
 
@@ -155,11 +154,12 @@ async def test_empty_audio_is_skipped_and_not_billed(
         await push(redis_url, by_idx[1], result_json(by_idx[1]))
         await client.until(lambda _: len(client.terminal()) == 2)
         await wait_until(usage_rows_for(pg_url, 1), what="the billed block")
-        await trio.sleep(0.3)
-    assert client.terminal()[0]["status"] == "skipped"
-    assert "audio_url" not in client.terminal()[0]
-    assert client.terminal()[1]["status"] == "cached"
-    assert [r["event_id"] for r in await usage_rows(pg_url)] == [by_idx[1].job_id]
+        sentinel = await settle(client, redis_url, pg_url)  # a bill for the skip is here now
+    assert client.terminal("doc")[0]["status"] == "skipped"
+    assert "audio_url" not in client.terminal("doc")[0]
+    assert client.terminal("doc")[1]["status"] == "cached"
+    billed = [r["event_id"] for r in await usage_rows(pg_url) if r["event_id"] != sentinel]
+    assert billed == [by_idx[1].job_id]
     skipped = events.named("synthesis_complete", job_id=by_idx[0].job_id)
     assert skipped and skipped[0]["status"] == "skipped" and skipped[0]["billed"] is False
 
@@ -325,6 +325,6 @@ async def test_audio_corrupted_past_the_sampled_check_is_never_served_as_audio(
         )
         await client.until(lambda _: 0 in client.terminal())
     async with httpx.AsyncClient(base_url=quiet.addresses.http_url) as http:
-        response = await http.get(client.terminal()[0]["audio_url"])
+        response = await http.get(client.terminal("doc")[0]["audio_url"])
     assert response.status_code >= 500
     assert b"not base64" in response.content or b"cannot be read" in response.content

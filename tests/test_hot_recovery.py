@@ -23,7 +23,7 @@ from daemon.stores.redis import RedisStore
 from tests.conftest import make_config
 from tests.helpers import WsClient, add_user, pg_fetch, wait_until
 from tests.test_hot import NOTHING_LEFT, Events, leftovers, usage_rows
-from tests.worker_side import pull_n, push, r, result_json
+from tests.worker_side import pull_n, push, r, result_json, settle
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -92,13 +92,13 @@ async def test_consumer_crashing_between_claim_and_finalize_loses_nothing_bills_
                 await trio.sleep(0.2)
             await client.until(lambda _: len(client.terminal("doc")) == n, timeout_s=60)
             rows = await wait_until(lambda: _rows(pg_url, n), what="every job billed", timeout_s=60)
-            await trio.sleep(0.5)  # a late duplicate frame or row would show now
+            sentinel = await settle(client, redis_url, pg_url)  # a late duplicate is here now
             assert once_each(client, "doc", n)
         restarts = events.named("service_restarted", service="hot")
     assert len(restarts) == 2, "both injected crashes restarted the consumer"
     assert sorted(row["event_id"] for row in rows) == sorted(j.job_id for j in jobs)
-    assert len(await usage_rows(pg_url)) == n
-    completes = events.named("synthesis_complete")
+    assert len([r for r in await usage_rows(pg_url) if r["event_id"] != sentinel]) == n
+    completes = [e for e in events.named("synthesis_complete") if e["job_id"] != sentinel]
     assert sorted(e["job_id"] for e in completes) == sorted(j.job_id for j in jobs)
     assert await leftovers(redis_url) == NOTHING_LEFT
 
@@ -195,7 +195,9 @@ async def test_finalizing_is_bounded_by_concurrency_and_grouped(
     groups = [e["group"] for e in events.named("synthesis_complete")]
     assert len(groups) == n
     assert max(groups) == 2, "a burst is finalized in groups of finalize_batch"
-    assert 2 <= peak["in_flight"] <= 5, "several groups at once, never more than concurrency"
+    assert cfg.hot.finalize_batch < peak["in_flight"] <= cfg.hot.concurrency, (
+        "several groups at once, never more than concurrency"
+    )
 
 
 async def test_a_result_costs_a_couple_of_round_trips_and_a_burst_far_fewer(

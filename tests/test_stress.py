@@ -16,7 +16,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.xdist_group("stress")
+# Two architectures, each capped at --max-load-s 60 plus start and drain: the subprocess timeout
+# below, not the suite's default per-test cap, is what should end a stuck run.
+pytestmark = [pytest.mark.xdist_group("stress"), pytest.mark.timeout(300)]
 
 RUN_FIELDS = {
     "idle_ack_ms": {"p50", "p99"},

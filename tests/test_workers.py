@@ -29,7 +29,7 @@ from daemon.workers.worker import Synthesized, run_worker
 from tests.conftest import make_config
 from tests.helpers import WsClient, add_user, pg_fetch, wait_until
 from tests.test_hot import Events, usage_rows
-from tests.worker_side import pull, pull_n, r, stage_job
+from tests.worker_side import pull, pull_n, r, settle, stage_job
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -335,10 +335,10 @@ async def test_worker_killed_after_pulling_loses_nothing_and_the_job_is_billed_o
             await client.until(lambda _: len(client.terminal("doc")) == 2, timeout_s=30)
             rows = await wait_until(lambda: _usage(pg_url, 2), what="both billed")
             nursery.cancel_scope.cancel()
-        await trio.sleep(0.3)
+        sentinel = await settle(client, redis_url, pg_url)  # a second bill or frame is here now
     assert [s.count("cached") for s in client.statuses("doc").values()] == [1, 1]
     assert len(rows) == 2 and len({row["event_id"] for row in rows}) == 2
-    assert len(await usage_rows(pg_url)) == 2
+    assert len([r for r in await usage_rows(pg_url) if r["event_id"] != sentinel]) == 2
     assert scanned.metrics.registry.get_sample_value("tts_jobs_requeued_total") >= 2
     assert await r(redis_url, "HLEN", Keys.RETRIES) == 0
     assert await r(redis_url, "ZCARD", Keys.processing("kokoro")) == 0
@@ -407,9 +407,10 @@ async def test_worker_cancelled_mid_job_and_a_slow_one_overtaken_bill_once(
             )
             nursery.cancel_scope.cancel()
         rows = await wait_until(lambda: _usage(pg_url, 2), what="both billed")
-        await trio.sleep(0.3)
+        sentinel = await settle(client, redis_url, pg_url)  # a second bill or frame is here now
     assert [s.count("cached") for s in client.statuses("doc").values()] == [1, 1]
-    assert len(await usage_rows(pg_url)) == 2 and len({row["event_id"] for row in rows}) == 2
+    billed = [r for r in await usage_rows(pg_url) if r["event_id"] != sentinel]
+    assert len(billed) == 2 and len({row["event_id"] for row in rows}) == 2
     async with httpx.AsyncClient(base_url=scanned.addresses.http_url) as http:
         audio_b = await http.get(client.terminal("doc")[1]["audio_url"])
     assert audio_b.content == b"fast take"

@@ -15,9 +15,9 @@ import trio
 
 from daemon.contracts import Job, Keys, Result
 from daemon.stores.redis import SCRIPTS
-from tests.helpers import redis_call
+from tests.helpers import WsClient, pg_val, redis_call, wait_until
 
-__all__ = ["audio_bytes", "pull", "push", "push_raw", "r", "result_json"]
+__all__ = ["audio_bytes", "pull", "push", "push_raw", "r", "result_json", "settle"]
 
 
 # One raw command on a fresh client (in a thread): the suite's one helper for it.
@@ -138,3 +138,20 @@ class EchoAdapter:
         from daemon.workers.worker import Synthesized
 
         return Synthesized(job.text.encode(), 100 * len(job.text), "audio/x-echo")
+
+
+async def settle(client: WsClient, redis_url: str, pg_url: str) -> str:
+    """Run one sentinel block of ``client``'s user through the whole pipeline and wait for its
+    ``cached`` status and its usage row. Everything published before it has then reached the
+    client (one pub/sub connection delivers in order) and everything queued for billing before it
+    is billed (the stream is billed in order; one user's events never overtake each other). So a
+    test can assert that nothing more arrived, without sleeping. Returns the sentinel's job id."""
+    await client.synthesize("settle", ["Sentinel: everything before me has arrived."])
+    (job,) = await pull_n(redis_url, 1)
+    await push(redis_url, job, result_json(job))
+    await client.until(lambda _: 0 in client.terminal("settle"))
+    await wait_until(
+        lambda: pg_val(pg_url, "SELECT count(*) FROM usage_log WHERE event_id = $1", job.job_id),
+        what="the sentinel billed",
+    )
+    return job.job_id
