@@ -106,7 +106,7 @@ class HotConfig:
     audio_ttl_s: int = 300
     # Results taken from tts:results per read (drain-on-wake).
     read_batch: int = 64
-    # Results finalized per Redis round trip (one pipeline of finalize scripts) under a burst.
+    # Results finalized per Redis round trip (one finalize.lua call) under a burst.
     finalize_batch: int = 32
     # A consumer whose heartbeat is older than this is dead; its claimed results are requeued.
     consumer_ttl_s: float = 10.0

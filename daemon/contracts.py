@@ -48,8 +48,9 @@ class Keys:
         return f"tts:dlq:{model}"
 
     # Internal. The Lua scripts build the per-variant keys from these same prefixes.
-    # hash: b64 (the audio as the worker sent it; or data: raw bytes), content_type, duration_ms;
-    # TTL hot.audio_ttl_s
+    # A list: the worker's result JSON as it came (the base64 audio inside it), the audio string
+    # again if claim.lua had to split it out, and last a JSON note of where the audio is, its
+    # content type and duration (finalize.lua); TTL hot.audio_ttl_s
     AUDIO_PREFIX = "tts:audio:"
     INFLIGHT_PREFIX = "tts:inflight:"  # variant → job id of the job that will produce it
     WAITERS_PREFIX = "tts:waiters:"  # variant → set of "user|block_idx|conn_id|document_id"
@@ -61,7 +62,8 @@ class Keys:
     HOT_CONSUMERS = "tts:hot:consumers"  # set of hot consumer ids
     HOT_ALIVE_PREFIX = "tts:hot:alive:"  # consumer id → heartbeat key with a TTL
     HOT_CLAIMED_PREFIX = "tts:hot:claimed:"  # consumer id → results it took, not yet finalized
-    # (a hash: seq → raw result, "a" + seq → its audio_base64, so finalize never re-sends bytes)
+    # (a set of seqs; each result sits in its own list, tts:hot:item:{seq}, which finalize.lua
+    # renames to the audio key: the bytes are never copied)
     HOT_LANDING_PREFIX = "tts:hot:landing:"  # consumer id → list BLMOVE drops a result into
     HOT_SEQ = "tts:hot:seq"  # counter naming claimed results
 
@@ -183,7 +185,8 @@ class Job:
 class Result:
     """A worker's result (SPEC section 5): audio (base64) or an error.
 
-    ``audio_base64`` stays encoded here; the hot path decodes it once, when it stores the audio.
+    ``audio_base64`` stays encoded: the hot path stores the result as it came, and the audio is
+    decoded when a listener fetches it.
     """
 
     job_id: str
@@ -250,7 +253,7 @@ class Result:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Result:
-        """Validate a parsed result (the hot path parses in Redis and checks the rest here)."""
+        """Validate a parsed result (:meth:`from_json`'s checks, on a dict in hand)."""
         w = "result"
         error = d.get("error")
         if error is not None and not isinstance(error, str):

@@ -2,7 +2,7 @@
 
 Order of operations (docs/tts-flow.md has the crash analysis, docs/workers.md the figures):
 
-1. **Claim.** The reader takes results from ``tts:results`` into this consumer's claimed hash,
+1. **Claim.** The reader takes results from ``tts:results`` into this consumer's claimed set,
    drain-on-wake: one round trip pipelines a ``BLMOVE`` (blocks server side only when nothing is
    waiting) with ``claim.lua``, which takes that result and up to ``hot.read_batch - 1`` more.
    ``claim.lua`` parses each result *in Redis* and hands back a small metadata document: the
@@ -12,11 +12,11 @@ Order of operations (docs/tts-flow.md has the crash analysis, docs/workers.md th
    what is waiting (up to ``hot.finalize_batch``) and starts a handler task per group; at most
    ``hot.concurrency`` results are being finalized at once (a ``CapacityLimiter``).
 3. **Finalize.** A handler checks each result against the worker contract and finalizes the whole
-   group in one pipeline — one round trip — of ``finalize.lua`` calls, each atomic: claim the job
-   (a second result for it, or a result for a variant finalized since, is a duplicate), store the
-   audio with a TTL, append the billing event, publish the status to every waiter, drop the
-   result from the claimed hash. An unreadable result is moved to ``tts:results:dead`` instead,
-   with its reason, in the same pipeline.
+   group in one ``finalize.lua`` call — one round trip, atomic — that for each result claims the
+   job (a second result for it, or a result for a variant finalized since, is a duplicate), stores
+   the audio with a TTL (renaming the claimed item: no copy), appends the billing event, publishes
+   the status to every waiter and drops the result from the claimed set. An unreadable result is
+   moved to ``tts:results:dead`` instead, with its reason, in the same call.
 
 So a result costs one share of a claim round trip and one share of a finalize round trip — about
 two round trips for a lone result, far fewer per result under a burst. A crash before step 3

@@ -367,7 +367,7 @@ class RedisStore:
     ) -> list[ClaimedResult]:
         """Drain-on-wake, one round trip: ``BLMOVE`` (blocks server side up to ``block_s`` only
         when nothing is waiting) pipelined with ``claim.lua``, which takes that result and up to
-        ``n - 1`` more into the consumer's claimed hash and parses them in Redis.
+        ``n - 1`` more into the consumer's claimed set and parses them in Redis.
 
         Use on a ``dedicated()`` store: the BLMOVE holds its connection while it waits. A cancel
         loses nothing: what BLMOVE moved waits in the landing list, which recovery gives back.
