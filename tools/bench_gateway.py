@@ -35,10 +35,13 @@ import asyncpg
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from daemon.app import Daemon, open_daemon
 from daemon.config import Config, config_from_dict
 from daemon.embedded import EmbeddedServers
 from daemon.stores.pg import _add_user
+from tools.figures import summary
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the riverbank",
@@ -46,23 +49,6 @@ SENTENCES = [
     "A journey of a thousand miles begins with a single step forward",
     "Reading aloud helps the words stay with you a little longer",
 ]
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
-    return ordered[k]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "p50": round(pct(values, 50), 3),
-        "p99": round(pct(values, 99), 3),
-        "max": round(max(values), 3) if values else float("nan"),
-        "n": len(values),
-    }
 
 
 class Tap:

@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ from daemon.config import HotConfig, load_config
 from daemon.contracts import BillingEvent, ContractError, Job, Keys, Result
 from daemon.stores.redis import RedisStore, open_redis
 from daemon.supervisor import ServiceSpec
+from tools.figures import summary
 
 MODEL = "kokoro"
 NOTIFY_LUA = (
@@ -68,22 +69,6 @@ STAGING = "bench:burst:staging"
 
 
 # -- statistics -------------------------------------------------------------------------------
-
-
-def pct(values: Sequence[float], p: float) -> float:
-    """The p-th percentile (nearest rank) of ``values``."""
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = max(0, min(len(s) - 1, round(p / 100 * len(s) + 0.5) - 1))
-    return s[k]
-
-
-def summary(values_ms: Sequence[float]) -> dict[str, float]:
-    return {"p50": round(pct(values_ms, 50), 3), "p99": round(pct(values_ms, 99), 3)}
-
-
-# -- the baseline: one task per result, Redis calls one by one ---------------------------------
 
 
 async def run_baseline_hot(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import random
 import shutil
@@ -45,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.audio import duration_ms_for
 from daemon.embedded import EmbeddedServers
+from tools.figures import pct
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHS = ("split", "inline")
@@ -75,14 +75,6 @@ class Params:
 
 
 # -- small helpers ----------------------------------------------------------------------------
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
-    return round(ordered[k], 3)
 
 
 _WORDS = tuple(
