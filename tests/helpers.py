@@ -259,3 +259,37 @@ def billing_event(
         block_idx=0,
         finalized_at=time.time(),
     )
+
+
+class Events:
+    """Every event a daemon emits, as it emits it."""
+
+    def __init__(self, daemon: Any) -> None:
+        self.all: list[dict[str, Any]] = []
+        daemon.events.add_listener(self.all.append)
+
+    def named(self, name: str, **match: Any) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.all
+            if e["event"] == name and all(e.get(k) == v for k, v in match.items())
+        ]
+
+
+async def usage_rows(pg_url: str, *, user_id: int | None = None) -> list[dict[str, Any]]:
+    """``usage_log`` rows in insertion order (of one user, if given)."""
+    if user_id is None:
+        return await pg_fetch(pg_url, "SELECT * FROM usage_log ORDER BY id")
+    return await pg_fetch(pg_url, "SELECT * FROM usage_log WHERE user_id = $1 ORDER BY id", user_id)
+
+
+async def usage_rows_at_least(
+    pg_url: str, n: int, *, user_id: int | None = None
+) -> list[dict[str, Any]] | None:
+    """The rows once there are ``n`` or more, else None (also while Postgres is down): a check
+    for :func:`wait_until`."""
+    try:
+        rows = await usage_rows(pg_url, user_id=user_id)
+    except (OSError, asyncpg.PostgresError):
+        return None
+    return rows if len(rows) >= n else None

@@ -20,25 +20,17 @@ from daemon.app import Daemon, open_daemon
 from daemon.config import Config
 from daemon.contracts import Job, Keys
 from tests.conftest import make_config
-from tests.helpers import WsClient, add_user, pg_fetch, wait_until
+from tests.helpers import (
+    Events,
+    WsClient,
+    add_user,
+    usage_rows,
+    usage_rows_at_least,
+    wait_until,
+)
 from tests.worker_side import audio_bytes, pull_n, push, push_raw, r, result_json, settle
 
 pytestmark = pytest.mark.timeout(90)
-
-
-class Events:
-    """Every event the daemon emits, as it emits it."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.all: list[dict[str, Any]] = []
-        daemon.events.add_listener(self.all.append)
-
-    def named(self, name: str, **match: Any) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in self.all
-            if e["event"] == name and all(e.get(k) == v for k, v in match.items())
-        ]
 
 
 @pytest.fixture
@@ -51,10 +43,6 @@ def quiet_cfg(tmp_path: Path) -> Config:
 async def quiet(quiet_cfg: Config, redis_url: str, pg_url: str) -> AsyncIterator[Daemon]:
     async with open_daemon(quiet_cfg, redis_url, pg_url) as d:
         yield d
-
-
-async def usage_rows(pg_url: str) -> list[dict[str, Any]]:
-    return await pg_fetch(pg_url, "SELECT * FROM usage_log ORDER BY id")
 
 
 async def leftovers(redis_url: str) -> dict[str, Any]:
@@ -96,7 +84,7 @@ async def test_two_results_for_one_job_are_finalized_and_billed_once(
             lambda: len(events.named("result_duplicate", job_id=job.job_id)) == 2,
             what="both extra results seen as duplicates",
         )
-        rows = await wait_until(usage_rows_for(pg_url, 1), what="the usage row")
+        rows = await wait_until(lambda: usage_rows_at_least(pg_url, 1), what="the usage row")
         sentinel = await settle(client, redis_url, pg_url)  # a second frame or row is here now
         statuses = client.statuses("doc")[0]
     assert statuses.count("cached") == 1
@@ -108,14 +96,6 @@ async def test_two_results_for_one_job_are_finalized_and_billed_once(
     async with httpx.AsyncClient(base_url=quiet.addresses.http_url) as http:
         response = await http.get(client.terminal("doc")[0]["audio_url"])
     assert response.content == audio_bytes(job)
-
-
-def usage_rows_for(pg_url: str, n: int) -> Any:
-    async def check() -> list[dict[str, Any]] | None:
-        rows = await usage_rows(pg_url)
-        return rows if len(rows) >= n else None
-
-    return check
 
 
 async def test_result_for_a_variant_already_finalized_is_not_finalized_again(
@@ -135,7 +115,7 @@ async def test_result_for_a_variant_already_finalized_is_not_finalized_again(
         await wait_until(
             lambda: events.named("result_duplicate", job_id=stale.job_id), what="duplicate"
         )
-        await wait_until(usage_rows_for(pg_url, 1), what="the usage row")
+        await wait_until(lambda: usage_rows_at_least(pg_url, 1), what="the usage row")
     assert [r["event_id"] for r in await usage_rows(pg_url)] == [job.job_id]
     assert client.statuses("doc")[0].count("cached") == 1
 
@@ -153,7 +133,7 @@ async def test_empty_audio_is_skipped_and_not_billed(
         await push(redis_url, by_idx[0], result_json(by_idx[0], audio=b""))
         await push(redis_url, by_idx[1], result_json(by_idx[1]))
         await client.until(lambda _: len(client.terminal()) == 2)
-        await wait_until(usage_rows_for(pg_url, 1), what="the billed block")
+        await wait_until(lambda: usage_rows_at_least(pg_url, 1), what="the billed block")
         sentinel = await settle(client, redis_url, pg_url)  # a bill for the skip is here now
     assert client.terminal("doc")[0]["status"] == "skipped"
     assert "audio_url" not in client.terminal("doc")[0]
@@ -185,7 +165,7 @@ async def test_worker_error_is_a_recoverable_error_status(
         assert again.job_id != job.job_id
         await push(redis_url, again, result_json(again))
         await client.until(lambda f: f[-1].get("status") == "cached")
-        await wait_until(usage_rows_for(pg_url, 1), what="the successful job billed")
+        await wait_until(lambda: usage_rows_at_least(pg_url, 1), what="the successful job billed")
     assert [r["event_id"] for r in await usage_rows(pg_url)] == [again.job_id]
     errors = [e for e in events.named("error", service="hot") if e.get("job_id") == job.job_id]
     assert errors and "CUDA out of memory" in errors[0]["message"]

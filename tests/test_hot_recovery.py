@@ -21,8 +21,15 @@ from daemon.app import Daemon, open_daemon
 from daemon.embedded import EmbeddedServers
 from daemon.stores.redis import RedisStore
 from tests.conftest import make_config
-from tests.helpers import WsClient, add_user, pg_fetch, wait_until
-from tests.test_hot import NOTHING_LEFT, Events, leftovers, usage_rows
+from tests.helpers import (
+    Events,
+    WsClient,
+    add_user,
+    usage_rows,
+    usage_rows_at_least,
+    wait_until,
+)
+from tests.test_hot import NOTHING_LEFT, leftovers
 from tests.worker_side import pull_n, push, r, result_json, settle
 
 pytestmark = pytest.mark.timeout(120)
@@ -91,7 +98,9 @@ async def test_consumer_crashing_between_claim_and_finalize_loses_nothing_bills_
                 )
                 await trio.sleep(0.2)
             await client.until(lambda _: len(client.terminal("doc")) == n, timeout_s=60)
-            rows = await wait_until(lambda: _rows(pg_url, n), what="every job billed", timeout_s=60)
+            rows = await wait_until(
+                lambda: usage_rows_at_least(pg_url, n), what="every job billed", timeout_s=60
+            )
             sentinel = await settle(client, redis_url, pg_url)  # a late duplicate is here now
             assert once_each(client, "doc", n)
         restarts = events.named("service_restarted", service="hot")
@@ -101,11 +110,6 @@ async def test_consumer_crashing_between_claim_and_finalize_loses_nothing_bills_
     completes = [e for e in events.named("synthesis_complete") if e["job_id"] != sentinel]
     assert sorted(e["job_id"] for e in completes) == sorted(j.job_id for j in jobs)
     assert await leftovers(redis_url) == NOTHING_LEFT
-
-
-async def _rows(pg_url: str, n: int) -> list[dict[str, Any]] | None:
-    rows = await usage_rows(pg_url)
-    return rows if len(rows) >= n else None
 
 
 async def test_results_held_by_a_consumer_that_died_are_finalized_by_another(
@@ -147,7 +151,9 @@ async def test_results_held_by_a_consumer_that_died_are_finalized_by_another(
     async with trio.open_nursery() as nursery:
         await nursery.start(second.run)
         assert second.addresses is not None
-        rows = await wait_until(lambda: _rows(pg_url, n), what="all billed", timeout_s=30)
+        rows = await wait_until(
+            lambda: usage_rows_at_least(pg_url, n), what="all billed", timeout_s=30
+        )
         async with WsClient.connect(second.addresses.ws_url, token) as client:
             # The listener comes back and asks again: everything is in the cache now.
             await client.synthesize("doc", texts(n))
@@ -318,17 +324,9 @@ async def test_hot_path_delivers_while_postgres_is_stopped_and_billing_catches_u
 
                 await trio.to_thread.run_sync(servers.postgres.start)
                 rows = await wait_until(
-                    lambda: _rows_or_none(pg_url, n), what="billing caught up", timeout_s=60
+                    lambda: usage_rows_at_least(pg_url, n), what="billing caught up", timeout_s=60
                 )
         assert sorted(row["event_id"] for row in rows) == sorted(j.job_id for j in jobs)
         assert int(await r(redis_url, "XLEN", "tts:billing")) == 0
     finally:
         await trio.to_thread.run_sync(servers.close)
-
-
-async def _rows_or_none(pg_url: str, n: int) -> list[dict[str, Any]] | None:
-    try:
-        rows = await pg_fetch(pg_url, "SELECT * FROM usage_log")
-    except (OSError, asyncpg.PostgresError):
-        return None
-    return rows if len(rows) >= n else None

@@ -7,7 +7,13 @@ import pytest
 
 from daemon.app import Daemon
 from daemon.audio import wav_header_ok
-from tests.helpers import WsClient, add_user, handshake_status, pg_fetch, wait_until
+from tests.helpers import (
+    WsClient,
+    add_user,
+    handshake_status,
+    usage_rows_at_least,
+    wait_until,
+)
 
 TEXTS = ["Hello there.", "Second block, a little longer.", "And a third one to finish."]
 
@@ -32,14 +38,11 @@ async def test_three_blocks_cached_fetched_and_billed(daemon: Daemon, pg_url: st
             assert response.headers["content-type"] == "audio/wav"
             assert wav_header_ok(response.content), f"block {idx}: not a valid WAV"
 
-    rows = await wait_until(lambda: _usage_rows(pg_url, user_id, 3), what="three usage_log rows")
+    rows = await wait_until(
+        lambda: usage_rows_at_least(pg_url, 3, user_id=user_id), what="three usage_log rows"
+    )
     assert sorted(r["amount"] for r in rows) == sorted(len(t) for t in TEXTS)
     assert {r["usage_type"] for r in rows} == {"server_kokoro"}
-
-
-async def _usage_rows(pg_url: str, user_id: int, n: int) -> list[dict] | None:
-    rows = await pg_fetch(pg_url, "SELECT * FROM usage_log WHERE user_id = $1", user_id)
-    return rows if len(rows) >= n else None
 
 
 async def test_audio_length_follows_the_text(daemon: Daemon, pg_url: str) -> None:

@@ -27,8 +27,14 @@ from daemon.stores.redis import RedisStore, open_redis
 from daemon.workers.simulated import SimulatedAdapter
 from daemon.workers.worker import Synthesized, run_worker
 from tests.conftest import make_config
-from tests.helpers import WsClient, add_user, pg_fetch, wait_until
-from tests.test_hot import Events, usage_rows
+from tests.helpers import (
+    Events,
+    WsClient,
+    add_user,
+    usage_rows,
+    usage_rows_at_least,
+    wait_until,
+)
 from tests.worker_side import pull, pull_n, r, settle, stage_job
 
 pytestmark = pytest.mark.timeout(90)
@@ -333,7 +339,7 @@ async def test_worker_killed_after_pulling_loses_nothing_and_the_job_is_billed_o
                 lambda: run_worker(store, adapter, models=["kokoro"], worker_id="healthy")
             )
             await client.until(lambda _: len(client.terminal("doc")) == 2, timeout_s=30)
-            rows = await wait_until(lambda: _usage(pg_url, 2), what="both billed")
+            rows = await wait_until(lambda: usage_rows_at_least(pg_url, 2), what="both billed")
             nursery.cancel_scope.cancel()
         sentinel = await settle(client, redis_url, pg_url)  # a second bill or frame is here now
     assert [s.count("cached") for s in client.statuses("doc").values()] == [1, 1]
@@ -352,11 +358,6 @@ async def _held(redis_url: str, n: int) -> bool:
 def _all(client: WsClient, status: str, n: int) -> bool:
     statuses = client.statuses("doc")
     return len(statuses) == n and all(status in s for s in statuses.values())
-
-
-async def _usage(pg_url: str, n: int) -> list[dict[str, Any]] | None:
-    rows = await pg_fetch(pg_url, "SELECT * FROM usage_log")
-    return rows if len(rows) >= n else None
 
 
 class Stalling:
@@ -406,7 +407,7 @@ async def test_worker_cancelled_mid_job_and_a_slow_one_overtaken_bill_once(
                 lambda: _n_duplicates(scanned), what="the slow result seen as a duplicate"
             )
             nursery.cancel_scope.cancel()
-        rows = await wait_until(lambda: _usage(pg_url, 2), what="both billed")
+        rows = await wait_until(lambda: usage_rows_at_least(pg_url, 2), what="both billed")
         sentinel = await settle(client, redis_url, pg_url)  # a second bill or frame is here now
     assert [s.count("cached") for s in client.statuses("doc").values()] == [1, 1]
     billed = [r for r in await usage_rows(pg_url) if r["event_id"] != sentinel]
