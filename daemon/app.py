@@ -19,7 +19,6 @@ import functools
 import os
 import secrets
 import socket
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import trio
 
 from daemon.billing.consumer import BillingConsumer
 from daemon.config import Config
-from daemon.events import EventLog, describe
+from daemon.events import EventLog, Throttle, describe
 from daemon.faults import FaultPoint, no_fault
 from daemon.gateway.dashboard import Dashboard
 from daemon.gateway.service import Gateway, GatewayAddresses
@@ -92,7 +91,7 @@ class Daemon:
     stats: OpsStats = attrs.field(init=False)
     monitor: Monitor | None = None
     _dashboard: Dashboard = attrs.field(init=False)
-    _failure_logged_at: dict[str, float] = attrs.Factory(dict)
+    _failure_log: Throttle = attrs.Factory(Throttle)
 
     def __attrs_post_init__(self) -> None:
         log = self.cfg.log
@@ -342,11 +341,8 @@ class Daemon:
     def _log_failure(self, what: str, exc: BaseException) -> None:
         """An ``error`` event for a failure of an observability call, at most once a minute per
         kind: a scraper polling every second must not flood the log (lesson 4)."""
-        now = time.monotonic()
-        if now - self._failure_logged_at.get(what, float("-inf")) < 60.0:
-            return
-        self._failure_logged_at[what] = now
-        self.events.error("http", f"{what}: {describe(exc)}")
+        if self._failure_log.due(what) is not None:
+            self.events.error("http", f"{what}: {describe(exc)}")
 
     async def health(self) -> tuple[dict[str, Any], bool]:
         """``GET /healthz``: each service's state, ``billing_queue_depth`` and pool use; healthy

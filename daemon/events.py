@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["EventLog", "describe", "log_files", "rotation_names", "utc_iso"]
+__all__ = ["EventLog", "Throttle", "describe", "log_files", "rotation_names", "utc_iso"]
 
 
 def utc_iso(ts: float | None = None) -> str:
@@ -44,6 +45,32 @@ def describe(exc: BaseException) -> str:
         exc = exc.exceptions[0]
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Throttle:
+    """At most one report per ``every_s`` per kind, so that a failure repeating every second does
+    not flood the log (lesson 4). ``due(kind)`` says whether to report now, and how many were held
+    back since the last report."""
+
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def due(self, kind: str = "") -> int | None:
+        """None: not now (counted as held back). Else the number held back since the last report."""
+        now = self.clock()
+        if now - self._last.get(kind, -math.inf) < self.every_s:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return None
+        self._last[kind] = now
+        return self._held.pop(kind, 0)
+
+    def reset(self, kind: str = "") -> None:
+        """The next ``due(kind)`` reports at once."""
+        self._last.pop(kind, None)
+        self._held.pop(kind, None)
 
 
 def _default(value: Any) -> Any:

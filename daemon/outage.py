@@ -10,7 +10,7 @@ from __future__ import annotations
 import trio
 
 from daemon.backoff import Backoff
-from daemon.events import EventLog
+from daemon.events import EventLog, Throttle
 
 __all__ = ["Outage"]
 
@@ -28,10 +28,9 @@ class Outage:
         self.service = service
         self.events = events
         self.backoff = Backoff(min_s=min_s, max_s=max_s, healthy_after_s=float("inf"))
-        self.log_every_s = log_every_s
+        self._log = Throttle(log_every_s, clock=trio.current_time)
         self.failures = 0
         self._started_at: float | None = None
-        self._logged_at = float("-inf")
 
     @property
     def ongoing(self) -> bool:
@@ -43,8 +42,7 @@ class Outage:
         self.failures += 1
         if self._started_at is None:
             self._started_at = now
-        if now - self._logged_at >= self.log_every_s:
-            self._logged_at = now
+        if self._log.due() is not None:
             self.events.error(
                 self.service,
                 f"{what} unavailable: {type(exc).__name__}: {exc}",
@@ -61,6 +59,6 @@ class Outage:
             "recovered", service=self.service, down_s=round(down_s, 3), failures=self.failures
         )
         self._started_at = None
-        self._logged_at = float("-inf")
+        self._log.reset()
         self.failures = 0
         self.backoff.reset()

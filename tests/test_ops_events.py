@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from daemon.events import EventLog
+from daemon.events import EventLog, Throttle
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -124,3 +124,17 @@ async def test_events_after_close_are_written_through(tmp_path: Path) -> None:
     await _run_and_close(log, nothing)
     log.emit("daemon_stopped", instance="x")
     assert _lines(path)[-1]["event"] == "daemon_stopped"
+
+
+def test_throttle_reports_once_per_period_per_kind_and_counts_what_it_held_back() -> None:
+    now = [0.0]
+    throttle = Throttle(60.0, clock=lambda: now[0])
+    assert throttle.due("a") == 0  # the first report goes at once
+    assert throttle.due("a") is None and throttle.due("a") is None  # held back
+    assert throttle.due("b") == 0  # another kind has its own period
+    now[0] = 59.9
+    assert throttle.due("a") is None
+    now[0] = 60.0
+    assert throttle.due("a") == 3  # due again, with the three held back since
+    throttle.reset("a")
+    assert throttle.due("a") == 0  # after a reset, at once

@@ -28,7 +28,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from daemon.config import GatewayConfig
 from daemon.contracts import Job, usage_amount
-from daemon.events import EventLog
+from daemon.events import EventLog, Throttle
 from daemon.gateway.auth import TokenCache, plausible_token, token_from_request
 from daemon.gateway.connection import CLOSE_GOING_AWAY, CLOSE_TOO_BIG, Connection, PendingKey
 from daemon.gateway.http import HttpApp
@@ -103,7 +103,7 @@ class Gateway:
     priority: RequestFirst = attrs.Factory(RequestFirst)
     _notify_send: trio.MemorySendChannel[tuple[int, bytes]] | None = None
     _unsynced_drops: int = 0
-    _drops_logged_at: float = -math.inf
+    _drops_log: Throttle = attrs.Factory(Throttle)
 
     def __attrs_post_init__(self) -> None:
         self.tokens = TokenCache(self.db)
@@ -268,10 +268,8 @@ class Gateway:
                     self._deliver(user_id, data)
 
     def _log_drops(self) -> None:
-        now = time.monotonic()
-        if now - self._drops_logged_at < 60.0:
+        if self._drops_log.due() is None:
             return
-        self._drops_logged_at = now
         self.events.error(
             "gateway",
             f"notification channel full (gateway.notify_buffer = {self.cfg.notify_buffer}):"

@@ -38,6 +38,8 @@ import trio
 import trio_asyncio
 from sniffio import thread_local as sniffio_library
 
+from daemon.events import Throttle
+
 try:  # a Trio function asyncio code asked to run (trio_as_aio); none of ours does
     from trio_asyncio._handles import AsyncHandle as _AsyncHandle
 except ImportError:  # pragma: no cover - a trio-asyncio that moved it: keep its own step
@@ -54,21 +56,16 @@ DRAIN_S = 0.001
 class _Handler:
     def __init__(self, report: Report, every_s: float) -> None:
         self.report = report
-        self.every_s = every_s
-        self._seen: dict[str, tuple[float, int]] = {}
+        self._throttle = Throttle(every_s)
 
     def __call__(self, loop: Any, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         message = context.get("message") or "unhandled error in the asyncio loop"
         kind = f"{message}: {type(exc).__name__}" if exc is not None else message
-        now = time.monotonic()
-        last, count = self._seen.get(kind, (float("-inf"), 0))
-        count += 1
-        if now - last < self.every_s:
-            self._seen[kind] = (last, count)
+        held = self._throttle.due(kind)
+        if held is None:
             return
-        self._seen[kind] = (now, 0)
-        detail = {"occurrences": count}
+        detail: dict[str, Any] = {"occurrences": held + 1}
         if exc is not None:
             detail["exception"] = f"{type(exc).__name__}: {exc}"
         try:
