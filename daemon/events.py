@@ -106,11 +106,7 @@ class EventLog:
     def emit(self, event: str, /, **fields: Any) -> None:
         """Log ``event`` with ``fields``; never blocks, never raises for a full buffer."""
         record = {"ts": utc_iso(), "event": event, **fields}
-        for fn in self._listeners:
-            try:
-                fn(record)
-            except Exception as exc:
-                self._listener_failed(fn, exc)
+        self._notify(record)
         line = json.dumps(record, default=_default, separators=(",", ":"), ensure_ascii=False)
         try:
             self._send.send_nowait(line)
@@ -177,12 +173,15 @@ class EventLog:
             "message": f"{n} events dropped: the log writer fell behind",
             "dropped": n,
         }
+        self._notify(record)
+        return json.dumps(record, separators=(",", ":"))
+
+    def _notify(self, record: dict[str, Any]) -> None:
         for fn in self._listeners:
             try:
                 fn(record)
             except Exception as exc:
                 self._listener_failed(fn, exc)
-        return json.dumps(record, separators=(",", ":"))
 
     def close(self) -> None:
         """Stop accepting events; the writer drains what is buffered and returns. Events emitted
