@@ -41,7 +41,7 @@ from daemon.app import Daemon, open_daemon
 from daemon.config import Config, config_from_dict
 from daemon.embedded import EmbeddedServers
 from daemon.stores.pg import _add_user
-from tools.figures import summary
+from tools.figures import summary, tap
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the riverbank",
@@ -57,14 +57,11 @@ class Tap:
     def __init__(self, histogram: Any) -> None:
         self.values: list[float] = []
         self.on = False
-        observe = histogram.observe
+        tap(histogram, self._record)
 
-        def record(value: float, *args: Any, **kwargs: Any) -> None:
-            if self.on:
-                self.values.append(value * 1000.0)
-            observe(value, *args, **kwargs)
-
-        histogram.observe = record
+    def _record(self, seconds: float) -> None:
+        if self.on:
+            self.values.append(seconds * 1000.0)
 
     def take(self) -> list[float]:
         values, self.values = self.values, []

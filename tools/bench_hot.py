@@ -53,7 +53,8 @@ import trio_asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.app import Daemon, open_daemon
+from daemon.app import Daemon
+from daemon.cli import serve_until_signalled
 from daemon.config import HotConfig, load_config
 from daemon.contracts import BillingEvent, ContractError, Job, Keys, Result
 from daemon.stores.redis import RedisStore, open_redis
@@ -155,12 +156,7 @@ def trio_partial(fn: Any, *args: Any, **kwargs: Any) -> Any:
 async def serve(kind: str, config_path: str) -> None:
     cfg = load_config(config_path)
     cls = BaselineDaemon if kind == "baseline" else Daemon
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_daemon(cfg, cfg.redis.url, cfg.postgres.url, daemon_class=cls) as d:
-            assert d.addresses is not None
-            print(f"serving {d.addresses.ws_url} {d.addresses.http_url}", flush=True)
-            async for _ in signals:
-                break
+    await serve_until_signalled(cls(cfg, cfg.redis.url, cfg.postgres.url), name=kind)
 
 
 # -- the measuring side -----------------------------------------------------------------------
@@ -449,8 +445,8 @@ def daemon_process(kind: str, config_path: Path, log_dir: Path) -> Any:
         urls = None
         while time.monotonic() < deadline and proc.poll() is None:
             for line in log.read_text().splitlines():
-                if line.startswith("serving "):
-                    urls = line.split()[1:3]
+                if ": serving " in line:  # "{kind}: serving WS and HTTP (events: …)"
+                    urls = line.split(": serving ")[1].split(" (")[0].split(" and ")
             if urls:
                 break
             time.sleep(0.05)

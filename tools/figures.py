@@ -1,13 +1,16 @@
-"""Percentiles as every tool reports them: nearest rank (the smallest value with at least q % of
-the samples at or below it), in the samples' unit, to 3 decimals. One definition, so that a "p99"
-means the same in every table and JSON this project prints."""
+"""Figures as every tool takes and reports them.
+
+Percentiles are nearest rank (the smallest value with at least q % of the samples at or below
+it), in the samples' unit, to 3 decimals: one definition, so that a "p99" means the same in every
+table and JSON this project prints."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-__all__ = ["pct", "summary"]
+__all__ = ["pct", "summary", "tap"]
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -27,3 +30,15 @@ def summary(values: Sequence[float]) -> dict[str, float]:
         "max": pct(values, 100),
         "n": len(values),
     }
+
+
+def tap(histogram: Any, record: Callable[[float], None]) -> None:
+    """Call ``record(value)`` with every observation of a daemon's Prometheus ``histogram``
+    (seconds), before the histogram gets it: exact samples, where the histogram keeps buckets."""
+    observe = histogram.observe
+
+    def observe_and_record(value: float, *args: Any, **kwargs: Any) -> None:
+        record(value)
+        observe(value, *args, **kwargs)
+
+    histogram.observe = observe_and_record

@@ -24,18 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daemon.app import Daemon
 from daemon.cli import serve_until_signalled
 from daemon.config import load_config
+from tools.figures import tap
 from tools.inline import InlineDaemon
-
-
-def _tap(histogram: object, samples: list[tuple[float, float]]) -> None:
-    """Record every observation (time, seconds) of a daemon histogram, next to the histogram."""
-    observe = histogram.observe  # type: ignore[attr-defined]
-
-    def record(value: float, *args: object, **kwargs: object) -> None:
-        samples.append((time.time(), value))
-        observe(value, *args, **kwargs)
-
-    histogram.observe = record  # type: ignore[attr-defined]
 
 
 async def _main(args: argparse.Namespace) -> None:
@@ -44,8 +34,8 @@ async def _main(args: argparse.Namespace) -> None:
     daemon = cls(cfg, args.redis_url, args.pg_url)
     samples: list[tuple[float, float]] = []
     gateway_acks: list[tuple[float, float]] = []
-    _tap(daemon.metrics.request_pool_wait_seconds, samples)
-    _tap(daemon.metrics.ack_seconds, gateway_acks)
+    tap(daemon.metrics.request_pool_wait_seconds, lambda s: samples.append((time.time(), s)))
+    tap(daemon.metrics.ack_seconds, lambda s: gateway_acks.append((time.time(), s)))
     try:
         await serve_until_signalled(daemon, name=f"stress-daemon {args.arch}")
     finally:
