@@ -19,6 +19,7 @@ import redis
 from daemon.app import Daemon, open_daemon
 from daemon.config import Config, config_from_dict
 from daemon.embedded import EmbeddedServers
+from tools.stress import setup_database
 
 TEMPLATE_DB = "tts_template"
 
@@ -34,23 +35,15 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer
     with EmbeddedServers(root) as s:
 
         async def make_template() -> None:
-            from daemon.stores.pg import _init_connection, _migrate
-
             conn = await asyncpg.connect(s.postgres.url)
             try:
                 await conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}"')
                 await conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
             finally:
                 await conn.close()
-            pool = await asyncpg.create_pool(
-                _with_db(s.postgres.url, TEMPLATE_DB), min_size=1, max_size=1, init=_init_connection
-            )
-            try:
-                await _migrate(pool)
-            finally:
-                await pool.close()
 
         asyncio.run(make_template())
+        setup_database(_with_db(s.postgres.url, TEMPLATE_DB), [])  # the schema, no users
         yield s
 
 

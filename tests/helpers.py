@@ -53,16 +53,10 @@ async def pg_val(url: str, sql: str, *args: Any) -> Any:
 
 async def add_user(url: str, name: str, plan: str = "plus") -> tuple[int, str]:
     """Create a user through the daemon's own code path; returns (id, token)."""
-    from daemon.stores.pg import _add_user
+    from tools.stress import setup_database
 
-    async def go() -> tuple[int, str]:
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
-        try:
-            return await _add_user(pool, name, plan)
-        finally:
-            await pool.close()
-
-    return await _in_thread(lambda: asyncio.run(go()))
+    ((user_id, token),) = await _in_thread(lambda: setup_database(url, [name], plan, migrate=False))
+    return user_id, token
 
 
 async def handshake_status(

@@ -19,13 +19,11 @@ wire is an answer to something the example sent.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import attrs
 import httpx
 import pytest
@@ -45,10 +43,10 @@ from daemon.gateway.protocol import (
     ProtocolError,
     parse_frame,
 )
-from daemon.stores.pg import _add_user
 from tests.conftest import make_config
 from tests.gateway_helpers import ManualWorker
 from tests.helpers import WsClient
+from tools.stress import setup_database
 
 MAX_BYTES = 4096
 MODELS = {"kokoro": "af_heart", "premium": "ava"}  # model → default voice (seeded)
@@ -130,14 +128,7 @@ def fuzz_daemon(tmp_path: Path, redis_url: str, pg_url: str) -> Any:
 
 
 def add_user_sync(pg_url: str, name: str, plan: str) -> str:
-    async def go() -> str:
-        pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=1)
-        try:
-            return (await _add_user(pool, name, plan))[1]
-        finally:
-            await pool.close()
-
-    return asyncio.run(go())
+    return setup_database(pg_url, [name], plan, migrate=False)[0][1]
 
 
 # -- frames ------------------------------------------------------------------------------------

@@ -8,11 +8,9 @@ that died), then everything must be finalized once and billed once.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 import trio
@@ -31,6 +29,7 @@ from tests.helpers import (
 )
 from tests.test_hot import NOTHING_LEFT, leftovers
 from tests.worker_side import pull_n, push, r, result_json, settle
+from tools.stress import setup_database
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -266,19 +265,6 @@ async def quiet_counting(
 # -- Postgres stopped ---------------------------------------------------------------------------
 
 
-def _prepare_db(pg_url: str) -> None:
-    from daemon.stores.pg import _init_connection, _migrate
-
-    async def go() -> None:
-        pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=1, init=_init_connection)
-        try:
-            await _migrate(pool)
-        finally:
-            await pool.close()
-
-    asyncio.run(go())
-
-
 @pytest.mark.slow
 async def test_hot_path_delivers_while_postgres_is_stopped_and_billing_catches_up(
     tmp_path: Path,
@@ -288,7 +274,7 @@ async def test_hot_path_delivers_while_postgres_is_stopped_and_billing_catches_u
     try:
         assert servers.redis is not None and servers.postgres is not None
         redis_url, pg_url = servers.redis.url, servers.postgres.url
-        await trio.to_thread.run_sync(_prepare_db, pg_url)
+        await trio.to_thread.run_sync(setup_database, pg_url, [])  # the schema only
         cfg = make_config(
             tmp_path,
             workers={"simulated": 0},

@@ -22,7 +22,6 @@ the daemon, so absolute figures include the client's own work.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -31,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
@@ -40,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daemon.app import Daemon, open_daemon
 from daemon.config import Config, config_from_dict
 from daemon.embedded import EmbeddedServers
-from daemon.stores.pg import _add_user
 from tools.figures import summary, tap
+from tools.stress import setup_database
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the riverbank",
@@ -87,17 +85,9 @@ def make_config(root: Path, args: argparse.Namespace) -> Config:
 
 
 async def create_users(pg_url: str, n: int) -> list[str]:
-    def create() -> list[str]:
-        async def go() -> list[str]:
-            pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=2)
-            try:
-                return [(await _add_user(pool, f"bench-{i}", "unlimited"))[1] for i in range(n)]
-            finally:
-                await pool.close()
-
-        return asyncio.run(go())
-
-    return await trio.to_thread.run_sync(create)
+    names = [f"bench-{i}" for i in range(n)]
+    users = await trio.to_thread.run_sync(setup_database, pg_url, names, "unlimited")
+    return [token for _, token in users]
 
 
 class Texts:

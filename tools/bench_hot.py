@@ -32,7 +32,6 @@ The machine may be shared: figures are for comparison within one run (ratios), n
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import contextlib
 import json
@@ -60,6 +59,7 @@ from daemon.contracts import BillingEvent, ContractError, Job, Keys, Result
 from daemon.stores.redis import RedisStore, open_redis
 from daemon.supervisor import ServiceSpec
 from tools.figures import summary
+from tools.stress import setup_database
 
 MODEL = "kokoro"
 NOTIFY_LUA = (
@@ -487,22 +487,9 @@ async def run_kind(
             out[f"burst_{kind}"] = burst
 
 
-def prepare_postgres(pg_url: str) -> str:
-    """Migrate and create the benchmark's user; return its token."""
-    import asyncpg
-
-    from daemon.stores.pg import _add_user, _init_connection, _migrate
-
-    async def go() -> str:
-        pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=1, init=_init_connection)
-        try:
-            await _migrate(pool)
-            _, token = await _add_user(pool, "bench", "unlimited")
-            return token
-        finally:
-            await pool.close()
-
-    return asyncio.run(go())
+def _bench_token(pg_url: str) -> str:
+    """Migrate and create the benchmark's user; its token."""
+    return setup_database(pg_url, ["bench"], "unlimited")[0][1]
 
 
 def write_config(path: Path, workdir: Path, redis_url: str, pg_url: str, args: Any) -> None:
@@ -571,7 +558,7 @@ def run_all(args: argparse.Namespace, workdir: Path, out: dict[str, Any]) -> Non
     with EmbeddedServers(workdir / "servers") as servers:
         assert servers.redis is not None and servers.postgres is not None
         redis_url, pg_url = servers.redis.url, servers.postgres.url
-        token = prepare_postgres(pg_url)
+        token = _bench_token(pg_url)
         redis_pid = servers.redis.pid() or 0
         config_path = workdir / "daemon.toml"
         write_config(config_path, workdir, redis_url, pg_url, args)

@@ -119,7 +119,12 @@ def pg_query(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
     return asyncio.run(q())
 
 
-def setup_database(url: str, names: Sequence[str]) -> list[tuple[int, str]]:
+def setup_database(
+    url: str, names: Sequence[str], plan: str = "plus", *, migrate: bool = True
+) -> list[tuple[int, str]]:
+    """Apply the migrations (unless ``migrate`` is False) and create one user per name on
+    ``plan``, through the daemon's own code; returns (id, token) per user. Synchronous: tools and
+    tests call it from a thread."""
     import asyncpg
 
     from daemon.stores.pg import _add_user, _init_connection, _migrate
@@ -127,8 +132,9 @@ def setup_database(url: str, names: Sequence[str]) -> list[tuple[int, str]]:
     async def go() -> list[tuple[int, str]]:
         pool = await asyncpg.create_pool(url, min_size=1, max_size=1, init=_init_connection)
         try:
-            await _migrate(pool)
-            return [await _add_user(pool, name, "plus") for name in names]
+            if migrate:
+                await _migrate(pool)
+            return [await _add_user(pool, name, plan) for name in names]
         finally:
             await pool.close()
 
