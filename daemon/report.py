@@ -41,7 +41,7 @@ import trio_asyncio
 
 from daemon.config import DEFAULT_CONFIG, Config, ConfigError, config_path, load_config
 from daemon.contracts import MODELS, Keys
-from daemon.events import describe, rotation_names
+from daemon.events import describe, rotation_names, utc_iso
 from daemon.monitor import (
     billed_among,
     dead_letter_counts,
@@ -50,7 +50,7 @@ from daemon.monitor import (
     reconcile,
     scan_billing_stream,
 )
-from daemon.stats import Finding, assess, liveness_failed, percentile, worst
+from daemon.stats import Finding, assess, liveness_failed, percentile, round_ms, worst
 
 __all__ = ["LogScan", "main", "read_log"]
 
@@ -313,15 +313,15 @@ def build_report(
             "dead_lettered": sum(b[7] for b in batches),
             "characters": sum(b[4] for b in batches),
             "batch_ms": {
-                "p50": _r(percentile(durations, 0.5)),
-                "p95": _r(percentile(durations, 0.95)),
-                "max": _r(max(durations)) if durations else None,
+                "p50": round_ms(percentile(durations, 0.5)),
+                "p95": round_ms(percentile(durations, 0.95)),
+                "max": round_ms(max(durations)) if durations else None,
             },
-            "events_per_s_busy": _r(events_billed / busy_s) if busy_s > 0 else None,
-            "events_per_s_period": _r(events_billed / period_s) if period_s > 0 else None,
-            "last_batch_age_s": _r(now - batches[-1][0]) if batches else None,
+            "events_per_s_busy": round_ms(events_billed / busy_s) if busy_s > 0 else None,
+            "events_per_s_period": round_ms(events_billed / period_s) if period_s > 0 else None,
+            "last_batch_age_s": round_ms(now - batches[-1][0]) if batches else None,
         },
-        "queue": {"depth": servers["depth"], "oldest_waiting_s": _r(servers["lag_s"])},
+        "queue": {"depth": servers["depth"], "oldest_waiting_s": round_ms(servers["lag_s"])},
         "reconciliation": {
             "synthesized": len(scan.synthesized),
             "billed": len(result.billed),
@@ -343,7 +343,7 @@ def build_report(
         "liveness": {
             "ok": not live_failed,
             "window_s": m.liveness_window_s,
-            "last_synthesis_age_s": _r(now - max(v[0] for v in scan.synthesized.values()))
+            "last_synthesis_age_s": round_ms(now - max(v[0] for v in scan.synthesized.values()))
             if scan.synthesized
             else None,
         },
@@ -356,13 +356,7 @@ def build_report(
 
 
 def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _r(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
+    return None if ts is None else utc_iso(ts)
 
 
 def _n(value: Any) -> str:

@@ -353,10 +353,10 @@ class OpsStats:
                 _ms(histogram_quantile(0.5, ack, ack_before)),
                 _ms(histogram_quantile(0.95, ack, ack_before)),
                 _ms(histogram_quantile(0.95, wait, wait_before)),
-                _round(percentile(fin, 0.5)),
-                _round(percentile(fin, 0.95)),
-                _round(rates[0]),
-                _round(rates[1]),
+                round_ms(percentile(fin, 0.5)),
+                round_ms(percentile(fin, 0.95)),
+                round_ms(rates[0]),
+                round_ms(rates[1]),
                 depth,
                 connections,
             )
@@ -490,24 +490,24 @@ class OpsStats:
             },
             "hot": {
                 "finalize_ms": {
-                    "p50": _round(percentile(fin, 0.5)),
-                    "p95": _round(percentile(fin, 0.95)),
+                    "p50": round_ms(percentile(fin, 0.5)),
+                    "p95": round_ms(percentile(fin, 0.95)),
                 },
-                "results_per_s": _round(rates[0]),
+                "results_per_s": round_ms(rates[0]),
                 "results_total": self.synthesized,
             },
             "billing": {
                 "events_billed": self.billed_events,
                 "batches": self.batch_count,
                 "batch_ms": {
-                    "p50": _round(percentile(durations, 0.5)),
-                    "p95": _round(percentile(durations, 0.95)),
-                    "max": _round(max(durations)) if durations else None,
+                    "p50": round_ms(percentile(durations, 0.5)),
+                    "p95": round_ms(percentile(durations, 0.95)),
+                    "max": round_ms(max(durations)) if durations else None,
                 },
-                "billed_per_s": _round(rates[1]),
+                "billed_per_s": round_ms(rates[1]),
                 "queue_depth": rec.depth,
-                "oldest_age_s": _round(rec.lag_s),
-                "last_batch_age_s": _round(now - self.last_billing_ts)
+                "oldest_age_s": round_ms(rec.lag_s),
+                "last_batch_age_s": round_ms(now - self.last_billing_ts)
                 if self.last_billing_ts is not None
                 else None,
                 "liveness": "red" if live_failed else "green",
@@ -521,7 +521,7 @@ class OpsStats:
                 "untracked": self.untracked,
                 "complete": rec.complete,
                 "checked_at": rec.checked_at,
-                "took_ms": _round(rec.took_s * 1000),
+                "took_ms": round_ms(rec.took_s * 1000),
             },
             "dead_letters": dict(rec.dead_letters),
             "series": series_cols,
@@ -540,5 +540,5 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-def _round(value: float | None) -> float | None:
+def round_ms(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
