@@ -6,7 +6,6 @@ Postgres and Redis are reached from tests through their own clients in a worker 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -14,11 +13,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import asyncpg
-import redis
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from daemon.contracts import MODELS, BillingEvent
+from tools.stress import pg_query, redis_cmd, setup_database
 
 __all__ = [
     "WsClient",
@@ -36,14 +35,7 @@ async def _in_thread(fn: Callable[[], Any]) -> Any:
 
 
 async def pg_fetch(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
-    async def q() -> list[dict[str, Any]]:
-        conn = await asyncpg.connect(url)
-        try:
-            return [dict(r) for r in await conn.fetch(sql, *args)]
-        finally:
-            await conn.close()
-
-    return await _in_thread(lambda: asyncio.run(q()))
+    return await _in_thread(lambda: pg_query(url, sql, *args))
 
 
 async def pg_val(url: str, sql: str, *args: Any) -> Any:
@@ -53,8 +45,6 @@ async def pg_val(url: str, sql: str, *args: Any) -> Any:
 
 async def add_user(url: str, name: str, plan: str = "plus") -> tuple[int, str]:
     """Create a user through the daemon's own code path; returns (id, token)."""
-    from tools.stress import setup_database
-
     ((user_id, token),) = await _in_thread(lambda: setup_database(url, [name], plan, migrate=False))
     return user_id, token
 
@@ -112,14 +102,8 @@ async def handshake_status(
 
 
 async def redis_call(url: str, *args: Any) -> Any:
-    def call() -> Any:
-        client = redis.Redis.from_url(url)
-        try:
-            return client.execute_command(*args)
-        finally:
-            client.close()
-
-    return await _in_thread(call)
+    """One raw command on a fresh client, in a thread."""
+    return await _in_thread(lambda: redis_cmd(url, *args))
 
 
 async def wait_until(
