@@ -20,12 +20,18 @@ OUTAGE = [
     asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed mid-operation"),
     asyncpg.exceptions.ConnectionFailureError("connection failure"),
     ConnectionRefusedError(111, "Connect call failed"),
+    asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already"),
+    # a pooled connection the server terminated, used before asyncpg saw it close
+    asyncpg.exceptions.InternalClientError(
+        "cannot switch to state 12; another operation (2) is in progress"
+    ),
 ]
 NOT_OUTAGE = [
     asyncpg.exceptions.QueryCanceledError("canceling statement due to statement timeout"),
     asyncpg.exceptions.UniqueViolationError("duplicate key"),
     asyncpg.exceptions.UndefinedTableError("relation does not exist"),
     ValueError("a bug"),
+    asyncpg.exceptions.InternalClientError("some other client-side inconsistency"),
 ]
 
 

@@ -51,6 +51,11 @@ def is_pg_unavailable(exc: BaseException) -> bool:
         return all(is_pg_unavailable(e) for e in exc.exceptions)
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
         return False  # a statement timeout: the server is there
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # A pooled connection the server terminated (a restart) before asyncpg saw it close: the
+        # next query on it fails this way (MagicStack/asyncpg#1069). Seen only during outages;
+        # the connection is replaced and a retry succeeds.
+        return "cannot switch to state" in str(exc)
     return isinstance(
         exc,
         OSError
