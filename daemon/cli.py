@@ -18,12 +18,12 @@ import trio
 import trio_asyncio
 
 from daemon.config import DEFAULT_CONFIG, Config, ConfigError, config_path, load_config
-from daemon.events import describe
-from daemon.faults import FaultInjector, FaultSpecError
-from daemon.faults import from_env as faults_from_env
+from daemon.ops.events import describe
+from daemon.runtime.faults import FaultInjector, FaultSpecError
+from daemon.runtime.faults import from_env as faults_from_env
 
 if TYPE_CHECKING:
-    from daemon.app import Daemon
+    from daemon.runtime.daemon import Daemon
 
 __all__ = ["main", "resolve_servers", "serve_until_signalled"]
 
@@ -85,12 +85,12 @@ async def serve_until_signalled(daemon: Daemon, *, name: str = "tts-daemon") -> 
 
 
 async def _run(cfg: Config, redis_url: str, pg_url: str, faults: FaultInjector | None) -> None:
-    from daemon.app import Daemon
+    from daemon.runtime.daemon import Daemon
 
     if faults is None:
         daemon = Daemon(cfg, redis_url, pg_url)
     else:
-        # Only when TTS_DAEMON_FAULTS is set (the chaos tool, tests): see daemon/faults.py.
+        # Only when TTS_DAEMON_FAULTS is set (the chaos tool, tests): see daemon/runtime/faults.py.
         daemon = Daemon(cfg, redis_url, pg_url, billing_fault=faults)
     await serve_until_signalled(daemon)
 

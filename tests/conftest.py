@@ -16,9 +16,9 @@ import asyncpg
 import pytest
 import redis
 
-from daemon.app import Daemon, open_daemon
 from daemon.config import Config, config_from_dict
 from daemon.embedded import EmbeddedServers
+from daemon.runtime.daemon import Daemon, open_daemon
 from tools.stress import setup_database
 
 TEMPLATE_DB = "tts_template"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemon.audio import wav_bytes
 from daemon.contracts import Job, Keys
+from daemon.workers.audio import wav_bytes
 from tests import worker_side
 from tests.helpers import WsClient, redis_call, wait_until
 

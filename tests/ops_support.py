@@ -23,7 +23,7 @@ __all__ = [
 
 def read_events(path: Path) -> list[dict[str, Any]]:
     """Every event in an events log file (and its rotations), oldest first."""
-    from daemon.events import log_files
+    from daemon.ops.events import log_files
 
     out = []
     for p in log_files(path, 10):

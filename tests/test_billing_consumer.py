@@ -16,9 +16,9 @@ import pytest
 import redis
 import trio
 
-from daemon.app import Daemon, open_daemon
 from daemon.config import Config
 from daemon.contracts import BillingEvent, Keys, usage_amount
+from daemon.runtime.daemon import Daemon, open_daemon
 from daemon.stores.pg import _credit, _init_connection
 from tests.conftest import make_config
 from tests.helpers import (

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from daemon.app import Daemon, open_daemon
+from daemon.runtime.daemon import Daemon, open_daemon
 from tests.cdp import Page, launch
 from tests.conftest import make_config
 from tests.helpers import WsClient, add_user, pg_val, wait_until

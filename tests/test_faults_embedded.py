@@ -8,12 +8,19 @@ the old URL then retried forever against a port nobody listened on.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
+import pwd
+import secrets
 import socket
+import subprocess
 from pathlib import Path
 
+import pytest
 import redis
 
-from daemon.embedded import EmbeddedRedis, _port_free
+from daemon.embedded import EmbeddedPostgres, EmbeddedRedis
+from daemon.embedded.process import _port_free
 
 
 def _time_wait_port() -> int:
@@ -64,3 +71,33 @@ def test_redis_killed_with_clients_connected_restarts_on_its_port(tmp_path: Path
             c.close()
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="only root creates the embedded Postgres' system user"
+)
+def test_two_embedded_postgres_start_at_once_where_their_system_user_is_absent(
+    tmp_path: Path,
+) -> None:
+    """A fresh root machine: two processes (pytest-xdist workers) start an embedded Postgres at
+    the same moment and both find the system user missing. Exactly one creates it; both clusters
+    come up and answer as that user."""
+    name = f"ttsd{secrets.token_hex(4)}"
+    with pytest.raises(KeyError):
+        pwd.getpwnam(name)
+    servers = [
+        EmbeddedPostgres(tmp_path / f"pg{i}" / "data", tmp_path / "secrets", system_user=name)
+        for i in range(2)
+    ]
+    try:
+        with concurrent.futures.ProcessPoolExecutor(2) as pool:
+            # Separate processes, so each one's useradd really races the other's.
+            list(pool.map(EmbeddedPostgres.start, servers))
+        uid = pwd.getpwnam(name).pw_uid
+        for server in servers:
+            assert server.ping()
+            assert (server.root / "PG_VERSION").stat().st_uid == uid
+    finally:
+        for server in servers:
+            server.stop()
+        subprocess.run(["userdel", name], check=False, capture_output=True)

@@ -1,4 +1,4 @@
-"""The fault-injection hook (daemon/faults.py): off unless asked for, exact when it is."""
+"""The fault-injection hook (daemon/runtime/faults.py): off unless asked for, exact when it is."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.faults import (
+from daemon.runtime.faults import (
     ENV_VAR,
     FaultInjector,
     FaultSpecError,

@@ -17,9 +17,9 @@ import pytest
 import trio
 import trio_asyncio
 
-from daemon.app import open_daemon
 from daemon.contracts import Job, Keys, Result
 from daemon.embedded import EmbeddedRedis
+from daemon.runtime.daemon import open_daemon
 from daemon.stores.redis import RedisStore, is_redis_unavailable, open_redis
 from daemon.workers.worker import Synthesized, run_worker
 from tests.conftest import make_config

@@ -18,9 +18,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from daemon.app import Daemon, open_daemon
 from daemon.config import Config
-from daemon.hashing import VariantHasher
+from daemon.gateway.hashing import VariantHasher
+from daemon.runtime.daemon import Daemon, open_daemon
 from tests.conftest import make_config
 from tests.gateway_helpers import ManualWorker, job_ids, queue_ids, status_frames
 from tests.helpers import WsClient, add_user, handshake_status, pg_fetch, redis_call, wait_until
@@ -764,7 +764,9 @@ async def test_statuses_dropped_by_a_full_fan_out_are_recovered_exactly_once(
     async with open_daemon(cfg, redis_url, pg_url) as daemon:
         assert daemon.gateway is not None
         errors: list[dict[str, Any]] = []
-        daemon.events.add_listener(lambda e: errors.append(e) if e["event"] == "error" else None)
+        daemon.events.add_listener(
+            lambda e: errors.append(e) if e["event"] == "error" else None
+        )
         async with WsClient.connect(ws_url(daemon), token) as client:
             for burst in range(5):
                 doc = f"doc{burst}"

@@ -32,7 +32,6 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed
 
-from daemon.app import Daemon, open_daemon
 from daemon.config import Config
 from daemon.gateway.protocol import (
     MAX_BLOCK_IDX,
@@ -43,6 +42,7 @@ from daemon.gateway.protocol import (
     ProtocolError,
     parse_frame,
 )
+from daemon.runtime.daemon import Daemon, open_daemon
 from tests.conftest import make_config
 from tests.gateway_helpers import ManualWorker
 from tests.helpers import WsClient

@@ -10,8 +10,8 @@ import pytest
 import trio
 import trustme
 
-from daemon.app import open_daemon
-from daemon.audio import wav_header_ok
+from daemon.runtime.daemon import open_daemon
+from daemon.workers.audio import wav_header_ok
 from tests.conftest import make_config
 from tests.helpers import WsClient, add_user, handshake_status
 

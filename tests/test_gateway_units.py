@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from daemon.gateway.hashing import VariantHasher, load_or_create_key
 from daemon.gateway.protocol import ProtocolError, Synthesize, parse_frame
 from daemon.gateway.ratelimit import RateLimiter
-from daemon.hashing import VariantHasher, load_or_create_key
 
 
 class FakeClock:

@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from daemon.app import Daemon, open_daemon
 from daemon.config import Config
 from daemon.contracts import Job, Keys
+from daemon.runtime.daemon import Daemon, open_daemon
 from tests.conftest import make_config
 from tests.helpers import (
     Events,

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import trio
 
-from daemon.app import Daemon, open_daemon
 from daemon.embedded import EmbeddedServers
+from daemon.runtime.daemon import Daemon, open_daemon
 from daemon.stores.redis import RedisStore
 from tests.conftest import make_config
 from tests.helpers import (

@@ -10,10 +10,10 @@ import httpx
 import pytest
 import trio
 
-from daemon.app import Daemon, open_daemon
 from daemon.config import Config
 from daemon.contracts import Keys
-from daemon.supervisor import ServiceSpec
+from daemon.runtime.daemon import Daemon, open_daemon
+from daemon.runtime.supervisor import ServiceSpec
 from tests.conftest import make_config
 from tests.helpers import WsClient, add_user, pg_fetch, pg_val, wait_until
 from tests.ops_support import BillingGate, events_of, read_events, scrape
@@ -284,10 +284,10 @@ async def test_live_reconciliation_does_not_call_an_event_missing_when_its_log_l
     import trio_asyncio
 
     from daemon.config import MonitorConfig, PostgresConfig
-    from daemon.events import EventLog
-    from daemon.metrics import Metrics
-    from daemon.monitor import Monitor
-    from daemon.stats import OpsStats
+    from daemon.ops.events import EventLog
+    from daemon.ops.metrics import Metrics
+    from daemon.ops.monitor import Monitor
+    from daemon.ops.stats import OpsStats
     from daemon.stores.pg import open_pg_pool
     from daemon.stores.redis import open_redis
 

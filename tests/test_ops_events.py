@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from daemon.events import EventLog, Throttle
+from daemon.ops.events import EventLog, Throttle
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 

@@ -8,8 +8,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
 from daemon.config import MonitorConfig
-from daemon.metrics import Metrics
-from daemon.stats import (
+from daemon.ops.metrics import Metrics
+from daemon.ops.stats import (
     OpsStats,
     assess,
     grade_delta,

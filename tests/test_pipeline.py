@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from daemon.app import Daemon
-from daemon.audio import wav_header_ok
+from daemon.runtime.daemon import Daemon
+from daemon.workers.audio import wav_header_ok
 from tests.helpers import (
     WsClient,
     add_user,

@@ -1,10 +1,10 @@
-"""Bulk work steps aside while a request is in progress, for a bounded time (daemon/priority.py)."""
+"""Bulk work steps aside while a request is in progress, for a bounded time (priority.py)."""
 
 from __future__ import annotations
 
 import trio
 
-from daemon.priority import RequestFirst
+from daemon.runtime.priority import RequestFirst
 
 
 async def test_bulk_work_goes_at_once_when_no_request_is_in_progress(

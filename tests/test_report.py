@@ -9,10 +9,10 @@ from typing import Any
 
 import trio
 
-from daemon.app import Daemon, open_daemon
 from daemon.config import load_config
 from daemon.contracts import Keys
-from daemon.supervisor import ServiceSpec
+from daemon.runtime.daemon import Daemon, open_daemon
+from daemon.runtime.supervisor import ServiceSpec
 from tests.helpers import WsClient, add_user, pg_val, redis_call, wait_until
 from tests.ops_support import events_of, write_config
 
@@ -160,8 +160,8 @@ async def test_a_bad_configuration_is_red_with_one_line(tmp_path: Path) -> None:
 
 
 def test_the_log_is_read_across_every_rotated_file_oldest_first(tmp_path: Path) -> None:
-    from daemon.events import rotation_names
-    from daemon.report import read_log
+    from daemon.ops.events import rotation_names
+    from daemon.ops.report import read_log
 
     path = tmp_path / "events.jsonl"
 

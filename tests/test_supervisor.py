@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import trio
 
-from daemon.backoff import Backoff
 from daemon.config import SupervisorConfig
-from daemon.events import EventLog
-from daemon.metrics import Metrics
-from daemon.supervisor import ServiceEscalation, ServiceSpec, Supervisor
+from daemon.ops.events import EventLog
+from daemon.ops.metrics import Metrics
+from daemon.runtime.backoff import Backoff
+from daemon.runtime.supervisor import ServiceEscalation, ServiceSpec, Supervisor
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -20,10 +20,10 @@ import pytest
 import trio
 import trio_asyncio
 
-from daemon.audio import wav_header_ok
 from daemon.config import WorkersConfig
 from daemon.contracts import Job, Keys, Result
 from daemon.stores.redis import RedisStore, open_redis
+from daemon.workers.audio import wav_header_ok
 from daemon.workers.simulated import SimulatedAdapter
 from daemon.workers.worker import Synthesized, run_worker
 from tests.conftest import make_config
@@ -291,7 +291,7 @@ def test_tts_worker_refuses_a_bad_command_line_with_one_clear_line(
 @pytest.fixture
 async def scanned(tmp_path: Path, redis_url: str, pg_url: str) -> AsyncIterator[Any]:
     """A daemon with no simulated workers and a quick visibility scanner."""
-    from daemon.app import open_daemon
+    from daemon.runtime.daemon import open_daemon
 
     cfg = make_config(
         tmp_path,
@@ -427,7 +427,7 @@ def _n_duplicates(daemon: Any) -> bool:
 async def test_a_job_that_keeps_timing_out_goes_to_the_dlq_and_its_client_hears(
     tmp_path: Path, redis_url: str, pg_url: str
 ) -> None:
-    from daemon.app import open_daemon
+    from daemon.runtime.daemon import open_daemon
 
     cfg = make_config(
         tmp_path,

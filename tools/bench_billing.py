@@ -54,8 +54,8 @@ from daemon.billing.consumer import (  # noqa: E402
 from daemon.config import BillingConfig, PostgresConfig  # noqa: E402
 from daemon.contracts import BillingEvent, Keys  # noqa: E402
 from daemon.embedded import EmbeddedServers  # noqa: E402
-from daemon.events import EventLog  # noqa: E402
-from daemon.metrics import Metrics  # noqa: E402
+from daemon.ops.events import EventLog  # noqa: E402
+from daemon.ops.metrics import Metrics  # noqa: E402
 from daemon.stores.pg import open_pg_pool  # noqa: E402
 from daemon.stores.redis import RedisStore, open_redis  # noqa: E402
 from tools.inline import bill_one  # noqa: E402

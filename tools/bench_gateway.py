@@ -2,7 +2,7 @@
 """Gateway benchmark: ``synthesize`` → first status, with many connections at once.
 
 Starts its own embedded Redis and PostgreSQL in a temporary directory and a daemon in this process
-(``daemon.app.open_daemon``), creates users, and measures:
+(``daemon.runtime.daemon.open_daemon``), creates users, and measures:
 
 - **baseline**: one connection sending requests one after another (the same request shape);
 - **load**: ``--connections`` authenticated connections (loopback) that each send one request at
@@ -35,9 +35,9 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.app import Daemon, open_daemon
 from daemon.config import Config, config_from_dict
 from daemon.embedded import EmbeddedServers
+from daemon.runtime.daemon import Daemon, open_daemon
 from tools.figures import summary, tap
 from tools.stress import setup_database
 

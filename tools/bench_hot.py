@@ -52,12 +52,12 @@ import trio_asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.app import Daemon
 from daemon.cli import serve_until_signalled
 from daemon.config import HotConfig, load_config
 from daemon.contracts import BillingEvent, ContractError, Job, Keys, Result
+from daemon.runtime.daemon import Daemon
+from daemon.runtime.supervisor import ServiceSpec
 from daemon.stores.redis import RedisStore, open_redis
-from daemon.supervisor import ServiceSpec
 from tools.figures import summary
 from tools.stress import setup_database
 

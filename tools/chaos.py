@@ -54,7 +54,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.embedded import EmbeddedPostgres, EmbeddedRedis, _free_port, read_secret
+from daemon.embedded import EmbeddedPostgres, EmbeddedRedis, read_secret
+from daemon.embedded.process import _free_port
 from tools.figures import pct
 from tools.stress import in_thread, make_texts, pg_query, redis_cmd
 from tools.stress import setup_database as _setup_database

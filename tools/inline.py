@@ -25,14 +25,14 @@ import asyncpg
 import attrs
 import trio
 
-from daemon.app import Daemon
 from daemon.config import BillingConfig, PostgresConfig
 from daemon.contracts import BillingEvent
 from daemon.hot.consumer import HotConsumer
+from daemon.runtime.daemon import Daemon
+from daemon.runtime.supervisor import ServiceSpec
 from daemon.stores.ledger import record_usage
 from daemon.stores.pg import PgPool
 from daemon.stores.redis import FinalizeArgs
-from daemon.supervisor import ServiceSpec
 
 __all__ = ["InlineDaemon", "InlineHotConsumer", "bill_one"]
 

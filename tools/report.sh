@@ -11,4 +11,4 @@ if [[ ! -x "$python" ]]; then
 fi
 # The package from this checkout, whichever Python runs it.
 export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"
-exec "$python" -m daemon.report "$@"
+exec "$python" -m daemon.ops.report "$@"

@@ -42,8 +42,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.audio import duration_ms_for
 from daemon.embedded import EmbeddedServers
+from daemon.workers.audio import duration_ms_for
 from tools.figures import pct
 
 REPO = Path(__file__).resolve().parent.parent

@@ -21,9 +21,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.app import Daemon
 from daemon.cli import serve_until_signalled
 from daemon.config import load_config
+from daemon.runtime.daemon import Daemon
 from tools.figures import tap
 from tools.inline import InlineDaemon
 

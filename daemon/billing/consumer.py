@@ -30,9 +30,9 @@ import trio
 
 from daemon.config import BillingConfig, PostgresConfig
 from daemon.contracts import ContractError, billing_event_fields
-from daemon.events import EventLog
-from daemon.faults import FaultPoint, no_fault
-from daemon.metrics import Metrics
+from daemon.ops.events import EventLog
+from daemon.ops.metrics import Metrics
+from daemon.runtime.faults import FaultPoint, no_fault
 from daemon.stores.ledger import ChunkResult, bill_chunks, events_array
 from daemon.stores.pg import PgPool, open_pg_pool
 from daemon.stores.redis import BillingEntry, RedisStore, billing_block_ms

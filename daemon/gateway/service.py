@@ -28,9 +28,9 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from daemon.config import GatewayConfig
 from daemon.contracts import Job, usage_amount
-from daemon.events import EventLog, Throttle
 from daemon.gateway.auth import TokenCache, plausible_token, token_from_request
 from daemon.gateway.connection import CLOSE_GOING_AWAY, CLOSE_TOO_BIG, Connection, PendingKey
+from daemon.gateway.hashing import VariantHasher
 from daemon.gateway.http import HttpApp
 from daemon.gateway.protocol import (
     CursorMoved,
@@ -43,10 +43,10 @@ from daemon.gateway.protocol import (
     status_frame,
 )
 from daemon.gateway.ratelimit import RateLimiter
-from daemon.hashing import VariantHasher
-from daemon.metrics import Metrics
-from daemon.outage import Outage
-from daemon.priority import RequestFirst
+from daemon.ops.events import EventLog, Throttle
+from daemon.ops.metrics import Metrics
+from daemon.runtime.outage import Outage
+from daemon.runtime.priority import RequestFirst
 from daemon.stores.pg import Catalog, PgPool, is_pg_unavailable
 from daemon.stores.redis import RedisStore, is_redis_unavailable
 from daemon.stores.request import PoolWait, check_and_enqueue

@@ -34,11 +34,11 @@ import trio
 
 from daemon.config import HotConfig
 from daemon.contracts import BillingEvent, ContractError, Result
-from daemon.events import EventLog
-from daemon.faults import FaultPoint, no_fault
-from daemon.metrics import Metrics
-from daemon.outage import Outage
-from daemon.priority import RequestFirst
+from daemon.ops.events import EventLog
+from daemon.ops.metrics import Metrics
+from daemon.runtime.faults import FaultPoint, no_fault
+from daemon.runtime.outage import Outage
+from daemon.runtime.priority import RequestFirst
 from daemon.stores.redis import (
     ClaimedResult,
     DeadLetter,

@@ -38,7 +38,7 @@ import trio
 import trio_asyncio
 from sniffio import thread_local as sniffio_library
 
-from daemon.events import Throttle
+from daemon.ops.events import Throttle
 
 try:  # a Trio function asyncio code asked to run (trio_as_aio); none of ours does
     from trio_asyncio._handles import AsyncHandle as _AsyncHandle

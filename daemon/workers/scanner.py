@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import trio
 
 from daemon.config import WorkersConfig
-from daemon.events import EventLog
-from daemon.metrics import Metrics
-from daemon.outage import Outage
+from daemon.ops.events import EventLog
+from daemon.ops.metrics import Metrics
+from daemon.runtime.outage import Outage
 from daemon.stores.redis import RedisStore, is_redis_unavailable
 
 __all__ = ["run_visibility_scanner", "scan_once"]

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import trio
 
-from daemon.audio import duration_ms_for, wav_bytes
 from daemon.config import WorkersConfig
 from daemon.contracts import Job
+from daemon.workers.audio import duration_ms_for, wav_bytes
 from daemon.workers.worker import Synthesized
 
 __all__ = ["SimulatedAdapter"]

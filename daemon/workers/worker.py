@@ -25,8 +25,8 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from daemon.backoff import Backoff
 from daemon.contracts import ContractError, Job, Result
+from daemon.runtime.backoff import Backoff
 from daemon.stores.redis import RedisStore, is_redis_unavailable
 
 __all__ = ["Adapter", "BatchAdapter", "Synthesized", "run_worker"]

@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 
 from daemon.config import MonitorConfig
-from daemon.metrics import Metrics
+from daemon.ops.metrics import Metrics
 
 __all__ = [
     "GRADES",
@@ -198,7 +198,7 @@ def histogram_quantile(
 
 @attrs.define
 class Reconciliation:
-    """The last live reconciliation round (see daemon/monitor.py)."""
+    """The last live reconciliation round (see daemon/ops/monitor.py)."""
 
     delta: int | None = None  # None: not computed yet
     missing: list[tuple[str, str]] = attrs.Factory(list)  # (job_id, reason), first 50

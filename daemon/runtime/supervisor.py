@@ -19,10 +19,10 @@ from typing import Any
 import attrs
 import trio
 
-from daemon.backoff import Backoff, IntensityWindow
 from daemon.config import SupervisorConfig
-from daemon.events import EventLog, describe
-from daemon.metrics import Metrics
+from daemon.ops.events import EventLog, describe
+from daemon.ops.metrics import Metrics
+from daemon.runtime.backoff import Backoff, IntensityWindow
 
 __all__ = ["ServiceEscalation", "ServiceSpec", "ServiceState", "Supervisor"]
 

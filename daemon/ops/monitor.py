@@ -47,10 +47,10 @@ import trio.lowlevel
 
 from daemon.config import MonitorConfig, PostgresConfig
 from daemon.contracts import Keys
-from daemon.events import EventLog
-from daemon.metrics import Metrics
-from daemon.outage import Outage
-from daemon.stats import OpsStats, Reconciliation, grade_lag
+from daemon.ops.events import EventLog
+from daemon.ops.metrics import Metrics
+from daemon.ops.stats import OpsStats, Reconciliation, grade_lag
+from daemon.runtime.outage import Outage
 from daemon.stores.pg import PgPool, is_pg_unavailable, open_pg_pool
 from daemon.stores.redis import RedisStore, is_redis_unavailable
 

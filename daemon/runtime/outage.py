@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import trio
 
-from daemon.backoff import Backoff
-from daemon.events import EventLog, Throttle
+from daemon.ops.events import EventLog, Throttle
+from daemon.runtime.backoff import Backoff
 
 __all__ = ["Outage"]
 

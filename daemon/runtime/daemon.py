@@ -28,20 +28,20 @@ import trio
 
 from daemon.billing.consumer import BillingConsumer
 from daemon.config import Config
-from daemon.events import EventLog, Throttle, describe
-from daemon.faults import FaultPoint, no_fault
-from daemon.gateway.dashboard import Dashboard
+from daemon.gateway.hashing import VariantHasher
 from daemon.gateway.service import Gateway, GatewayAddresses
-from daemon.hashing import VariantHasher
 from daemon.hot.consumer import HotConsumer
-from daemon.metrics import Metrics
-from daemon.monitor import Monitor
-from daemon.priority import RequestFirst
-from daemon.stats import OpsStats
+from daemon.ops.dashboard import Dashboard
+from daemon.ops.events import EventLog, Throttle, describe
+from daemon.ops.metrics import Metrics
+from daemon.ops.monitor import Monitor
+from daemon.ops.stats import OpsStats
+from daemon.runtime.faults import FaultPoint, no_fault
+from daemon.runtime.priority import RequestFirst
+from daemon.runtime.supervisor import ServiceSpec, Supervisor
 from daemon.stores.bridge import open_bridge
 from daemon.stores.pg import PgPool, open_pg_pool
 from daemon.stores.redis import RedisStore, open_redis
-from daemon.supervisor import ServiceSpec, Supervisor
 from daemon.workers.scanner import run_visibility_scanner
 from daemon.workers.simulated import SimulatedAdapter
 from daemon.workers.worker import run_worker
@@ -83,7 +83,7 @@ class Daemon:
     workers_stopping: trio.Event = attrs.Factory(trio.Event)
     consumers_stopping: trio.Event = attrs.Factory(trio.Event)
     stopped: trio.Event = attrs.Factory(trio.Event)
-    # The request path goes first (daemon/priority.py): shared by the gateway and the hot path.
+    # The request path goes first (runtime/priority.py): shared by the gateway and the hot path.
     priority: RequestFirst = attrs.Factory(RequestFirst)
     _stop_requested: trio.Event = attrs.Factory(trio.Event)
     _cancel_scope: trio.CancelScope | None = None

@@ -8,7 +8,7 @@ report could not be made). docs/operations.md says what to do for each finding.
   throughput while busy and over the period the log covers.
 - The reconciliation delta, exact: every ``job_id`` the log has as synthesized (and queued for
   billing), looked up in ``usage_log`` and in the ``tts:billing`` stream in the order
-  ``daemon.monitor`` explains, so a daemon billing while the report runs cannot fool it. The
+  ``daemon.ops.monitor`` explains, so a daemon billing while the report runs cannot fool it. The
   missing ones are named, with the reason when the billing dead-letter list has them.
 - Liveness: synthesis in the last ``monitor.liveness_window_s`` but no ``billing_processed`` → red.
 - The billing queue: depth and the age of the oldest waiting event (``monitor.lag_*``).
@@ -41,8 +41,8 @@ import trio_asyncio
 
 from daemon.config import DEFAULT_CONFIG, Config, ConfigError, config_path, load_config
 from daemon.contracts import MODELS, Keys
-from daemon.events import describe, rotation_names, utc_iso
-from daemon.monitor import (
+from daemon.ops.events import describe, rotation_names, utc_iso
+from daemon.ops.monitor import (
     billed_among,
     dead_letter_counts,
     dead_lettered_events,
@@ -50,7 +50,7 @@ from daemon.monitor import (
     reconcile,
     scan_billing_stream,
 )
-from daemon.stats import Finding, assess, liveness_failed, percentile, round_ms, worst
+from daemon.ops.stats import Finding, assess, liveness_failed, percentile, round_ms, worst
 
 __all__ = ["LogScan", "main", "read_log"]
 

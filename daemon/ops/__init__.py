@@ -1,0 +1,1 @@
+"""Operating the daemon: the events log, metrics, stats, monitor, dashboard and report."""

@@ -1,0 +1,1 @@
+"""The daemon's process: wiring, supervision, staged stop, outage and priority rules."""
