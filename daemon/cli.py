@@ -1,4 +1,4 @@
-"""``tts-daemon``: run, migrate, user add, credit (SPEC section 2).
+"""``tts-daemon``: run, migrate, user add, credit (docs/operations.md).
 
 Exit status: 0 success; 1 a failure at run time (its reason on stderr); 2 a bad command line or
 configuration value (one line naming the key).

@@ -115,7 +115,7 @@ class HotConfig:
 
 @attrs.frozen
 class BillingConfig:
-    # Events per batch (drain-on-wake: up to this many). SPEC section 3 pins the default, 200;
+    # Events per batch (drain-on-wake: up to this many). The default is 200 (docs/configuration.md);
     # larger batches amortize each transaction's fixed cost: conf/daemon.toml ships 2000
     # (docs/billing.md, tools/bench_billing.py).
     max_batch: int = 200
@@ -138,7 +138,9 @@ class WorkersConfig:
     # Jobs a simulated worker pulls and finishes together, like a GPU batch (bursty results).
     batch: int = 1
     # Simulated audio: sample rate of the 16-bit mono WAV and speaking rate (chars per second).
-    sample_rate: int = 6000  # 16-bit mono: 12 KB/s, about 60 KB for five seconds (SPEC 11)
+    sample_rate: int = (
+        6000  # 16-bit mono: 12 KB/s, about 60 KB for five seconds (docs/benchmarks.md)
+    )
     speech_chars_per_s: float = 15.0
     # A job held by a worker longer than this goes back to the queue.
     visibility_timeout_s: float = 30.0
@@ -155,7 +157,7 @@ class SupervisorConfig:
     # More than this many restarts within the window escalates (for services that must not die).
     intensity: int = 5
     intensity_window_s: float = 60.0
-    # SPEC section 9: exit within 10 s of SIGTERM.
+    # docs/tts-flow.md: exit within 10 s of SIGTERM.
     shutdown_timeout_s: float = 8.0
 
 

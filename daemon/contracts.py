@@ -1,6 +1,6 @@
 """Contracts as data: Redis key names, and the jobs, results and billing events that cross Redis.
 
-SPEC section 5 pins the worker keys and the job/result JSON; everything else here (audio, in-flight,
+docs/workers.md pins the worker keys and job/result JSON; everything else here (audio, in-flight,
 waiter, billing keys) is internal and may change with the code.
 """
 
@@ -31,7 +31,7 @@ class ContractError(ValueError):
 class Keys:
     """Every Redis key and channel the daemon and its workers use, in one place."""
 
-    # Pinned by SPEC section 5 (workers rely on these).
+    # Pinned by docs/workers.md (workers rely on these).
     JOBS = "tts:jobs"
     RESULTS = "tts:results"
 
@@ -112,7 +112,7 @@ class ModelInfo:
     default_voice: str
 
 
-# The models SPEC section 6 defines. Postgres holds them too (seeded by the migration) with their
+# The models docs/billing.md defines. Postgres holds them too (seeded by the migration) with their
 # voices; this copy lets Redis-only code (workers, hot path) name them without a database.
 MODELS: dict[str, ModelInfo] = {
     "kokoro": ModelInfo("kokoro", "server_kokoro", 1.0, "af_heart"),
@@ -148,7 +148,7 @@ def _field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], what:
 
 @attrs.frozen
 class Job:
-    """A synthesis job as workers see it (SPEC section 5)."""
+    """A synthesis job as workers see it (docs/workers.md)."""
 
     job_id: str
     variant_hash: str
@@ -183,7 +183,7 @@ class Job:
 
 @attrs.frozen
 class Result:
-    """A worker's result (SPEC section 5): audio (base64) or an error.
+    """A worker's result (docs/workers.md): audio (base64) or an error.
 
     ``audio_base64`` stays encoded: the hot path stores the result as it came, and the audio is
     decoded when a listener fetches it.

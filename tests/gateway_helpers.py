@@ -1,6 +1,6 @@
 """Helpers of the gateway tests: a GPU worker the test drives by hand, and small readers.
 
-The worker speaks the worker contract (SPEC section 5) with the very Lua scripts the package ships
+The worker speaks the worker contract (docs/workers.md) with the very Lua scripts the package ships
 to workers, through its own Redis client — so a test decides exactly when a job is pulled and when
 it finishes, and can look at the queue in between.
 """

@@ -1,6 +1,6 @@
 """The ledger on a real Postgres: record_usage, the set-based tts_bill_events, the waterfall.
 
-Every scenario is checked against a step-by-step model of SPEC section 6 written here in Python,
+Every scenario is checked against a step-by-step model of docs/billing.md written here in Python,
 independently of the SQL: one event at a time, plan → rollover → purchased → debt.
 """
 
@@ -158,7 +158,7 @@ async def state(url: str, user_id: int) -> dict[str, int]:
 
 @attrs.define
 class Model:
-    """SPEC section 6, one event at a time."""
+    """docs/billing.md, one event at a time."""
 
     allowance: int | None
     rollover: int = 0

@@ -37,9 +37,7 @@ async def test_an_unhandled_asyncio_error_is_logged_and_the_daemon_keeps_serving
     user_id, token = await add_user(pg_url, "nina", "plus")
     async with open_daemon(cfg, redis_url, pg_url, billing_fault=fault) as daemon:
         errors: list[dict] = []
-        daemon.events.add_listener(
-            lambda e: errors.append(e) if e["event"] == "error" else None
-        )
+        daemon.events.add_listener(lambda e: errors.append(e) if e["event"] == "error" else None)
         assert daemon.addresses is not None
         async with WsClient.connect(daemon.addresses.ws_url, token) as client:
             await client.synthesize("doc", ["First block, which wakes billing."])

@@ -27,7 +27,7 @@ def test_empty_file_gives_the_documented_defaults(tmp_path: Path) -> None:
     assert (cfg.redis.url, cfg.postgres.url) == ("", "")
     assert (cfg.postgres.request_pool_size, cfg.postgres.billing_pool_size) == (30, 2)
     assert (cfg.hot.concurrency, cfg.hot.audio_ttl_s) == (40, 300)
-    assert (cfg.billing.max_batch, cfg.billing.users_per_txn) == (200, 250)  # SPEC section 3
+    assert (cfg.billing.max_batch, cfg.billing.users_per_txn) == (200, 250)  # docs/configuration.md
     assert cfg.workers.simulated == 0
     assert cfg.events_path == Path("var/log/events.jsonl")
 

@@ -1,4 +1,4 @@
-"""The WebSocket protocol of SPEC section 4, end to end on real Redis and Postgres.
+"""The WebSocket protocol of docs/protocol.md, end to end on real Redis and Postgres.
 
 Most tests run the daemon without simulated workers and drive a :class:`ManualWorker` by hand, so
 that "queued", "processing" and "cached" happen exactly when the test says.
@@ -764,9 +764,7 @@ async def test_statuses_dropped_by_a_full_fan_out_are_recovered_exactly_once(
     async with open_daemon(cfg, redis_url, pg_url) as daemon:
         assert daemon.gateway is not None
         errors: list[dict[str, Any]] = []
-        daemon.events.add_listener(
-            lambda e: errors.append(e) if e["event"] == "error" else None
-        )
+        daemon.events.add_listener(lambda e: errors.append(e) if e["event"] == "error" else None)
         async with WsClient.connect(ws_url(daemon), token) as client:
             for burst in range(5):
                 doc = f"doc{burst}"

@@ -1,6 +1,6 @@
 """The hot path on real servers: what a listener sees and what gets billed, whatever happens.
 
-The daemon runs without simulated workers; the test plays the GPU worker over SPEC section 5
+The daemon runs without simulated workers; the test plays the GPU worker over docs/workers.md
 (``pull.lua`` / ``push_result.lua`` on a client of its own), so it controls exactly which results
 arrive: duplicates, empty audio, worker errors, garbage.
 """

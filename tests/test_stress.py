@@ -2,7 +2,7 @@
 
 The thresholds (split within 1.5× of idle, inline starving) belong to the stress run itself
 (`make stress`, docs/stress.md), not to a timed test on a shared machine: this checks that the
-tool works and that its result has the shape of SPEC section 8.
+tool works and that its result has the shape of docs/stress.md.
 """
 
 from __future__ import annotations

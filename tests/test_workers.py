@@ -1,4 +1,4 @@
-"""The worker side of SPEC section 5 on a real Redis: the atomic pull, the worker loop and its
+"""The worker side of docs/workers.md on a real Redis: the atomic pull, the worker loop and its
 adapters, ``tts-worker`` as a real process, the simulated adapter, and the visibility scanner —
 including workers that die or stall holding a job."""
 
@@ -141,7 +141,7 @@ async def test_worker_runs_the_adapter_and_hands_back_each_result(
     assert "not a valid Synthesized" in (by_job[odd.job_id].error or "")
     assert by_job[silent.job_id].audio_base64 == "" and by_job[silent.job_id].error is None
     assert await r(redis_url, "ZCARD", Keys.processing("kokoro")) == 0
-    # SPEC field names, exactly
+    # the field names docs/workers.md gives, exactly
     raw = json.loads((await r(redis_url, "LRANGE", Keys.RESULTS, -1, -1))[0])
     assert set(raw) == {
         "job_id", "variant_hash", "model", "voice", "user_id", "document_id", "block_idx",

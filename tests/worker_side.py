@@ -1,4 +1,4 @@
-"""What an external GPU worker does, from a test: SPEC section 5 over a client of its own.
+"""What an external GPU worker does, from a test: docs/workers.md over a client of its own.
 
 Jobs are pulled with the package's ``pull.lua`` and results pushed with ``push_result.lua``,
 exactly as a worker in another process (or language) would, through a plain redis-py client in a
@@ -107,7 +107,7 @@ async def stage_job(
     voice: str = "af_heart",
     block_idx: int = 0,
 ) -> Job:
-    """A job queued the way SPEC section 5 describes (job JSON in ``tts:jobs``, id in the queue),
+    """A job queued the way docs/workers.md describes (job JSON in ``tts:jobs``, id in the queue),
     for worker tests that need no daemon."""
     import time
     import uuid

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Chaos: kill it, restart its servers, run two of it — and lose nothing (SPEC sections 6 and 9).
+"""Chaos: kill it, restart its servers, run two of it — and lose nothing.
 
 Runs a steady load — WebSocket users asking for blocks with unique texts, ``tts-worker
 --simulated`` GPU workers — against ``tts-daemon run`` processes on Redis and Postgres servers this
@@ -82,7 +82,7 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "mixed": FAULT_KINDS,
 }
 TWO_DAEMON_SCENARIOS = ("two-daemons", "mixed")
-SIGTERM_DEADLINE_S = 10.0  # SPEC section 9
+SIGTERM_DEADLINE_S = 10.0  # docs/tts-flow.md
 CLOCK_KEY = "chaos:clock"
 
 
@@ -727,7 +727,7 @@ events_path = {json.dumps(str(slot.events))}
         await slot.proc.wait()
 
     async def sigterm_daemon(self, slot: DaemonSlot) -> dict[str, Any]:
-        """SIGTERM; the exit status and time (SPEC section 9: 0 within 10 s)."""
+        """SIGTERM; the exit status and time (docs/tts-flow.md: 0 within 10 s)."""
         assert slot.proc is not None
         t0 = trio.current_time()
         slot.proc.send_signal(signal.SIGTERM)

@@ -1,6 +1,6 @@
 """The pre-split architecture, for comparison only: billing inside each result handler.
 
-This is the design the split replaced (DESIGN-NOTE.md): one task per result, at most
+This is the design the split replaced (docs/tts-flow.md): one task per result, at most
 ``hot.concurrency`` at once, each storing the audio, notifying the listener and then billing —
 block variant metadata, ``record_usage`` with its ``FOR UPDATE`` on the subscription row, the
 engagement stats — in one transaction on the **request path's shared pool**, holding a connection

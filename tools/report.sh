@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Health report of the billing pipeline (SPEC section 7): tools/report.sh [--config PATH] [--json]
+# Health report of the billing pipeline (docs/metrics.md): tools/report.sh [--config PATH] [--json]
 # Exit status: 0 green, 1 amber (look soon), 2 red (act now, or the report could not be made).
 # Run it from the directory the daemon runs in (relative paths in the config are relative to it);
 # docs/operations.md explains every line of its output.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Stress test: does a burst of fast GPU results starve the request path? (SPEC section 8)
+"""Stress test: does a burst of fast GPU results starve the request path? (docs/stress.md)
 
 Simulates N listeners — WebSocket clients that keep a playback buffer filled while blocks "play" —
 and M fast, bursty GPU workers (``tts-worker --simulated`` finishing batches at once) against the
@@ -814,7 +814,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Params]:
         "--compare", action="store_true", help="run split and inline, same load and seed"
     )
     ap.add_argument("--arch", choices=ARCHS, default="split", help="without --compare: which one")
-    ap.add_argument("--json", type=Path, help="write the figures (SPEC section 8 format)")
+    ap.add_argument("--json", type=Path, help="write the figures (docs/stress.md format)")
     ap.add_argument("--plot", type=Path, help="write a PNG of ack latency over time")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
     defaults = Params()

@@ -1,4 +1,4 @@
-"""Token authentication at the WebSocket handshake (SPEC section 4)."""
+"""Token authentication at the WebSocket handshake (docs/protocol.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``variant_hash``: a keyed hash of (text, model, voice), so an audio URL does not reveal whether a
-given text was ever synthesized (SPEC section 5). The key is generated once under data.dir.
+given text was ever synthesized (docs/workers.md). The key is generated once under data.dir.
 
 Daemons that share one Redis must share this key (``gateway.variant_secret_path`` naming the same
 file): two keys give two hashes for the same audio, and requests through different daemons would

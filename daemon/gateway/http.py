@@ -1,4 +1,4 @@
-"""The HTTP side (SPEC section 10): audio, health, metrics, dashboard — a small ASGI app served by
+"""The HTTP side (docs/protocol.md): audio, health, metrics, dashboard — a small ASGI app served by
 hypercorn.
 
 No framework: four routes do not need one. The app runs in Trio tasks inside the daemon's

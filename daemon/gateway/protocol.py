@@ -1,4 +1,4 @@
-"""The WebSocket protocol of SPEC section 4: frames in, validated; frames out, built.
+"""The WebSocket protocol of docs/protocol.md: frames in, validated; frames out, built.
 
 Pure functions, no I/O: ``parse_frame`` turns a text frame into a request or raises
 :class:`ProtocolError` whose message names the offending field.

@@ -1,4 +1,4 @@
--- 0001: users, tokens, plans, models, subscriptions, usage and the billing ledger (SPEC section 6).
+-- 0001: users, tokens, plans, models, subscriptions, usage and the billing ledger (docs/billing.md).
 
 CREATE TABLE plans (
     name                 text PRIMARY KEY,
@@ -110,7 +110,7 @@ CREATE TABLE credits (
 CREATE FUNCTION tts_period_start(at timestamptz DEFAULT now()) RETURNS date
 LANGUAGE sql STABLE AS $$ SELECT date_trunc('month', at AT TIME ZONE 'UTC')::date $$;
 
--- record_usage (SPEC section 6), the one implementation of the billing rules. Call it inside a
+-- record_usage (docs/billing.md), the one implementation of the billing rules. Call it inside a
 -- transaction. Returns the breakdown recorded in usage_log.details, or NULL when event_id was
 -- billed before (a duplicate: nothing else changes).
 CREATE FUNCTION tts_record_usage(

@@ -1,7 +1,7 @@
 -- 0002: the billing rules, set-based. tts_bill_events bills any number of events (of any users) in
 -- a few statements instead of several per event; tts_record_usage becomes a one-event call of it,
 -- so every writer — the batched consumer, record_usage, any other — shares ONE implementation of
--- the rules (SPEC section 6). Measured reason: tools/bench_billing.py (docs/billing.md).
+-- the rules (docs/billing.md). Measured reason: tools/bench_billing.py (docs/billing.md).
 
 -- The part of [lo, hi) that the half-open range [start, start + len) covers.
 CREATE FUNCTION tts_overlap(p_start bigint, p_len bigint, p_lo bigint, p_hi bigint) RETURNS bigint

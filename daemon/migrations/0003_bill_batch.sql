@@ -1,5 +1,5 @@
 -- 0003: the billing consumer's transaction as one call, and tts_bill_events with less work per
--- event. The rules do not change (SPEC section 6; docs/billing.md): tts_bill_events stays their one
+-- event. The rules do not change (docs/billing.md; docs/billing.md): tts_bill_events stays their one
 -- implementation, and tts_bill_batch calls it. Measured reason: tools/bench_billing.py.
 
 -- amount = round(text_length × usage_multiplier), halves up: contracts.usage_amount, in SQL. Both

@@ -1,4 +1,4 @@
-"""The events log (SPEC section 7): one JSON object per line, ``ts`` and ``event`` first.
+"""The events log (docs/metrics.md): one JSON object per line, ``ts`` and ``event`` first.
 
 Producers call :meth:`EventLog.emit`, which never blocks: it puts the event on a bounded memory
 channel, and one writer task (:meth:`EventLog.run`) appends batches to the file from a worker

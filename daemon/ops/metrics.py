@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC section 10), on a registry of the daemon's own.
+"""Prometheus metrics (docs/protocol.md), on a registry of the daemon's own.
 
 One registry per daemon instance (not the process-global one), so several daemons can run in one
 test process without colliding.

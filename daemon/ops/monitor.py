@@ -1,6 +1,6 @@
 """The monitor service and the reconciliation both it and ``tools/report.sh`` run.
 
-**The reconciliation delta** (SPEC section 7): synthesized events (by ``job_id``, from
+**The reconciliation delta** (docs/metrics.md): synthesized events (by ``job_id``, from
 ``synthesis_complete`` with ``billed: true`` — the hot path queued a billing event in the same
 atomic step) that are neither billed (a ``usage_log`` row with that ``event_id``) nor waiting in
 the billing queue (an entry of the ``tts:billing`` stream whose event has that ``event_id``).

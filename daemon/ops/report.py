@@ -1,4 +1,4 @@
-"""``tools/report.sh``: the health report of the billing pipeline (SPEC section 7).
+"""``tools/report.sh``: the health report of the billing pipeline (docs/metrics.md).
 
 Reads the events log (every rotated file), Redis and Postgres, prints what an operator or a
 monitoring agent needs, and exits 0 (green), 1 (amber: look soon) or 2 (red: act now — or the

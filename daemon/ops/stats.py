@@ -83,7 +83,7 @@ def grade_lag(lag_s: float | None, cfg: MonitorConfig) -> str:
 def liveness_failed(
     synthesis_ts: Sequence[float], billing_ts: Sequence[float], now: float, cfg: MonitorConfig
 ) -> bool:
-    """SPEC section 7: synthesis seen in the last window but no ``billing_processed``.
+    """docs/metrics.md: synthesis seen in the last window but no ``billing_processed``.
 
     ``synthesis_ts``/``billing_ts``: unix times of the events (any order). A synthesis younger
     than ``liveness_grace_s`` does not count yet: billing has not had its turn.

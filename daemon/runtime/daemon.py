@@ -1,7 +1,7 @@
 """The daemon: one Trio process, one trio-asyncio loop, a supervised nursery per service.
 
 Services open in dependency order — events log, stores, consumers, workers, gateway — so that
-shutdown runs in reverse on its own and in stages (SPEC section 9):
+shutdown runs in reverse on its own and in stages (docs/tts-flow.md):
 
 1. the gateway stops accepting, lets each connection send what is queued, closes it (1001);
 2. simulated workers finish the job in hand and stop;

@@ -50,7 +50,7 @@ async def record_usage(
     commit: bool = False,
     details: dict[str, Any] | None = None,
 ) -> UsageRecord:
-    """Bill ``amount`` of ``usage_type`` to ``user`` once per ``event_id`` (SPEC section 6).
+    """Bill ``amount`` of ``usage_type`` to ``user`` once per ``event_id`` (docs/billing.md).
 
     Locks the subscription row ``FOR UPDATE``; a duplicate ``event_id`` (already in ``usage_log``)
     changes nothing else and comes back as ``duplicate``; otherwise the ``usage_log`` row, the

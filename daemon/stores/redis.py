@@ -321,7 +321,7 @@ class RedisStore:
         return _audio_from_item(variant_hash, items) if items else None
 
     async def pull_job(self, model: str) -> bytes | None:
-        """The atomic pull of SPEC section 5 (``pull.lua``)."""
+        """The atomic pull of docs/workers.md (``pull.lua``)."""
         keys = [Keys.queue(model), Keys.processing(model), Keys.JOBS]
         return await self._script("pull", keys, [])
 

@@ -1,1 +1,1 @@
-"""The worker side of SPEC section 5: the atomic pull, the worker loop, adapters, the scanner."""
+"""The worker side of docs/workers.md: the atomic pull, the worker loop, adapters, the scanner."""

@@ -1,4 +1,4 @@
--- A worker's pull, one atomic step (SPEC section 5): pop the lowest-score job, record it as held,
+-- A worker's pull, one atomic step (docs/workers.md): pop the lowest-score job, record it as held,
 -- tell its waiters it is processing, return its JSON (nil when the queue is empty).
 -- KEYS: 1 tts:queue:{model}, 2 tts:processing:{model}, 3 tts:jobs
 for _ = 1, 100 do
