@@ -42,8 +42,8 @@ from daemon.runtime.supervisor import ServiceSpec, Supervisor
 from daemon.stores.bridge import open_bridge
 from daemon.stores.pg import PgPool, open_pg_pool
 from daemon.stores.redis import RedisStore, open_redis
+from daemon.workers.engines import make_adapters
 from daemon.workers.scanner import run_visibility_scanner
-from daemon.workers.simulated import SimulatedAdapter
 from daemon.workers.worker import run_worker
 
 __all__ = ["Daemon", "open_daemon"]
@@ -153,13 +153,16 @@ class Daemon:
     def worker_services(self) -> list[ServiceSpec]:
         assert self.store is not None
         specs = []
-        for i in range(self.cfg.workers.simulated):
+        adapters = make_adapters(
+            self.cfg.workers.engine, self.cfg.workers, self.cfg.workers.simulated
+        )
+        for i, adapter in enumerate(adapters):
             run = functools.partial(
                 run_worker,
                 self.store,
-                SimulatedAdapter(self.cfg.workers),
+                adapter,
                 models=self.cfg.workers.models,
-                worker_id=f"{self.instance_id}-sim-{i}",
+                worker_id=f"{self.instance_id}-{self.cfg.workers.engine}-{i}",
                 stopping=self.workers_stopping,
             )
             specs.append(ServiceSpec(f"worker-{i}", run, critical=False))
