@@ -50,6 +50,7 @@ async def _state(page: Page) -> dict[str, Any]:
                                                 url: b.url, shown: b.el.dataset.status})) : [],
                 position: r ? r.position : -1,
                 played: r ? r.played : [],
+                loaded: r ? r.loaded : [],
                 sent: r ? r.sent : [],
                 received: r ? r.received : [],
                 src: p.currentSrc,
@@ -110,7 +111,7 @@ async def test_a_person_pastes_a_text_and_hears_it_read_in_order(
 ) -> None:
     workers: dict[str, Any] = {"simulated": 2, "engine": engine}
     if engine == "simulated":
-        workers["speech_chars_per_s"] = 60.0  # short blocks: the test hears several play
+        workers["speech_chars_per_s"] = 30.0  # short blocks: the test hears several play
     cfg = make_config(tmp_path, workers=workers)
     async with open_daemon(cfg, redis_url, pg_url) as d, launch(tmp_path / "chromium") as page:
         assert d.addresses is not None
@@ -138,13 +139,10 @@ async def test_a_person_pastes_a_text_and_hears_it_read_in_order(
         requested = [f for f in done["sent"] if f["type"] == "synthesize"]
         assert {b["idx"] for f in requested for b in f["blocks"]} == set(range(len(SENTENCES)))
 
-        # The audio element loads the first block: a WAV the browser decodes, as long as served.
-        first = done["blocks"][0]["url"]
-        loaded = await _until(
-            page,
-            "the first block loaded in the player",
-            lambda s: s["src"].endswith(first) and s["readyState"] >= 1,
-        )
+        # The audio element loads the blocks, first the first: WAVs the browser decodes, each as
+        # long as the daemon served it.
+        loaded = await _until(page, "a block loaded in the player", lambda s: s["loaded"])
+        assert loaded["loaded"][0]["idx"] == 0
         async with httpx.AsyncClient(base_url=d.addresses.http_url) as http:
             served = {}
             for b in done["blocks"]:
@@ -152,12 +150,13 @@ async def test_a_person_pastes_a_text_and_hears_it_read_in_order(
                 assert response.status_code == 200
                 assert response.headers["content-type"] == "audio/wav"
                 served[b["idx"]] = _served_seconds(response.content)
-        assert loaded["duration"] == pytest.approx(served[0], abs=0.02)
+        for entry in loaded["loaded"]:
+            assert entry["duration"] == pytest.approx(served[entry["idx"]], abs=0.02)
         for idx, seconds in served.items():
             url = done["blocks"][idx]["url"]
             assert await _decoded_seconds(page, url) == pytest.approx(seconds, abs=0.02)
             if engine == "simulated":
-                expected = max(0.2, len(SENTENCES[idx]) / 60.0)  # docs/workers.md
+                expected = max(0.2, len(SENTENCES[idx]) / 30.0)  # docs/workers.md
                 assert seconds == pytest.approx(expected, abs=0.01)
 
         # Blocks play in order, one after the other.
@@ -166,9 +165,7 @@ async def test_a_person_pastes_a_text_and_hears_it_read_in_order(
         # A click on a later block: `cursor_moved`, then the reading goes on from there.
         await _click(page, '#blocks li[data-idx="4"]')
         seeked = await _until(
-            page,
-            "the player on block 4",
-            lambda s: s["position"] >= 4 and s["src"].endswith(done["blocks"][4]["url"]),
+            page, "the player on block 4", lambda s: 4 in [e["idx"] for e in s["loaded"]]
         )
         moves = [f for f in seeked["sent"] if f["type"] == "cursor_moved"]
         assert moves and moves[-1]["block_idx"] == 4
@@ -178,6 +175,10 @@ async def test_a_person_pastes_a_text_and_hears_it_read_in_order(
             page, "the rest read", lambda s: 5 in s["played"] and s["message"] == "Done.",
             timeout_s=90,
         )  # fmt: skip
+        loaded_idx = [e["idx"] for e in final["loaded"]]
+        assert set(final["played"]) <= set(loaded_idx) and loaded_idx[-2:] == [4, 5]
+        for entry in final["loaded"]:
+            assert entry["duration"] == pytest.approx(served[entry["idx"]], abs=0.02)
         after_seek = final["played"][final["played"].index(4) :]
         assert after_seek == [4, 5]
         assert final["played"][:2] == [0, 1]

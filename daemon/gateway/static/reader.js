@@ -24,6 +24,7 @@
     sent: [], // frames sent, for whoever watches (tests)
     received: [], // frames received
     played: [], // idx of each block played to its end, in order
+    loaded: [], // {idx, duration} of each block the player loaded, in order
   };
   window.reader = state;
 
@@ -270,6 +271,11 @@
     });
   }
 
+  function onLoaded() {
+    const b = state.playing;
+    if (b) state.loaded.push({ idx: b.idx, duration: $("player").duration });
+  }
+
   function onEnded() {
     const b = state.playing;
     if (!b) return;
@@ -318,6 +324,7 @@
       state.position = 0;
       state.playing = null;
       state.played = [];
+      state.loaded = [];
       showBlocks();
     } else if (state.position >= state.blocks.length) {
       state.position = 0;
@@ -381,6 +388,7 @@
     $("read").addEventListener("click", start);
     $("stop").addEventListener("click", stop);
     const player = $("player");
+    player.addEventListener("loadedmetadata", onLoaded);
     player.addEventListener("ended", onEnded);
     player.addEventListener("error", onAudioError);
     state.ready = true;
