@@ -28,10 +28,12 @@ TERMINAL = ("cached", "skipped", "error")
 
 
 class WsClient:
-    """A connected client that records every frame it receives, in order, in ``frames``."""
+    """A connected client that records every frame it receives, in order, in ``frames`` (unless
+    ``keep_frames`` is False: a long-running load client keeps its own tallies instead)."""
 
-    def __init__(self, ws: WebSocketConnection) -> None:
+    def __init__(self, ws: WebSocketConnection, *, keep_frames: bool = True) -> None:
         self.ws = ws
+        self.keep_frames = keep_frames
         self.frames: list[dict[str, Any]] = []
 
     @classmethod
@@ -70,10 +72,12 @@ class WsClient:
         )
 
     async def receive(self, timeout_s: float = 20.0) -> dict[str, Any]:
-        """The next frame (also appended to ``frames``); fails after ``timeout_s``."""
+        """The next frame (also appended to ``frames``); fails after ``timeout_s`` (``math.inf``:
+        waits as long as it takes). Raises ``ConnectionClosed`` once the connection is closed."""
         with trio.fail_after(timeout_s):
             frame = json.loads(await self.ws.get_message())
-        self.frames.append(frame)
+        if self.keep_frames:
+            self.frames.append(frame)
         return frame
 
     async def until(
@@ -145,6 +149,7 @@ async def connect(
     ssl_context: ssl.SSLContext | None = None,
     message_queue_size: int = 1,
     max_message_size: int = 1 << 20,
+    keep_frames: bool = True,
     timeout_s: float = 30.0,
 ) -> AsyncIterator[WsClient]:
     """Connect to the gateway at ``url`` as the holder of ``token`` (an ``Authorization: Bearer``
@@ -177,7 +182,7 @@ async def connect(
                     max_message_size=max_message_size,
                 )
             try:
-                yield WsClient(ws)
+                yield WsClient(ws, keep_frames=keep_frames)
             finally:
                 with trio.move_on_after(timeout_s, shield=True):
                     await ws.aclose()
