@@ -10,7 +10,6 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.config import Config, load_config
 from daemon.testing import config as harness_config
 
 __all__ = [
@@ -61,10 +60,6 @@ def write_config(tmp_path: Path, redis_url: str, pg_url: str, **sections: dict[s
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return harness_config.write_config(tmp_path / "daemon.toml", tmp_path, **base)
-
-
-def config_of(path: Path) -> Config:
-    return load_config(path)
 
 
 class BillingGate:

@@ -9,6 +9,8 @@ and the benchmarks use to drive a daemon from outside, one of each.
 - :mod:`daemon.testing.worker`: an external GPU worker the caller drives by hand (docs/workers.md).
 - :mod:`daemon.testing.waiting`: ``wait_until``, polling a condition with a ceiling.
 - :mod:`daemon.testing.figures`: the one percentile definition every tool reports.
+- :mod:`daemon.testing.unbatched`: billing one event per transaction, the reference the batched
+  billing is checked against (and the benchmarks' baseline).
 
 Production code never imports this package. It depends on nothing the daemon does not already
 install (no pytest), so tools can use it too. The names below are importable from here directly;
