@@ -316,13 +316,12 @@ async def test_live_reconciliation_does_not_call_an_event_missing_when_its_log_l
             events=log,
             metrics=Metrics(),
             models=["kokoro"],
-            pool=pool,
         )
-        rec = await monitor.reconcile_once()
+        rec = await monitor.reconcile_once(pool)
         assert (rec.delta, rec.waiting, rec.complete) == (0, 250, True)
         # One of them really is gone: exactly that one is named, and an error says so.
         await store.execute("XDEL", Keys.BILLING, (await _first_entry(store)))
-        rec = await monitor.reconcile_once()
+        rec = await monitor.reconcile_once(pool)
         assert (rec.delta, rec.waiting) == (1, 249)
         assert rec.missing == [(ids[0], "lost: in neither")]
         (error,) = [e for e in seen if e["event"] == "error"]

@@ -8,8 +8,8 @@ report could not be made). docs/operations.md says what to do for each finding.
   throughput while busy and over the period the log covers.
 - The reconciliation delta, exact: every ``job_id`` the log has as synthesized (and queued for
   billing), looked up in ``usage_log`` and in the ``tts:billing`` stream in the order
-  ``daemon.ops.monitor`` explains, so a daemon billing while the report runs cannot fool it. The
-  missing ones are named, with the reason when the billing dead-letter list has them.
+  ``daemon/ops/reconcile.py`` explains, so a daemon billing while the report runs cannot fool
+  it. The missing ones are named, with the reason when the billing dead-letter list has them.
 - Liveness: synthesis in the last ``monitor.liveness_window_s`` but no ``billing_processed`` → red.
 - The billing queue: depth and the age of the oldest waiting event (``monitor.lag_*``).
 - Dead-letter lists, restarts and errors from the log, and ``/healthz`` of a daemon running with
@@ -42,7 +42,7 @@ import trio_asyncio
 from daemon.config import DEFAULT_CONFIG, Config, ConfigError, config_path, load_config
 from daemon.contracts import MODELS, Keys
 from daemon.ops.events import describe, rotation_names, utc_iso
-from daemon.ops.monitor import (
+from daemon.ops.reconcile import (
     billed_among,
     dead_letter_counts,
     dead_lettered_events,
