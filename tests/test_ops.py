@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -13,6 +14,7 @@ import trio
 from daemon.config import Config
 from daemon.contracts import Keys
 from daemon.runtime.daemon import Daemon, open_daemon
+from daemon.runtime.services import BuildServices, Deps, build_services
 from daemon.runtime.supervisor import ServiceSpec
 from tests.conftest import make_config
 from tests.helpers import WsClient, add_user, pg_fetch, pg_val, wait_until
@@ -131,21 +133,22 @@ async def _scrape_when_billed(http_url: str, n: int) -> dict | None:
     return metrics if metrics[("tts_billing_events_total", ())] >= n else None
 
 
-class BreakableHot(Daemon):
-    """The real hot path, wrapped so that a test can make it fail."""
+def breakable_hot(break_hot: trio.Event) -> BuildServices:
+    """The daemon's services, with the real hot path wrapped so that a test can make it fail."""
 
-    def hot_service(self) -> ServiceSpec:
-        spec = super().hot_service()
-        self.break_hot = trio.Event()
+    def build(cfg: Config, deps: Deps) -> list[ServiceSpec]:
+        specs = build_services(cfg, deps)
+        (hot,) = [s for s in specs if s.name == "hot"]
 
-        async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async def run(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             async with trio.open_nursery() as nursery:
-                await nursery.start(spec.run)
-                task_status.started()
-                await self.break_hot.wait()
+                task_status.started(await nursery.start(hot.run))
+                await break_hot.wait()
                 raise RuntimeError("hot path broken by the test")
 
-        return ServiceSpec("hot", run)
+        return [attrs.evolve(s, run=run) if s is hot else s for s in specs]
+
+    return build
 
 
 async def test_healthz_is_503_while_the_hot_path_is_down(
@@ -153,12 +156,12 @@ async def test_healthz_is_503_while_the_hot_path_is_down(
 ) -> None:
     # A long backoff keeps the hot path down ("restarting") while the test looks.
     cfg = make_config(tmp_path, supervisor={"backoff_min_s": 30.0, "backoff_max_s": 30.0})
-    async with open_daemon(cfg, redis_url, pg_url, daemon_class=BreakableHot) as d:
-        assert d.addresses is not None and isinstance(d, BreakableHot)
+    break_hot = trio.Event()
+    async with open_daemon(cfg, redis_url, pg_url, services=breakable_hot(break_hot)) as d:
         async with httpx.AsyncClient(base_url=d.addresses.http_url) as http:
             ok = await http.get("/healthz")
             assert ok.status_code == 200 and ok.json()["status"] == "ok"
-            d.break_hot.set()
+            break_hot.set()
             down = await wait_until(lambda: _status(http, 503), what="/healthz to turn 503")
         body = down.json()
         assert body["status"] == "unavailable"

@@ -1,4 +1,5 @@
-"""``tools/report.sh``: the health report of the billing pipeline (docs/metrics.md).
+"""``tts-daemon report`` (and ``tools/report.sh``): the health report of the billing pipeline
+(docs/metrics.md).
 
 Reads the events log (every rotated file), Redis and Postgres, prints what an operator or a
 monitoring agent needs, and exits 0 (green), 1 (amber: look soon) or 2 (red: act now — or the
@@ -52,7 +53,7 @@ from daemon.ops.reconcile import (
 )
 from daemon.ops.stats import Finding, assess, liveness_failed, percentile, round_ms, worst
 
-__all__ = ["LogScan", "main", "read_log"]
+__all__ = ["LogScan", "add_arguments", "main", "read_log", "run"]
 
 EXIT = {"green": 0, "amber": 1, "red": 2}
 
@@ -453,11 +454,8 @@ def _age(seconds: float | None) -> str:
 # -- entry point -----------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tools/report.sh",
-        description="Health report of the billing pipeline: exit 0 green, 1 amber, 2 red.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The report's options (``tts-daemon report`` and ``python -m daemon.ops.report``)."""
     p.add_argument(
         "--config", metavar="PATH", help=f"TOML configuration (default {DEFAULT_CONFIG})"
     )
@@ -479,8 +477,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+DESCRIPTION = "Health report of the billing pipeline: exit 0 green, 1 amber, 2 red."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="tts-daemon report", description=DESCRIPTION))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Make the report for parsed ``args``, print it; the exit status (0, 1 or 2)."""
     try:
         cfg = load_config(config_path(args.config))
     except ConfigError as exc:
@@ -506,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(render(report, max_missing=args.max_missing))
     return EXIT[report["grade"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
