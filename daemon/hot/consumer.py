@@ -47,7 +47,7 @@ from daemon.stores.redis import (
     is_redis_unavailable,
 )
 
-__all__ = ["HotConsumer", "run_hot_consumer"]
+__all__ = ["GroupHandler", "HotConsumer", "run_hot_consumer"]
 
 
 @attrs.define(eq=False)  # hashable by identity: it is its own limiter token

@@ -30,10 +30,10 @@ import attrs
 import trio
 
 from daemon.billing.consumer import BillingSetup, run_billing_consumer
-from daemon.config import Config
+from daemon.config import Config, HotConfig
 from daemon.gateway.hashing import VariantHasher
 from daemon.gateway.service import Gateway, GatewayAddresses
-from daemon.hot.consumer import HotConsumer
+from daemon.hot.consumer import GroupHandler, HotConsumer
 from daemon.ops.dashboard import Dashboard
 from daemon.ops.events import EventLog
 from daemon.ops.health import Health
@@ -133,21 +133,26 @@ def scanner_service(cfg: Config, deps: Deps) -> ServiceSpec:
     return ServiceSpec("scanner", run, critical=False)
 
 
-def hot_consumer(cfg: Config, deps: Deps, **overrides: object) -> HotConsumer:
-    """The hot consumer's state (``overrides`` replace fields: another ``cfg``,
-    ``handle_group``…)."""
-    fields: dict[str, object] = {
-        "store": deps.store,
-        "cfg": cfg.hot,
-        "events": deps.events,
-        "metrics": deps.metrics,
-        "consumer_id": deps.instance_id,
-        "block_s": cfg.redis.block_s,
-        "fault": deps.hot_fault,
-        "priority": deps.priority,
-    }
-    fields.update(overrides)
-    return HotConsumer(**fields)  # type: ignore[arg-type]
+def hot_consumer(
+    cfg: Config,
+    deps: Deps,
+    *,
+    hot_cfg: HotConfig | None = None,
+    handle_group: GroupHandler | None = None,
+) -> HotConsumer:
+    """The hot consumer's state: ``cfg.hot`` unless ``hot_cfg`` is given, and its own group
+    handler unless ``handle_group`` is (tools/inline.py gives the pre-split one)."""
+    return HotConsumer(
+        store=deps.store,
+        cfg=hot_cfg if hot_cfg is not None else cfg.hot,
+        events=deps.events,
+        metrics=deps.metrics,
+        consumer_id=deps.instance_id,
+        block_s=cfg.redis.block_s,
+        fault=deps.hot_fault,
+        priority=deps.priority,
+        handle_group=handle_group,
+    )
 
 
 def hot_service(cfg: Config, deps: Deps, consumer: HotConsumer | None = None) -> ServiceSpec:
