@@ -189,6 +189,39 @@ async def _status(http: httpx.AsyncClient, code: int) -> httpx.Response | None:
     return response if response.status_code == code else None
 
 
+async def test_health_reads_the_billing_consumer_of_its_current_start(
+    tmp_path: Path, redis_url: str, pg_url: str
+) -> None:
+    """The billing service opens its pool afresh on every start and hands it over with
+    started(): after a crash, /healthz and the daemon's handle show the new start's pool, and
+    the events the crash left pending are billed by it."""
+    crashed = trio.Event()
+
+    async def crash_once(point: str) -> None:
+        if point == "billing.after_commit" and not crashed.is_set():
+            crashed.set()
+            raise RuntimeError("billing crashed by the test")
+
+    cfg = make_config(tmp_path)
+    async with open_daemon(cfg, redis_url, pg_url, billing_fault=crash_once) as d:
+        first = d.handle("billing")
+        assert first is not None and first.pool.size == cfg.postgres.billing_pool_size
+        _, token = await add_user(pg_url, "hana", "plus")
+        await _synthesize(d, token, "doc", TEXTS)
+        await wait_until(lambda: _billed(pg_url, len(TEXTS)), what="billed after the restart")
+        await wait_until(lambda: d.supervisor.state("billing") == "running", what="billing up")
+        second = d.handle("billing")
+        assert second is not None and second is not first and second.pool is not first.pool
+        assert d.supervisor.states["billing"].restarts == 1
+        async with httpx.AsyncClient(base_url=d.addresses.http_url) as http:
+            body = (await http.get("/healthz")).json()
+        billing_pool = body["pools"]["billing"]
+        assert billing_pool["size"] == cfg.postgres.billing_pool_size
+        assert isinstance(billing_pool["in_use"], int)  # null while billing is not running
+        assert body["services"]["billing"]["state"] == "running"
+    assert await pg_val(pg_url, "SELECT count(*) FROM usage_log") == len(TEXTS)
+
+
 async def test_a_daemon_that_cannot_start_says_why_in_the_events_log(
     tmp_path: Path, redis_url: str
 ) -> None:
