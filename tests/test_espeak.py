@@ -24,10 +24,11 @@ import trio_parallel
 
 from daemon.contracts import Job, Keys, Result
 from daemon.stores.redis import RedisStore, open_redis
+from daemon.testing.stores import pg_fetch
+from daemon.testing.waiting import wait_until
+from daemon.testing.worker import r, stage_job
 from daemon.workers.espeak import VOICES, EspeakAdapter
 from daemon.workers.worker import Synthesized, run_worker
-from tests.helpers import pg_fetch, wait_until
-from tests.worker_side import r, stage_job
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,9 +20,10 @@ import httpx
 import pytest
 
 from daemon.runtime.daemon import Daemon, open_daemon
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user
+from daemon.testing.waiting import wait_until
 from tests.cdp import Page, launch
-from tests.conftest import make_config
-from tests.helpers import add_user, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
