@@ -278,6 +278,7 @@ class Daemon:
                                 refresh_metrics=self.refresh_metrics,
                                 dashboard=self.dashboard,
                                 priority=self.priority,
+                                plan_weights=cfg.plans.weights,
                             )
                             run_gateway = functools.partial(
                                 self.gateway.run, stopping=self.gateway_stopping

@@ -150,9 +150,11 @@ def enqueue_call(
     rate_limit: int,
     budget: int | None,
     blocks: Sequence[tuple[int, str, str, int, str]],
+    weight: float = 1.0,
 ) -> tuple[list[Any], list[Any]]:
     """KEYS and ARGV of ``enqueue.lua`` (run by ``stores/request.py``, after the usage check).
-    ``blocks``: (idx, variant_hash, job_id, cost, job_json); ``budget`` ``None``: unlimited."""
+    ``blocks``: (idx, variant_hash, job_id, cost, job_json); ``budget`` ``None``: unlimited;
+    ``weight``: the user's share in fair scheduling (its plan's weight)."""
     args: list[Any] = [
         user_id,
         conn_id,
@@ -164,7 +166,16 @@ def enqueue_call(
     ]
     for block in blocks:
         args.extend(block)
-    keys = [Keys.rate(user_id), Keys.JOBS, Keys.queue(model), Keys.processing(model)]
+    args.append(repr(float(weight)))
+    keys = [
+        Keys.rate(user_id),
+        Keys.JOBS,
+        Keys.queue(model),
+        Keys.processing(model),
+        Keys.fair(model),
+        Keys.fair_users(model),
+        Keys.fair_state(model),
+    ]
     return keys, args
 
 
@@ -282,17 +293,24 @@ class RedisStore:
         conn_id: str,
         blocks: Sequence[tuple[str, int, str, str]],
         only_queued: bool = True,
+        cursor: int | None = None,
     ) -> list[int]:
         """Run ``evict.lua`` for one connection's waits. ``blocks``: (document_id, idx,
         variant_hash, model). With ``only_queued`` (cursor_moved) only blocks whose job is still
         queued are evicted; without (the connection closed) every wait goes.
 
+        ``cursor`` (cursor_moved): the document's new reading position, so that its jobs other
+        connections still wait for are pulled from there on (docs/workers.md, "Scheduling").
+
         Returns the positions (0-based, in ``blocks``) of the blocks evicted.
         """
         args: list[Any] = [user_id, conn_id, "queued" if only_queued else "all", len(blocks)]
+        keys: list[Any] = []
         for block in blocks:
             args.extend(block)
-        reply = await self._script("evict", [], args)
+            keys.extend((Keys.fair(block[3]), Keys.fair_state(block[3])))
+        args.append(-1 if cursor is None else cursor)
+        reply = await self._script("evict", keys, args)
         return [int(i) - 1 for i in reply]
 
     async def variant_states(self, hashes: Sequence[str]) -> list[tuple[bool, bool]]:
@@ -322,8 +340,7 @@ class RedisStore:
 
     async def pull_job(self, model: str) -> bytes | None:
         """The atomic pull of docs/workers.md (``pull.lua``)."""
-        keys = [Keys.queue(model), Keys.processing(model), Keys.JOBS]
-        return await self._script("pull", keys, [])
+        return await self._script("pull", Keys.pull_keys(model), [])
 
     async def push_result(self, model: str, job_id: str, result_json: str) -> None:
         await self._script(
@@ -354,6 +371,9 @@ class RedisStore:
             Keys.RETRIES,
             Keys.dlq(model),
             Keys.RESULTS,
+            Keys.fair(model),
+            Keys.fair_users(model),
+            Keys.fair_state(model),
         ]
         requeued, dead = await self._script(
             "requeue", keys, [visibility_timeout_s, max_retries, limit]
