@@ -22,6 +22,7 @@ from daemon.stores.redis import SCRIPTS, enqueue_call, enqueue_reply
 from tests.conftest import make_config
 from tests.gateway_helpers import ManualWorker
 from tests.helpers import WsClient, add_user, redis_call
+from tests.ops_support import scrape
 
 MODEL = "kokoro"
 
@@ -313,6 +314,12 @@ async def test_a_reader_is_cached_within_three_batches_while_another_user_has_64
             await a.until(_queued(640), timeout_s=60)
             await b.synthesize("article", ["The one block this reader needs."])
             await b.until(_queued(1))
+            # What an autoscaler of workers reads: the queue, its age and the users waiting.
+            metrics = await scrape(daemon.addresses.http_url)
+            label = (("model", MODEL),)
+            assert metrics[("tts_queue_depth", label)] == 641
+            assert metrics[("tts_queue_users_waiting", label)] == 2
+            assert metrics[("tts_queue_oldest_age_seconds", label)] > 0
             worker = ManualWorker(redis_url)
             for _ in range(3):
                 batch = await _finish_batch(worker)
@@ -334,20 +341,21 @@ async def test_two_daemons_and_two_workers_keep_the_shares_fair(
     async with (
         open_daemon(configs[0], redis_url, pg_url) as da,
         open_daemon(configs[1], redis_url, pg_url) as db,
+        WsClient.connect(_ws(da), one) as a,
+        WsClient.connect(_ws(db), two) as b,
     ):
-        async with WsClient.connect(_ws(da), one) as a, WsClient.connect(_ws(db), two) as b:
-            # Both flood at once through different daemons; user two's blocks are 3x as long.
-            flooders = [(a, "One, a short block {}."), (b, "Two, three times as long a block, {}.")]
-            async with trio.open_nursery() as nursery:
-                for client, text in flooders:
-                    nursery.start_soon(_flood, client, text, 320)
-            await a.until(_queued(320), timeout_s=60)
-            await b.until(_queued(320), timeout_s=60)
-            workers = [ManualWorker(redis_url), ManualWorker(redis_url)]
-            done: list[Job] = []
-            async with trio.open_nursery() as nursery:
-                for worker in workers:
-                    nursery.start_soon(_batches, worker, 6, done)
+        # Both flood at once through different daemons; user two's blocks are longer.
+        flooders = [(a, "One, a short block {}."), (b, "Two, three times as long a block, {}.")]
+        async with trio.open_nursery() as nursery:
+            for client, text in flooders:
+                nursery.start_soon(_flood, client, text, 320)
+        await a.until(_queued(320), timeout_s=60)
+        await b.until(_queued(320), timeout_s=60)
+        workers = [ManualWorker(redis_url), ManualWorker(redis_url)]
+        done: list[Job] = []
+        async with trio.open_nursery() as nursery:
+            for worker in workers:
+                nursery.start_soon(_batches, worker, 6, done)
     shares = chars_by_user(done)
     total = sum(shares.values())
     assert len(done) == 12 * 16

@@ -41,7 +41,7 @@ from daemon.runtime.priority import RequestFirst
 from daemon.runtime.supervisor import ServiceSpec, Supervisor
 from daemon.stores.bridge import open_bridge
 from daemon.stores.pg import PgPool, open_pg_pool
-from daemon.stores.redis import RedisStore, open_redis
+from daemon.stores.redis import RedisStore, is_redis_unavailable, open_redis
 from daemon.workers.scanner import run_visibility_scanner
 from daemon.workers.simulated import SimulatedAdapter
 from daemon.workers.worker import run_worker
@@ -76,6 +76,8 @@ class Daemon:
     store: RedisStore | None = None
     request_db: PgPool | None = None
     gateway: Gateway | None = None
+    # The catalog's models, once loaded: the queues /metrics and the dashboard report on.
+    models: tuple[str, ...] = ()
     hot: HotConsumer | None = None
     billing: BillingConsumer | None = None
     addresses: GatewayAddresses | None = None
@@ -241,6 +243,7 @@ class Daemon:
             with trio.fail_after(60):
                 applied = await db.migrate()
                 catalog = await db.catalog()
+            self.models = tuple(sorted(catalog.models))
             hasher = VariantHasher.from_file(self._variant_secret_path())
             with trio.CancelScope() as services_scope:
                 async with trio.open_nursery() as consumers:
@@ -384,6 +387,22 @@ class Daemon:
         # shows tts_service_restarts_total{service=...} before the first restart.
         for name in self.supervisor.states:
             self.metrics.service_restarts.labels(name)
+        for model, q in (await self.queue_stats()).items():
+            self.metrics.queue_depth.labels(model).set(q["depth"])
+            self.metrics.queue_oldest_age_seconds.labels(model).set(q["oldest_age_s"])
+            self.metrics.queue_users_waiting.labels(model).set(q["users"])
+
+    async def queue_stats(self) -> dict[str, dict[str, float]]:
+        """The synthesis queues now (``RedisStore.queue_stats``); empty while Redis is away."""
+        if self.store is None or not self.models:
+            return {}
+        try:
+            with trio.fail_after(self.cfg.redis.command_timeout_s):
+                return await self.store.queue_stats(self.models)
+        except Exception as exc:
+            if is_redis_unavailable(exc) or isinstance(exc, trio.TooSlowError):
+                return {}
+            raise
 
     async def dashboard(self, path: str) -> tuple[bytes, str] | None:
         """The dashboard pages; ``None`` for paths that are not the dashboard's."""
@@ -401,6 +420,7 @@ class Daemon:
         data["pools"] = self.pools()
         data["connections"] = self.gateway.connection_count if self.gateway else 0
         data["events"] = {"written": self.events.written, "dropped": self.events.dropped}
+        data["queues"] = await self.queue_stats()
         return data
 
 

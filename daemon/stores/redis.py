@@ -361,6 +361,30 @@ class RedisStore:
             if isinstance(reply, Exception):
                 raise reply
 
+    async def queue_stats(self, models: Sequence[str]) -> dict[str, dict[str, float]]:
+        """Per model: jobs waiting (``depth``), the oldest one's age in seconds
+        (``oldest_age_s``, 0 when none waits) and the users they belong to (``users``), in one
+        round trip. An older daemon's jobs outside the fair schedule count in depth, not users."""
+
+        async def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.time()
+            for model in models:
+                pipe.zcard(Keys.queue(model))
+                pipe.zrange(Keys.queue(model), 0, 0, withscores=True)
+                pipe.zcard(Keys.fair_users(model))
+            return await pipe.execute()
+
+        replies = await self._cross(read)
+        secs, micros = replies[0]
+        now = int(secs) + int(micros) / 1e6
+        out = {}
+        for i, model in enumerate(models):
+            depth, oldest, users = replies[1 + 3 * i : 4 + 3 * i]
+            age = max(0.0, now - oldest[0][1]) if oldest else 0.0
+            out[model] = {"depth": int(depth), "oldest_age_s": age, "users": int(users)}
+        return out
+
     async def requeue_stale(
         self, model: str, *, visibility_timeout_s: float, max_retries: int, limit: int = 500
     ) -> tuple[int, int]:
