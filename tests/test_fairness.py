@@ -19,9 +19,10 @@ import trio
 from daemon.contracts import Job, Keys
 from daemon.runtime.daemon import open_daemon
 from daemon.stores.redis import SCRIPTS, enqueue_call, enqueue_reply
-from tests.conftest import make_config
-from tests.gateway_helpers import ManualWorker
-from tests.helpers import WsClient, add_user, redis_call
+from daemon.testing.client import WsClient
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user, redis_call
+from daemon.testing.worker import ManualWorker
 from tests.ops_support import scrape
 
 MODEL = "kokoro"

@@ -31,14 +31,15 @@ import attrs
 import trio
 from trio_websocket import open_websocket_url
 
-from daemon.config import config_from_dict
+from daemon.config import Config, config_from_dict
 from daemon.contracts import Keys
 from daemon.embedded import EmbeddedServers
-from daemon.runtime.daemon import Daemon, open_daemon
+from daemon.runtime.daemon import open_daemon
+from daemon.runtime.services import Deps, build_services
 from daemon.runtime.supervisor import ServiceSpec
+from daemon.testing.figures import summary
 from daemon.workers.simulated import SimulatedAdapter
 from daemon.workers.worker import run_worker
-from tools.figures import summary
 
 # The pull before fair scheduling: the lowest enqueue time first.
 FIFO_PULL = """
@@ -90,22 +91,23 @@ class FifoPulls:
         return await self._store.execute("EVAL", self._script, len(keys), *keys)
 
 
-class FifoDaemon(Daemon):
-    """The daemon with its simulated workers pulling in enqueue order (the baseline)."""
-
-    def worker_services(self) -> list[ServiceSpec]:
-        specs = []
-        for i in range(self.cfg.workers.simulated):
+def fifo_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
+    """The daemon's services with its simulated workers pulling in enqueue order (the baseline)."""
+    specs = []
+    for spec in build_services(cfg, deps):
+        if spec.stage == "workers":
+            i = len(specs)
             run = functools.partial(
                 run_worker,
-                FifoPulls(self.store),
-                SimulatedAdapter(self.cfg.workers, seed=i),
-                models=self.cfg.workers.models,
-                worker_id=f"{self.instance_id}-fifo-{i}",
-                stopping=self.workers_stopping,
+                FifoPulls(deps.store),
+                SimulatedAdapter(cfg.workers, seed=i),
+                models=cfg.workers.models,
+                worker_id=f"{deps.instance_id}-fifo-{spec.name}",
+                stopping=deps.stopping.workers,
             )
-            specs.append(ServiceSpec(f"worker-{i}", run, critical=False))
-        return specs
+            spec = attrs.evolve(spec, run=run)
+        specs.append(spec)
+    return specs
 
 
 def _config(root: Path, p: NoisyParams) -> Any:
@@ -186,7 +188,7 @@ async def _flood(url: str, token: str, p: NoisyParams, drained: list[float]) -> 
 
 async def run_noisy(mode: str, p: NoisyParams, work: Path) -> dict[str, Any]:
     """One run (``quiet``, ``fair`` or ``fifo``) on fresh embedded servers under ``work``."""
-    from tools.stress import setup_database
+    from daemon.testing.stores import setup_database
 
     root = work / mode
     root.mkdir(parents=True)
@@ -200,11 +202,10 @@ async def run_noisy(mode: str, p: NoisyParams, work: Path) -> dict[str, Any]:
         tokens = dict(zip(names, (token for _, token in users), strict=True))
         latencies: list[float] = []
         drained: list[float] = []
-        daemon_class = FifoDaemon if mode == "fifo" else Daemon
+        services = fifo_services if mode == "fifo" else build_services
         async with open_daemon(
-            cfg, servers.redis.url, servers.postgres.url, daemon_class=daemon_class
+            cfg, servers.redis.url, servers.postgres.url, services=services
         ) as daemon:
-            assert daemon.addresses is not None
             url = daemon.addresses.ws_url
             until = time.monotonic() + p.duration_s
             async with trio.open_nursery() as load:
