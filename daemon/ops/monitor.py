@@ -1,37 +1,16 @@
 """The monitor service and the reconciliation both it and ``tools/report.sh`` run.
 
-**The reconciliation delta** (docs/metrics.md): synthesized events (by ``job_id``, from
-``synthesis_complete`` with ``billed: true`` — the hot path queued a billing event in the same
-atomic step) that are neither billed (a ``usage_log`` row with that ``event_id``) nor waiting in
-the billing queue (an entry of the ``tts:billing`` stream whose event has that ``event_id``).
+**The reconciliation delta** (docs/metrics.md): synthesized events neither billed (in
+``usage_log``) nor waiting (in the ``tts:billing`` stream), checked in an order that cannot see an
+event "nowhere" while it moves from the stream to ``usage_log``: ``usage_log``, then the stream,
+then ``usage_log`` again.
 
-Checked in an order that cannot see an event "nowhere" while it moves from the queue to
-``usage_log`` (it is acknowledged and deleted only after its transaction committed):
-
-1. look the ids up in ``usage_log``; drop the billed ones;
-2. scan the stream for the rest; drop the waiting ones;
-3. look the rest up in ``usage_log`` again (billed between steps 1 and 2); what is left is missing.
-
-An event missing at step 3 was not in the stream at step 2 and was not billed before step 3: it
-was dead-lettered (``tts:billing:dead``, named so) or lost. Nothing else can add it back — the
-hot path queues an event once, before ``synthesis_complete`` is logged.
-
-**The monitor service** samples the dashboard's time series every ``monitor.sample_s`` and runs
-the live reconciliation every ``monitor.interval_s`` over this daemon's syntheses of the last
-``monitor.window_s`` (at most ``monitor.max_tracked`` of them; the stream scan reads at most
-``monitor.max_scan`` entries a round, from the time of the oldest one on). It owns a Postgres pool
-of one connection — never the request pool, never the billing pool — and runs in the daemon's
-process off the hot path: its work is chunked with checkpoints in between, so it cannot hold the
-event loop for long, and a round that took T waits at least 9 T before the next, so it never
-takes more than about a tenth of the process (measured here with billing stopped and 50,000
-events waiting: a 4.3 s round, event-loop stalls of 13 ms p99 and 26 ms at most; with billing
-healthy a round looks up only the last seconds' syntheses and takes milliseconds). It is
-supervised and not critical: if it fails, the supervisor restarts it with backoff while
-everything else serves.
-
-It logs an ``error`` when the delta finds events it had not reported yet (naming them), when
-liveness fails and when the oldest waiting billing event crosses ``monitor.lag_red_s``; and a
-``recovered`` event when the latter two end.
+**The monitor service** samples the dashboard's time series and runs the live reconciliation over
+this daemon's recent syntheses, on a Postgres pool of its own, off the hot path: chunked work, and
+a round that took T waits at least 9 T, so it takes about a tenth of the process at most. Not
+critical: the supervisor restarts it while everything else serves. It logs an ``error`` for newly
+missing events, failed liveness and billing lag past ``monitor.lag_red_s``, and ``recovered``
+when the latter two end.
 """
 
 from __future__ import annotations
