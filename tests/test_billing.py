@@ -751,3 +751,26 @@ async def test_a_database_of_the_older_layout_migrates_and_bills_as_specified(
     assert {e: breakdown(d) for e, d in rows.items()} == expected
     for user_id, model in models.items():
         assert await state(url, user_id) == model.state(), user_id
+
+
+async def test_daemons_migrating_at_once_do_not_race(empty_pg_url: str) -> None:
+    """Four migrations at once on an empty database (four daemons starting together): each
+    version is applied once, and ``schema_migrations`` and the functions are created one migrator
+    after the other (two sessions creating one of them at once: a unique violation in the
+    catalog)."""
+
+    async def go() -> list[Any]:
+        async def one() -> list[str]:
+            pool = await asyncpg.create_pool(empty_pg_url, min_size=1, max_size=1)
+            try:
+                return await _migrate(pool)
+            finally:
+                await pool.close()
+
+        return await asyncio.gather(*(one() for _ in range(4)))
+
+    for _ in range(3):  # the empty database, then re-applying ledger.sql alone
+        results = await trio.to_thread.run_sync(lambda: asyncio.run(go()))
+        assert sorted(v for r in results for v in r) in ([], ["0001_init"])
+    versions = await pg_fetch(empty_pg_url, "SELECT version FROM schema_migrations")
+    assert [r["version"] for r in versions] == ["0001_init"]

@@ -200,10 +200,14 @@ async def _migrate(pool: asyncpg.Pool) -> list[str]:
     )
     applied: list[str] = []
     async with pool.acquire() as conn:
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
+        async with conn.transaction():
+            # Under the lock too: CREATE TABLE IF NOT EXISTS run by two sessions at once can fail
+            # with a unique violation on the catalog.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
         for f in files:
             version = f.name.removesuffix(".sql")
             async with conn.transaction():
