@@ -8,6 +8,9 @@ template: fast) and an empty Redis.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,6 +25,28 @@ from daemon.runtime.daemon import Daemon, open_daemon
 from tools.stress import setup_database
 
 TEMPLATE_DB = "tts_template"
+
+
+_OWN_BASETEMP = pytest.StashKey[Path]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Without ``--basetemp``, each session gets a base directory of its own, outside pytest's
+    shared ``/tmp/pytest-of-USER``: as root, the embedded Postgres runs as an unprivileged user that
+    must traverse the path to its data, and every other pytest session that starts resets that
+    shared directory to mode 0700 — failing this session's initdb with "Permission denied"."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        root = Path(tempfile.gettempdir()) / "tts-daemon-tests"
+        root.mkdir(mode=0o755, exist_ok=True)
+        config.option.basetemp = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root)
+        config.stash[_OWN_BASETEMP] = Path(config.option.basetemp)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    own = config.stash.get(_OWN_BASETEMP, None)
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def _with_db(url: str, db: str) -> str:
