@@ -19,10 +19,11 @@ import asyncpg
 import pytest
 import redis
 
-from daemon.config import Config, config_from_dict
+from daemon.config import Config
 from daemon.embedded import EmbeddedServers
 from daemon.runtime.daemon import Daemon, open_daemon
-from tools.stress import setup_database
+from daemon.testing.config import make_config
+from daemon.testing.stores import setup_database
 
 TEMPLATE_DB = "tts_template"
 
@@ -98,22 +99,6 @@ def redis_url(servers: EmbeddedServers) -> str:
     finally:
         client.close()
     return servers.redis.url
-
-
-def make_config(tmp_path: Path, **sections: dict) -> Config:
-    """A test configuration: ephemeral ports, data under tmp_path, quick loops."""
-    base: dict[str, dict] = {
-        "data": {"dir": str(tmp_path / "data")},
-        "gateway": {"ws_port": 0, "http_port": 0, "close_grace_s": 1.0},
-        "redis": {"block_s": 0.2},
-        "workers": {"simulated": 2, "latency_ms": 5.0, "jitter_ms": 2.0, "scan_interval_s": 0.2},
-        "hot": {"heartbeat_s": 0.5, "consumer_ttl_s": 3.0},
-        "billing": {"claim_idle_s": 5.0},
-        "supervisor": {"backoff_min_s": 0.05, "backoff_max_s": 0.5, "shutdown_timeout_s": 5.0},
-    }
-    for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
-    return config_from_dict(base)
 
 
 @pytest.fixture

@@ -33,9 +33,10 @@ from daemon.stores.ledger import (
     events_array,
     record_usage,
 )
-from daemon.stores.pg import FUNCTION_FILES, _init_connection, _migrate
-from tests.helpers import add_user, billing_event, pg_fetch, pg_val
-from tools.inline import bill_one
+from daemon.stores.pg import FUNCTION_FILES, _init_connection, open_pg_pool
+from daemon.testing.stores import add_user, pg_fetch, pg_val
+from daemon.testing.unbatched import bill_one
+from tests.helpers import billing_event
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -637,6 +638,19 @@ def test_package_data_ships_every_sql_and_lua_file() -> None:
     assert sorted(str(p.relative_to(root)) for p in needed - shipped) == []
 
 
+async def migrate(url: str) -> list[str]:
+    """``tts-daemon migrate`` on ``url`` (the store's public API, in a thread of its own, as a
+    daemon starting); the versions applied."""
+
+    async def go() -> list[str]:
+        import trio_asyncio
+
+        async with trio_asyncio.open_loop(), open_pg_pool(url, size=1, min_size=1) as db:
+            return await db.migrate()
+
+    return await trio.to_thread.run_sync(trio.run, go)
+
+
 @pytest.fixture
 async def empty_pg_url(servers: Any) -> Any:
     """A database with nothing in it: not even the schema."""
@@ -731,8 +745,8 @@ async def test_a_database_of_the_older_layout_migrates_and_bills_as_specified(
     await with_pool(url, bill_before)
     expected = {p.event.event_id: models[p.event.user_id].bill(p) for p in before}
 
-    assert await with_pool(url, _migrate) == []
-    assert await with_pool(url, _migrate) == []  # and again: ledger.sql runs any number of times
+    assert await migrate(url) == []
+    assert await migrate(url) == []  # and again: ledger.sql runs any number of times
     versions = await pg_fetch(url, "SELECT version FROM schema_migrations ORDER BY version")
     assert tuple(r["version"] for r in versions) == old_versions
     assert await _layout(url) == await _layout(pg_url)
@@ -760,18 +774,15 @@ async def test_daemons_migrating_at_once_do_not_race(empty_pg_url: str) -> None:
     after the other (two sessions creating one of them at once: a unique violation in the
     catalog)."""
 
-    async def go() -> list[Any]:
-        async def one() -> list[str]:
-            pool = await asyncpg.create_pool(empty_pg_url, min_size=1, max_size=1)
-            try:
-                return await _migrate(pool)
-            finally:
-                await pool.close()
-
-        return await asyncio.gather(*(one() for _ in range(4)))
+    async def one(results: list[list[str]]) -> None:
+        results.append(await migrate(empty_pg_url))
 
     for _ in range(2):  # the empty database, then re-applying ledger.sql alone
-        results = await trio.to_thread.run_sync(lambda: asyncio.run(go()))
+        results: list[list[str]] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(one, results)
+        assert len(results) == 4
         assert sorted(v for r in results for v in r) in ([], ["0001_init"])
     versions = await pg_fetch(empty_pg_url, "SELECT version FROM schema_migrations")
     assert [r["version"] for r in versions] == ["0001_init"]
