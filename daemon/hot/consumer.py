@@ -1,27 +1,10 @@
 """The hot path: worker results → audio cache → listeners → billing queue. No Postgres at all.
 
-Order of operations (docs/tts-flow.md has the crash analysis, docs/workers.md the figures):
-
-1. **Claim.** The reader takes results from ``tts:results`` into this consumer's claimed set,
-   drain-on-wake: one round trip pipelines a ``BLMOVE`` (blocks server side only when nothing is
-   waiting) with ``claim.lua``, which takes that result and up to ``hot.read_batch - 1`` more.
-   ``claim.lua`` parses each result *in Redis* and hands back a small metadata document: the
-   audio (~80 KB of base64 per five-second block) never travels to the daemon and back. A result
-   is never only in this process's memory.
-2. **Hand over.** Claimed results go over a bounded memory channel to a dispatcher that groups
-   what is waiting (up to ``hot.finalize_batch``) and starts a handler task per group; at most
-   ``hot.concurrency`` results are being finalized at once (a ``CapacityLimiter``).
-3. **Finalize.** A handler checks each result against the worker contract and finalizes the whole
-   group in one ``finalize.lua`` call — one round trip, atomic — that for each result claims the
-   job (a second result for it, or a result for a variant finalized since, is a duplicate), stores
-   the audio with a TTL (renaming the claimed item: no copy), appends the billing event, publishes
-   the status to every waiter and drops the result from the claimed set. An unreadable result is
-   moved to ``tts:results:dead`` instead, with its reason, in the same call.
-
-So a result costs one share of a claim round trip and one share of a finalize round trip — about
-two round trips for a lone result, far fewer per result under a burst. A crash before step 3
-leaves the result claimed; it is given back to ``tts:results`` when this consumer restarts, or by
-another consumer once this one's heartbeat expires.
+A reader claims results from ``tts:results`` in batches (``claim.lua``: the audio stays in Redis),
+handlers finalize each group in one atomic ``finalize.lua`` call (audio stored, billing event
+appended, waiters notified), at most ``hot.concurrency`` at once. A result is never only in this
+process's memory: a crash leaves it claimed, given back on restart or by another consumer once
+this one's heartbeat expires. docs/tts-flow.md has the steps and the crash analysis.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ class Dashboard:
         data["pools"] = health.pools()
         data["connections"] = health.connections()
         data["events"] = {"written": health.events.written, "dropped": health.events.dropped}
+        data["queues"] = await health.queue_stats()
         return data
 
     async def __call__(self, path: str) -> tuple[bytes, str] | None:
