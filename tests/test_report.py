@@ -48,7 +48,7 @@ async def test_clean_run_is_green(tmp_path: Path, redis_url: str, pg_url: str) -
         await _synthesize(d, token, "doc-2", [*TEXTS[:2], "Something new."])
         await wait_until(
             lambda: (
-                sum(b["events_count"] for b in events_of(cfg.events_path, "billing_processed")) >= 5
+                sum(b.events_count for b in events_of(cfg.events_path, "billing_processed")) >= 5
             ),
             what="five events billed and logged",
         )
@@ -144,7 +144,7 @@ async def test_dead_letters_make_it_amber_and_missing_events_are_named_with_the_
     assert report["dead_letters"][Keys.BILLING_DEAD] == 2
     missing = report["reconciliation"]["missing_job_ids"]
     assert {m["job_id"] for m in missing} == {
-        e["job_id"] for e in events_of(cfg.events_path, "synthesis_complete")
+        e.job_id for e in events_of(cfg.events_path, "synthesis_complete")
     }
     assert all(m["reason"].startswith("dead-lettered: ") for m in missing)
     assert all("no subscription" in m["reason"] for m in missing)

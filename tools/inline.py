@@ -27,6 +27,7 @@ import trio
 
 from daemon.config import BillingConfig, PostgresConfig
 from daemon.contracts import BillingEvent
+from daemon.contracts.events import Error
 from daemon.hot.consumer import HotConsumer
 from daemon.runtime.daemon import Daemon
 from daemon.runtime.supervisor import ServiceSpec
@@ -154,7 +155,9 @@ class InlineHotConsumer(HotConsumer):
                 return
             except (TimeoutError, asyncpg.PostgresConnectionError, OSError) as exc:
                 self.billing_retries += 1
-                self.events.error("hot", f"inline billing failed, retrying: {exc!r}")
+                self.events.emit(
+                    Error(service="hot", message=f"inline billing failed, retrying: {exc!r}")
+                )
                 await trio.sleep(0.1)
 
 

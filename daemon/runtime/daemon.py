@@ -28,6 +28,7 @@ import trio
 
 from daemon.billing.consumer import BillingConsumer
 from daemon.config import Config
+from daemon.contracts.events import DaemonStarted, DaemonStopped, Error
 from daemon.gateway.hashing import VariantHasher
 from daemon.gateway.service import Gateway, GatewayAddresses
 from daemon.hot.consumer import HotConsumer
@@ -196,7 +197,9 @@ class Daemon:
         gateway accepts connections. Raises if a critical service cannot start."""
         with trio.CancelScope() as self._cancel_scope:
             bridge = open_bridge(
-                lambda message, detail: self.events.error("asyncio", message, **detail)
+                lambda message, detail: self.events.emit(
+                    Error(service="asyncio", message=message, context=detail)
+                )
             )
             async with bridge, trio.open_nursery() as infra:
                 await infra.start(self.events.run)
@@ -205,8 +208,12 @@ class Daemon:
                 except Exception as exc:
                     # Start-up failed or a critical service escalated: whoever tails the log
                     # must see why the daemon is gone, not only its stderr.
-                    self.events.error(
-                        "daemon", f"daemon stopped by a failure: {describe(exc)}", fatal=True
+                    self.events.emit(
+                        Error(
+                            service="daemon",
+                            message=f"daemon stopped by a failure: {describe(exc)}",
+                            context={"fatal": True},
+                        )
                     )
                     raise
                 finally:
@@ -286,11 +293,12 @@ class Daemon:
                                 sup.supervise, ServiceSpec("gateway", run_gateway)
                             )
                             self.events.emit(
-                                "daemon_started",
-                                instance=self.instance_id,
-                                ws_url=self.addresses.ws_url,
-                                http_url=self.addresses.http_url,
-                                migrations_applied=applied,
+                                DaemonStarted(
+                                    instance=self.instance_id,
+                                    ws_url=self.addresses.ws_url,
+                                    http_url=self.addresses.http_url,
+                                    migrations_applied=applied,
+                                )
                             )
                             task_status.started(self)
                             await self._stop_requested.wait()
@@ -305,7 +313,7 @@ class Daemon:
                         workers.cancel_scope.deadline = trio.current_time() + WORKER_STOP_S
                     # Stage 3: the hot path drains what it claimed; billing finishes its batch.
                     self.consumers_stopping.set()
-            self.events.emit("daemon_stopped", instance=self.instance_id)
+            self.events.emit(DaemonStopped(instance=self.instance_id))
 
     def _variant_secret_path(self) -> Path:
         if self.cfg.gateway.variant_secret_path:
@@ -342,7 +350,7 @@ class Daemon:
         """An ``error`` event for a failure of an observability call, at most once a minute per
         kind: a scraper polling every second must not flood the log (lesson 4)."""
         if self._failure_log.due(what) is not None:
-            self.events.error("http", f"{what}: {describe(exc)}")
+            self.events.emit(Error(service="http", message=f"{what}: {describe(exc)}"))
 
     async def health(self) -> tuple[dict[str, Any], bool]:
         """``GET /healthz``: each service's state, ``billing_queue_depth`` and pool use; healthy
