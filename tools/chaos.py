@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,10 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from daemon.contracts.events import BillingProcessed, Event, ServiceRestarted, SynthesisComplete
 from daemon.embedded import EmbeddedPostgres, EmbeddedRedis, read_secret
 from daemon.embedded.process import _free_port
+from daemon.ops.events import read_events
 from tools.figures import pct
 from tools.stress import in_thread, make_texts, pg_query, redis_cmd
 from tools.stress import setup_database as _setup_database
@@ -84,6 +86,7 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
 TWO_DAEMON_SCENARIOS = ("two-daemons", "mixed")
 SIGTERM_DEADLINE_S = 10.0  # docs/tts-flow.md
 CLOCK_KEY = "chaos:clock"
+LOG_BACKUPS = 5  # [log] backups in the daemons' configuration (the default)
 
 
 @attrs.frozen
@@ -1270,23 +1273,19 @@ events_path = {json.dumps(str(slot.events))}
     def _all_users(self) -> list[ChaosUser]:
         return [*self.users, *([self.probe_user] if self.probe_user is not None else [])]
 
-    def _events(self) -> Iterable[dict[str, Any]]:
+    def _events(self) -> Iterator[Event]:
+        """Every event of every daemon's log (rotations too), through the one reader."""
         for slot in self.slots:
-            for path in sorted(slot.events.parent.glob(slot.events.name + "*")):
-                for line in path.read_text(errors="replace").splitlines():
-                    with contextlib.suppress(ValueError):
-                        yield json.loads(line)
+            yield from read_events(slot.events, backups=LOG_BACKUPS)
 
     def _events_log_unbilled(self, billed_ids: set[str]) -> int:
         """Synthesized by the daemons' own account (``synthesis_complete``) but never billed.
         (A SIGKILLed daemon may lose its last log lines: this can only undercount.)"""
         users = {u.user_id for u in self._all_users()}
         synthesized = {
-            ev["job_id"]
+            ev.job_id
             for ev in self._events()
-            if ev.get("event") == "synthesis_complete"
-            and ev.get("billed", True)
-            and ev.get("user_id") in users
+            if isinstance(ev, SynthesisComplete) and ev.billed and ev.user_id in users
         }
         return len(synthesized - billed_ids)
 
@@ -1294,18 +1293,14 @@ events_path = {json.dumps(str(slot.events))}
         return sum(
             1
             for ev in self._events()
-            if ev.get("event") == "service_restarted"
-            and ev.get("service") == "billing"
-            and "InjectedFault" in str(ev.get("reason", ""))
+            if isinstance(ev, ServiceRestarted)
+            and ev.service == "billing"
+            and "InjectedFault" in ev.reason
         )
 
     def _billing_duplicates(self) -> int:
         """Billing events delivered again after they were billed, and recognised as such."""
-        return sum(
-            int(ev.get("duplicates", 0))
-            for ev in self._events()
-            if ev.get("event") == "billing_processed"
-        )
+        return sum(ev.duplicates for ev in self._events() if isinstance(ev, BillingProcessed))
 
     def _loss_window(self) -> dict[str, Any] | None:
         if not self.redis_losses:
