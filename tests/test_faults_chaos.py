@@ -7,7 +7,8 @@ every block asked for reached a terminal status, every delivered block has exact
 ``usage_log`` row with the right amount, nothing else is billed, the subscription counters agree
 with the log, and every process the run started is gone afterwards.
 
-The long mixed run, with its figures, is ``python -m tools.chaos --scenario mixed`` (docs/reliability.md).
+The long mixed run, with its figures, is ``python -m tools.chaos --scenario mixed``
+(docs/reliability.md).
 """
 
 from __future__ import annotations

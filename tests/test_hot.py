@@ -141,7 +141,7 @@ async def test_empty_audio_is_skipped_and_not_billed(
     billed = [r["event_id"] for r in await usage_rows(pg_url) if r["event_id"] != sentinel]
     assert billed == [by_idx[1].job_id]
     skipped = events.named("synthesis_complete", job_id=by_idx[0].job_id)
-    assert skipped and skipped[0]["status"] == "skipped" and skipped[0]["billed"] is False
+    assert skipped and skipped[0].status == "skipped" and skipped[0].billed is False
 
 
 async def test_worker_error_is_a_recoverable_error_status(
@@ -237,7 +237,7 @@ async def test_synthesis_complete_carries_the_spec_timings(
     assert event.text_length == len("Timed.")
     assert event.queue_wait_ms == 12.5 and event.worker_ms == 340.0
     for field in ("finalize_ms", "cache_store_ms", "notify_ms"):
-        assert isinstance(event[field], float) and event[field] >= 0
+        assert isinstance(getattr(event, field), float) and getattr(event, field) >= 0
     assert event.cache_store_ms <= event.finalize_ms
     assert event.notified == 1 and event.billed is True
 

@@ -11,10 +11,11 @@ import trio
 
 from daemon.config import load_config
 from daemon.contracts import Keys
+from daemon.contracts.events import BillingProcessed, Error, Event
 from daemon.runtime.daemon import Daemon, open_daemon
 from daemon.runtime.supervisor import ServiceSpec
 from tests.helpers import WsClient, add_user, pg_val, redis_call, wait_until
-from tests.ops_support import events_of, write_config
+from tests.ops_support import events_of, synthesis_event, write_config
 
 REPORT = Path(__file__).resolve().parent.parent / "tools" / "report.sh"
 TEXTS = ["Hello there.", "Second block, a little longer.", "And a third one.", "A fourth."]
@@ -165,18 +166,19 @@ def test_the_log_is_read_across_every_rotated_file_oldest_first(tmp_path: Path) 
 
     path = tmp_path / "events.jsonl"
 
-    def line(event: str, **fields: Any) -> str:
-        return json.dumps({"ts": "2026-01-01T00:00:00.000Z", "event": event, **fields}) + "\n"
+    def line(event: Event) -> str:
+        record = {"ts": "2026-01-01T00:00:00.000Z", "event": event.kind, **event.fields()}
+        return json.dumps(record) + "\n"
 
-    path.with_name("events.jsonl.2").write_text(line("synthesis_complete", job_id="a", billed=True))
+    path.with_name("events.jsonl.2").write_text(line(synthesis_event("a", billed=True)))
     path.with_name("events.jsonl.1").write_text(
-        line("billing_processed", events_count=1, users_count=1, duration_ms=2.0, text_length=5)
+        line(BillingProcessed(events_count=1, users_count=1, duration_ms=2.0, text_length=5))
     )
     path.write_text(
-        line("synthesis_complete", job_id="b", billed=True)
+        line(synthesis_event("b", billed=True))
         + "not json\n"
-        + line("synthesis_complete", job_id="c", billed=False)
-        + line("error", service="events", message="3 events dropped", dropped=3)
+        + line(synthesis_event("c", billed=False))
+        + line(Error(service="events", message="3 events dropped", context={"dropped": 3}))
     )
     scan = read_log(rotation_names(path, 5))
     assert [p.name for p in scan.files] == ["events.jsonl.2", "events.jsonl.1", "events.jsonl"]
