@@ -3,17 +3,17 @@ with no news, back off after errors, never wait without a deadline), and their b
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from daemon.testing.client import connect
 from tools.chaos.params import Params
 from tools.stress import make_texts
 
@@ -35,40 +35,6 @@ async def http_get(port: int, path: str, timeout_s: float = 3.0) -> tuple[int, A
         return status, json.loads(body)
     except ValueError:
         return status, None
-
-
-@contextlib.asynccontextmanager
-async def ws_connect(
-    url: str, token: str, *, connect_timeout_s: float = 5.0
-) -> AsyncIterator[WebSocketConnection]:
-    """A WebSocket client connection that never leaks its socket. (trio-websocket's own client
-    leaves it open when the handshake fails — against a daemon going down, say.)"""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    assert parts.hostname is not None and parts.port is not None
-    headers = [(b"Authorization", f"Bearer {token}".encode())]
-    async with trio.open_nursery() as nursery:
-        stream: trio.SocketStream | None = None
-        try:
-            with trio.fail_after(connect_timeout_s):
-                stream = await trio.open_tcp_stream(parts.hostname, parts.port)
-                ws = await wrap_client_stream(
-                    nursery, stream, f"{parts.hostname}:{parts.port}", parts.path,
-                    extra_headers=headers,
-                )  # fmt: skip
-        except BaseException:
-            if stream is not None:
-                await trio.aclose_forcefully(stream)
-            nursery.cancel_scope.cancel()
-            raise
-        try:
-            yield ws
-        finally:
-            with trio.move_on_after(1.0, shield=True):
-                await ws.aclose()
-            await trio.aclose_forcefully(stream)
-            nursery.cancel_scope.cancel()
 
 
 class TextSource:
@@ -210,7 +176,8 @@ class ChaosUser:
         self._session += 1
         sid = self._session
         pending: deque[tuple[float, list[int]]] = deque()
-        async with ws_connect(url, self.token) as ws:
+        async with connect(url, self.token, timeout_s=5.0, keep_frames=False) as client:
+            ws = client.ws
             self.stats.sessions += 1
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._receive, ws, pending, nursery.cancel_scope)

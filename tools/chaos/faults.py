@@ -8,12 +8,12 @@ from typing import Any
 
 import trio
 
-from tools.chaos.clients import ws_connect
+from daemon.testing.client import connect
+from daemon.testing.stores import in_thread, redis_cmd
 from tools.chaos.fleet import Fleet
 from tools.chaos.hostcrash import cut_to_last_fsync
 from tools.chaos.params import CLOCK_KEY
 from tools.chaos.state import DaemonSlot, FaultRecord
-from tools.stress import in_thread, redis_cmd
 
 
 class Faults(Fleet):
@@ -29,7 +29,10 @@ class Faults(Fleet):
             attempts += 1
             with trio.move_on_after(5.0):
                 try:
-                    async with ws_connect(slot.ws_url, user.token, connect_timeout_s=3.0) as ws:
+                    async with connect(
+                        slot.ws_url, user.token, timeout_s=3.0, keep_frames=False
+                    ) as client:
+                        ws = client.ws
                         block = user.new_block()
                         now = trio.current_time()
                         block.requested_at = block.first_requested_at = now
