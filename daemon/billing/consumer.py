@@ -19,6 +19,7 @@ import trio
 
 from daemon.config import BillingConfig, PostgresConfig
 from daemon.contracts import ContractError, billing_event_fields
+from daemon.contracts.events import BillingClaimed, BillingProcessed, Error
 from daemon.ops.events import EventLog
 from daemon.ops.metrics import Metrics
 from daemon.runtime.faults import FaultPoint, no_fault
@@ -207,7 +208,7 @@ class BillingConsumer:
                     count=self.cfg.max_batch,
                 )
                 if stale:
-                    self.events.emit("billing_claimed", service="billing", count=len(stale))
+                    self.events.emit(BillingClaimed(service="billing", count=len(stale)))
                     await send.send(await self.prepare_batch(stale))
                     continue
             entries = await reader.read_billing(
@@ -303,14 +304,15 @@ class BillingConsumer:
         self.metrics.billing_duplicates.inc(dups)
         self.metrics.billing_batch_seconds.observe(duration_ms / 1000)
         self.events.emit(
-            "billing_processed",
-            events_count=batch.events_count,
-            users_count=users,
-            duration_ms=round(duration_ms, 3),
-            text_length=text_length,
-            billed=billed,
-            duplicates=dups,
-            dead_lettered=dead,
+            BillingProcessed(
+                events_count=batch.events_count,
+                users_count=users,
+                duration_ms=round(duration_ms, 3),
+                text_length=text_length,
+                billed=billed,
+                duplicates=dups,
+                dead_lettered=dead,
+            )
         )
         return BatchOutcome(batch.events_count, users, billed, dups, dead, text_length, duration_ms)
 
@@ -414,9 +416,10 @@ class BillingConsumer:
         )
         await redis.dead_letter_billing(entry.entry_id, record)
         self.metrics.billing_dead_letters.inc()
-        self.events.error(
-            "billing",
-            f"billing event dead-lettered: {reason}",
-            entry_id=entry.entry_id.decode(),
-            reason=reason,
+        self.events.emit(
+            Error(
+                service="billing",
+                message=f"billing event dead-lettered: {reason}",
+                context={"entry_id": entry.entry_id.decode(), "reason": reason},
+            )
         )

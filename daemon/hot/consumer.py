@@ -16,7 +16,15 @@ import attrs
 import trio
 
 from daemon.config import HotConfig
-from daemon.contracts import BillingEvent, ContractError, Result
+from daemon.contracts import BillingEvent, ContractError, Keys, Result
+from daemon.contracts.events import (
+    Error,
+    GenericEvent,
+    ResultDuplicate,
+    ResultGone,
+    ResultsRecovered,
+    SynthesisComplete,
+)
 from daemon.ops.events import EventLog
 from daemon.ops.metrics import Metrics
 from daemon.runtime.faults import FaultPoint, no_fault
@@ -31,6 +39,12 @@ from daemon.stores.redis import (
 )
 
 __all__ = ["GroupHandler", "HotConsumer", "run_hot_consumer"]
+
+# finalize.lua's outcomes other than "finalized" and "dead", as events
+_NOT_FINALIZED: dict[str, type[ResultDuplicate] | type[ResultGone]] = {
+    "duplicate": ResultDuplicate,
+    "gone": ResultGone,
+}
 
 
 @attrs.define(eq=False)  # hashable by identity: it is its own limiter token
@@ -123,7 +137,7 @@ class HotConsumer:
         outage.ok()
         if recovered:
             self.events.emit(
-                "results_recovered", service="hot", count=recovered, consumer=self.consumer_id
+                ResultsRecovered(service="hot", count=recovered, consumer=self.consumer_id)
             )
 
     async def _read_loop(
@@ -284,57 +298,68 @@ class HotConsumer:
         if isinstance(op, DeadLetter):
             self.metrics.hot_results.labels("dead_letter").inc()
             if outcome == "dead":
-                self.events.error(
-                    "hot",
-                    f"undecodable result dead-lettered: {op.reason}",
-                    reason=op.reason,
-                    dead_letter_key="tts:results:dead",
+                self.events.emit(
+                    Error(
+                        service="hot",
+                        message=f"undecodable result dead-lettered: {op.reason}",
+                        context={"reason": op.reason, "dead_letter_key": Keys.RESULTS_DEAD},
+                    )
                 )
             return
         assert r is not None
         if outcome != "finalized":
             self.metrics.hot_results.labels(outcome).inc()
+            fields = {
+                "service": "hot",
+                "job_id": r.job_id,
+                "variant_hash": r.variant_hash,
+                "worker_id": r.worker_id,
+            }
+            not_finalized = _NOT_FINALIZED.get(outcome)
             self.events.emit(
-                f"result_{outcome}",
-                service="hot",
-                job_id=r.job_id,
-                variant_hash=r.variant_hash,
-                worker_id=r.worker_id,
+                not_finalized(**fields)
+                if not_finalized is not None
+                else GenericEvent(kind=f"result_{outcome}", data=fields)
             )
             return
         self.metrics.hot_results.labels(op.kind).inc()
         finalize_ms = (done - p.claimed.claimed_at) * 1000
         self.metrics.hot_finalize_seconds.observe(finalize_ms / 1000)
         if op.kind == "error":
-            self.events.error(
-                "hot",
-                f"worker reported an error: {r.error}",
-                job_id=r.job_id,
-                variant_hash=r.variant_hash,
-                worker_id=r.worker_id,
-                notified=notified,
+            self.events.emit(
+                Error(
+                    service="hot",
+                    message=f"worker reported an error: {r.error}",
+                    context={
+                        "job_id": r.job_id,
+                        "variant_hash": r.variant_hash,
+                        "worker_id": r.worker_id,
+                        "notified": notified,
+                    },
+                )
             )
             return
         self.events.emit(
-            "synthesis_complete",
-            job_id=r.job_id,
-            variant_hash=r.variant_hash,
-            user_id=r.user_id,
-            model=r.model,
-            voice=r.voice,
-            text_length=r.text_length,
-            queue_wait_ms=round(r.queue_wait_ms, 3),
-            worker_ms=round(r.processing_time_ms, 3),
-            # Claimed → finalized. Store, billing hand-off and notifications are one atomic
-            # script, so cache_store_ms is the round trip of the pipeline that ran it, and
-            # notify_ms (claimed → notifications published) equals finalize_ms.
-            finalize_ms=round(finalize_ms, 3),
-            cache_store_ms=round(store_ms, 3),
-            notify_ms=round(finalize_ms, 3),
-            status=op.kind,
-            notified=notified,
-            billed=op.kind == "audio",
-            group=group,
+            SynthesisComplete(
+                job_id=r.job_id,
+                variant_hash=r.variant_hash,
+                user_id=r.user_id,
+                model=r.model,
+                voice=r.voice,
+                text_length=r.text_length,
+                queue_wait_ms=round(r.queue_wait_ms, 3),
+                worker_ms=round(r.processing_time_ms, 3),
+                # Claimed → finalized. Store, billing hand-off and notifications are one atomic
+                # script, so cache_store_ms is the round trip of the pipeline that ran it, and
+                # notify_ms (claimed → notifications published) equals finalize_ms.
+                finalize_ms=round(finalize_ms, 3),
+                cache_store_ms=round(store_ms, 3),
+                notify_ms=round(finalize_ms, 3),
+                status=op.kind,
+                notified=notified,
+                billed=op.kind == "audio",
+                group=group,
+            )
         )
 
 

@@ -20,6 +20,7 @@ import attrs
 import trio
 
 from daemon.config import MonitorConfig, PostgresConfig
+from daemon.contracts.events import Error, Recovered
 from daemon.ops.events import EventLog
 from daemon.ops.metrics import Metrics
 from daemon.ops.reconcile import (
@@ -202,35 +203,42 @@ class Monitor:
         new = [(j, r) for j, r in missing if j not in self._reported_missing]
         if new:
             self._reported_missing.update(j for j, _ in new)
-            self.events.error(
-                "monitor",
-                f"reconciliation: {len(new)} synthesized event(s) neither billed nor waiting "
-                f"(delta {rec.delta})",
-                delta=rec.delta,
-                job_ids=[j for j, _ in new[:50]],
-                reasons=sorted({r for _, r in new})[:10],
+            self.events.emit(
+                Error(
+                    service="monitor",
+                    message=f"reconciliation: {len(new)} synthesized event(s) neither billed nor "
+                    f"waiting (delta {rec.delta})",
+                    context={
+                        "delta": rec.delta,
+                        "job_ids": [j for j, _ in new[:50]],
+                        "reasons": sorted({r for _, r in new})[:10],
+                    },
+                )
             )
         live_red = self.stats.liveness_failed(time.time())
         if live_red != self._live_red:
             self._live_red = live_red
             if live_red:
-                self.events.error(
-                    "monitor",
-                    f"liveness: synthesis in the last {self.cfg.liveness_window_s:g} s but no "
-                    "billing_processed",
-                    queue_depth=rec.depth,
+                self.events.emit(
+                    Error(
+                        service="monitor",
+                        message=f"liveness: synthesis in the last {self.cfg.liveness_window_s:g} s"
+                        " but no billing_processed",
+                        context={"queue_depth": rec.depth},
+                    )
                 )
             else:
-                self.events.emit("recovered", service="monitor", what="liveness")
+                self.events.emit(Recovered(service="monitor", what="liveness"))
         lag_red = grade_lag(rec.lag_s, self.cfg) == "red"
         if lag_red != self._lag_red:
             self._lag_red = lag_red
             if lag_red:
-                self.events.error(
-                    "monitor",
-                    f"billing lag: the oldest waiting event is {rec.lag_s:.0f} s old",
-                    queue_depth=rec.depth,
-                    lag_s=round(rec.lag_s or 0.0, 3),
+                self.events.emit(
+                    Error(
+                        service="monitor",
+                        message=f"billing lag: the oldest waiting event is {rec.lag_s:.0f} s old",
+                        context={"queue_depth": rec.depth, "lag_s": round(rec.lag_s or 0.0, 3)},
+                    )
                 )
             else:
-                self.events.emit("recovered", service="monitor", what="billing lag")
+                self.events.emit(Recovered(service="monitor", what="billing lag"))
