@@ -90,6 +90,7 @@ class Keys:
     HOT_CLAIMED_PREFIX = "tts:hot:claimed:"  # consumer id → results it took, not yet finalized
     # (a set of seqs; each result sits in its own list, tts:hot:item:{seq}, which finalize.lua
     # renames to the audio key: the bytes are never copied)
+    HOT_ITEM_PREFIX = "tts:hot:item:"
     HOT_LANDING_PREFIX = "tts:hot:landing:"  # consumer id → list BLMOVE drops a result into
     HOT_SEQ = "tts:hot:seq"  # counter naming claimed results
 
@@ -128,6 +129,10 @@ class Keys:
     @staticmethod
     def hot_landing(consumer_id: str) -> str:
         return Keys.HOT_LANDING_PREFIX + consumer_id
+
+    @staticmethod
+    def hot_item(token: str) -> str:
+        return Keys.HOT_ITEM_PREFIX + token
 
 
 @attrs.frozen

@@ -500,19 +500,48 @@ class RedisStore:
         await self._cross(beat)
 
     async def recover_results(self, consumer_id: str, *, include_own: bool) -> int:
-        """Give dead consumers' (and with ``include_own`` our own) claimed results back."""
+        """Give dead consumers' (and with ``include_own`` our own) claimed results back.
+
+        Per consumer: read its claimed set here, then ``recover.lua`` with the items' keys (every
+        key through KEYS), which checks again atomically what is still claimed, in batches.
+        """
+        budget = 1000
+        own = "1" if include_own else "0"
         total = 0
-        while True:
-            moved = int(
-                await self._script(
-                    "recover",
-                    [Keys.HOT_CONSUMERS, Keys.RESULTS],
-                    [consumer_id, "1" if include_own else "0", 1000],
+        for raw_id in sorted(await self.execute("SMEMBERS", Keys.HOT_CONSUMERS)):
+            cid = raw_id.decode()
+            if cid == consumer_id and not include_own:
+                continue
+            head = [
+                Keys.HOT_CONSUMERS,
+                Keys.RESULTS,
+                Keys.hot_alive(cid),
+                Keys.hot_landing(cid),
+                Keys.hot_claimed(cid),
+            ]
+            while True:
+                tokens = await self._claimed_tokens(cid)
+                batch = tokens[:budget]
+                keys = head + [Keys.hot_item(t) for t in batch]
+                moved = int(
+                    await self._script("recover", keys, [cid, consumer_id, own, budget, *batch])
                 )
-            )
-            total += moved
-            if moved < 1000:
-                return total
+                if moved < 0:  # alive: not ours to recover
+                    break
+                total += moved
+                # Each call drops every token it was given from the set (or finds it gone), so
+                # this ends; a full budget may leave more of the landing list.
+                if moved < budget and len(tokens) <= len(batch):
+                    break
+        return total
+
+    async def _claimed_tokens(self, consumer_id: str) -> list[str]:
+        """A consumer's claimed tokens, oldest first ([] when the key is an older daemon's list)."""
+        key = Keys.hot_claimed(consumer_id)
+        if (await self.execute("TYPE", key)) not in (b"set", "set"):
+            return []
+        tokens = [t.decode() for t in await self.execute("SMEMBERS", key)]
+        return sorted(tokens, key=lambda t: (0, int(t), "") if t.isdigit() else (1, 0, t))
 
     async def unregister_consumer(self, consumer_id: str) -> None:
         async def drop() -> None:
