@@ -77,7 +77,7 @@ class Scheduler:
         return statuses  # type: ignore[return-value]
 
     def pull(self) -> Job | None:
-        raw = self.scripts["pull"](Keys.pull_keys(MODEL), [])
+        raw = self.scripts["pull"](Keys.pull_keys(MODEL), Keys.pull_args())
         return None if raw is None else Job.from_json(raw)
 
     def pull_batch(self, n: int = 16) -> list[Job]:
@@ -105,10 +105,18 @@ class Scheduler:
         """``evict.lua``: a connection closed (mode all), or cursor_moved (queued, cursor)."""
         rows = [(doc, idx, f"{user}-{doc}-{idx}-{text}", MODEL) for idx, text in blocks]
         args: list = [user, conn, mode, len(rows)]
-        keys: list = []
-        for row in rows:
-            args.extend(row)
-            keys.extend((Keys.fair(MODEL), Keys.fair_state(MODEL)))
+        keys: list = [Keys.JOBS, Keys.RETRIES]
+        for d, idx, h, model in rows:
+            args.extend((d, idx))
+            keys.extend(
+                (
+                    Keys.inflight(h),
+                    Keys.waiters(h),
+                    Keys.queue(model),
+                    Keys.fair(model),
+                    Keys.fair_state(model),
+                )
+            )
         args.append(cursor)
         return self.scripts["evict"](keys, args)
 
@@ -242,7 +250,10 @@ def test_a_requeued_job_goes_ahead_of_its_users_other_jobs(sched: Scheduler) -> 
         Keys.fair_state(MODEL),
     ]
     # The worker holding it vanished: the scanner's timeout (0 s here) puts it back.
-    assert sched.scripts["requeue"](keys, [0, 5, 100]) == [1, 0]
+    assert sched.scripts["requeue"](keys, [0, 5, 100, Keys.WAITERS_PREFIX, Keys.NOTIFY_PREFIX]) == [
+        1,
+        0,
+    ]
     order = [j.block_idx for j in sched.drain()]
     assert order == [0, 1, 2, 3, 4, 5]
 

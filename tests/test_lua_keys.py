@@ -60,7 +60,7 @@ def string_literals(src: str) -> list[tuple[int, str]]:
 def test_the_scanner_finds_literals_and_skips_comments() -> None:
     src = (
         "-- 'tts:a'\nlocal x = 'tts:b' .. y -- \"tts:c\"\n"
-        "local z = \"q\\\"tts:d\" --[[ 'tts:e'\n]] w = [[tts:f]]\n"
+        'local z = "q\\"tts:d" --[[ \'tts:e\'\n]] w = [[tts:f]]\n'
     )
     found = [t for _, t in string_literals(src) if "tts:" in t]
     assert found == ["tts:b", 'q\\"tts:d', "tts:f"]

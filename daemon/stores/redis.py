@@ -176,6 +176,8 @@ def enqueue_call(
         Keys.fair_users(model),
         Keys.fair_state(model),
     ]
+    for block in blocks:
+        keys += [Keys.audio(block[1]), Keys.inflight(block[1]), Keys.waiters(block[1])]
     return keys, args
 
 
@@ -305,10 +307,18 @@ class RedisStore:
         Returns the positions (0-based, in ``blocks``) of the blocks evicted.
         """
         args: list[Any] = [user_id, conn_id, "queued" if only_queued else "all", len(blocks)]
-        keys: list[Any] = []
-        for block in blocks:
-            args.extend(block)
-            keys.extend((Keys.fair(block[3]), Keys.fair_state(block[3])))
+        keys: list[Any] = [Keys.JOBS, Keys.RETRIES]
+        for document_id, idx, variant_hash, model in blocks:
+            args.extend((document_id, idx))
+            keys.extend(
+                (
+                    Keys.inflight(variant_hash),
+                    Keys.waiters(variant_hash),
+                    Keys.queue(model),
+                    Keys.fair(model),
+                    Keys.fair_state(model),
+                )
+            )
         args.append(-1 if cursor is None else cursor)
         reply = await self._script("evict", keys, args)
         return [int(i) - 1 for i in reply]
@@ -340,7 +350,7 @@ class RedisStore:
 
     async def pull_job(self, model: str) -> bytes | None:
         """The atomic pull of docs/workers.md (``pull.lua``)."""
-        return await self._script("pull", Keys.pull_keys(model), [])
+        return await self._script("pull", Keys.pull_keys(model), Keys.pull_args())
 
     async def push_result(self, model: str, job_id: str, result_json: str) -> None:
         await self._script(
@@ -400,7 +410,9 @@ class RedisStore:
             Keys.fair_state(model),
         ]
         requeued, dead = await self._script(
-            "requeue", keys, [visibility_timeout_s, max_retries, limit]
+            "requeue",
+            keys,
+            [visibility_timeout_s, max_retries, limit, Keys.WAITERS_PREFIX, Keys.NOTIFY_PREFIX],
         )
         return int(requeued), int(dead)
 
@@ -464,7 +476,7 @@ class RedisStore:
             Keys.RETRIES,
             Keys.RESULTS_DEAD,
         ]
-        args: list[Any] = [ttl_s, consumer_id]
+        args: list[Any] = [ttl_s, consumer_id, Keys.NOTIFY_PREFIX]
         for op in ops:
             if isinstance(op, DeadLetter):
                 args += ["dead", op.seq, "", "", "", "", "", "", op.reason]

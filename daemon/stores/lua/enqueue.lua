@@ -3,7 +3,8 @@
 -- user's budget allows. Atomic, so two requests for one variant always share one job.
 -- KEYS: 1 the user's rate bucket (tts:rate:{user}), 2 tts:jobs, 3 tts:queue:{model},
 --       4 tts:processing:{model}, 5 tts:fair:{model}, 6 tts:fair:users:{model},
---       7 tts:fair:state:{model}
+--       7 tts:fair:state:{model}, then 3 per block: tts:audio:{hash}, tts:inflight:{hash},
+--       tts:waiters:{hash}
 -- ARGV: 1 user_id, 2 conn_id, 3 document_id, 4 now (queue score), 5 rate limit (blocks a minute),
 --       6 budget (-1: unlimited), 7 block count,
 --       then per block: block_idx, variant_hash, job_id, cost, job_json,
@@ -55,14 +56,14 @@ end
 local out = {'ok'}
 for i = 0, n - 1 do
   local base = 8 + i * 5
-  local idx, hash, job_id = ARGV[base], ARGV[base + 1], ARGV[base + 2]
+  local idx, job_id = ARGV[base], ARGV[base + 2]
   local cost, job_json = tonumber(ARGV[base + 3]), ARGV[base + 4]
+  local audio_key, inflight_key, waiters_key = KEYS[8 + i * 3], KEYS[9 + i * 3], KEYS[10 + i * 3]
   local status
-  if redis.call('EXISTS', 'tts:audio:' .. hash) == 1 then
+  if redis.call('EXISTS', audio_key) == 1 then
     status = 'cached'
   else
     local waiter = tts_waiter(user, idx, conn, doc)
-    local inflight_key = 'tts:inflight:' .. hash
     local existing = redis.call('GET', inflight_key)
     -- An in-flight key whose job is gone (dead-lettered, or lost with Redis data) would leave its
     -- waiters waiting forever: start a new job instead. Its result is the one finalized (the old
@@ -71,7 +72,7 @@ for i = 0, n - 1 do
       existing = nil
     end
     if existing then
-      redis.call('SADD', 'tts:waiters:' .. hash, waiter)
+      redis.call('SADD', waiters_key, waiter)
       if redis.call('ZSCORE', KEYS[4], existing) then status = 'processing' else status = 'queued' end
     elseif budget >= 0 and cost > budget then
       status = 'limit'
@@ -85,7 +86,7 @@ for i = 0, n - 1 do
       redis.call('ZADD', KEYS[5], 0, tts_fair_member(user, fair_r, tts_fair_pos(tonumber(idx), cursor), job_id))
       redis.call('HSET', KEYS[7], 'w:' .. user, weight)
       tts_fair_activate(KEYS[6], KEYS[7], user)
-      redis.call('SADD', 'tts:waiters:' .. hash, waiter)
+      redis.call('SADD', waiters_key, waiter)
       status = 'queued'
     end
   end

@@ -9,14 +9,14 @@
 -- document saying where the audio is in it, its content type and duration, is appended.
 -- An unreadable result (op "dead") moves, whole and with its reason, to tts:results:dead.
 -- KEYS: 1 claimed set, 2 tts:billing, 3 tts:jobs, 4 tts:retries, 5 tts:results:dead
--- ARGV: 1 ttl_s, 2 consumer id, then 9 per result: op (audio|skipped|error|dead), seq, job_id,
+-- ARGV: 1 ttl_s, 2 consumer id, 3 tts:notify: (Keys.NOTIFY_PREFIX), then 9 per result: op (audio|skipped|error|dead), seq, job_id,
 --       variant_hash, model, voice, audio metadata JSON, billing event JSON (empty: none is
 --       queued — tools/inline.py, the pre-split baseline, bills inside its handler), error
 --       message (the reason, for "dead")
 -- Returns 2 per result: outcome, waiters notified. Outcome: finalized | duplicate | dead | gone
 -- (the claimed result is no longer here: finalized already, or given back by recovery) |
 -- "error: ..." (Redis refused a write; that result is still claimed).
-local ttl, consumer = tonumber(ARGV[1]), ARGV[2]
+local ttl, consumer, channel_prefix = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 
 local function dead_letter(seq, item, reason)
   local raw = redis.call('LINDEX', item, 0)
@@ -62,13 +62,13 @@ local function finalize(op, seq, job_id, hash, model, voice, audio_meta, billing
       frame['recoverable'] = true
     end
   end
-  local notified = tts_notify(hash, frame)
+  local notified = tts_notify('tts:waiters:' .. hash, channel_prefix, hash, frame)
   redis.call('DEL', 'tts:waiters:' .. hash)
   return 'finalized', notified
 end
 
 local out = {}
-for i = 3, #ARGV, 9 do
+for i = 4, #ARGV, 9 do
   local seq = ARGV[i + 1]
   local ok, outcome, notified = pcall(finalize, ARGV[i], seq, ARGV[i + 2], ARGV[i + 3],
                                       ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7],

@@ -41,8 +41,8 @@ for _, job_id in ipairs(stale) do
         tts_fair_activate(KEYS[8], KEYS[9], user)
       end
       if j['variant_hash'] then
-        tts_notify(j['variant_hash'], {type = 'status', status = 'queued',
-                                       model = j['model'], voice = j['voice']})
+        tts_notify(ARGV[4] .. j['variant_hash'], ARGV[5], j['variant_hash'],
+                   {type = 'status', status = 'queued', model = j['model'], voice = j['voice']})
       end
       requeued = requeued + 1
     end
