@@ -146,6 +146,8 @@ class WorkersConfig:
     visibility_timeout_s: float = 30.0
     max_retries: int = 3
     scan_interval_s: float = 1.0
+    # A worker result whose audio decodes to more bytes than this is refused (docs/workers.md).
+    max_audio_bytes: int = 16 * 1024 * 1024
 
 
 @attrs.frozen
@@ -281,6 +283,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "workers.visibility_timeout_s": _POSITIVE,
     "workers.max_retries": _AT_LEAST_1,
     "workers.scan_interval_s": _POSITIVE,
+    "workers.max_audio_bytes": (lambda v: 1024 <= v <= 2**29, "must be 1024..536870912"),
     "supervisor.backoff_min_s": _POSITIVE,
     "supervisor.backoff_max_s": _POSITIVE,
     "supervisor.healthy_after_s": _POSITIVE,

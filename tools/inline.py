@@ -171,6 +171,7 @@ class InlineDaemon(Daemon):
             metrics=self.metrics,
             consumer_id=self.instance_id,
             block_s=self.cfg.redis.block_s,
+            max_audio_bytes=self.cfg.workers.max_audio_bytes,
             db=self.request_db,
             pg_cfg=self.cfg.postgres,
             billing_cfg=self.cfg.billing,

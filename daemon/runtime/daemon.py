@@ -125,6 +125,7 @@ class Daemon:
             metrics=self.metrics,
             consumer_id=self.instance_id,
             block_s=self.cfg.redis.block_s,
+            max_audio_bytes=self.cfg.workers.max_audio_bytes,
             fault=self.hot_fault,
             priority=self.priority,
         )

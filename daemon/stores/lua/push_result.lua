@@ -1,5 +1,8 @@
--- A worker's hand-back: push the result and drop the processing entry, atomically.
--- KEYS: 1 tts:results, 2 tts:processing:{model}; ARGV: 1 result JSON, 2 job_id
+-- A worker's hand-back: push the result and drop the processing entry (and the job's lease, when
+-- the worker passes its lease key: workers that predate leases pass two keys), atomically.
+-- KEYS: 1 tts:results, 2 tts:processing:{model}, 3 (optional) tts:leases:{model}
+-- ARGV: 1 result JSON, 2 job_id
 redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[2])
+if KEYS[3] then redis.call('ZREM', KEYS[3], ARGV[2]) end
 return 1
