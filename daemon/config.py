@@ -21,6 +21,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DeadLettersConfig",
     "GatewayConfig",
     "HotConfig",
     "LogConfig",
@@ -151,6 +152,17 @@ class WorkersConfig:
 
 
 @attrs.frozen
+class DeadLettersConfig:
+    """Bounds of every dead-letter list (tts:results:dead, tts:billing:dead, tts:dlq:{model}),
+    each on its own (docs/operations.md, "Dead letters")."""
+
+    max_entries: int = 10000
+    max_age_s: float = 7 * 86400.0
+    # A dead-lettered result keeps at most this much of what the worker sent (its audio, mostly).
+    max_raw_bytes: int = 64 * 1024
+
+
+@attrs.frozen
 class SupervisorConfig:
     backoff_min_s: float = 1.0
     backoff_max_s: float = 60.0
@@ -208,6 +220,7 @@ class Config:
     hot: HotConfig = HotConfig()
     billing: BillingConfig = BillingConfig()
     workers: WorkersConfig = WorkersConfig()
+    dead_letters: DeadLettersConfig = DeadLettersConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     log: LogConfig = LogConfig()
     monitor: MonitorConfig = MonitorConfig()
@@ -234,6 +247,7 @@ _SECTIONS: dict[str, type] = {
     "hot": HotConfig,
     "billing": BillingConfig,
     "workers": WorkersConfig,
+    "dead_letters": DeadLettersConfig,
     "supervisor": SupervisorConfig,
     "log": LogConfig,
     "monitor": MonitorConfig,
@@ -284,6 +298,9 @@ _RULES: dict[str, tuple[Any, str]] = {
     "workers.max_retries": _AT_LEAST_1,
     "workers.scan_interval_s": _POSITIVE,
     "workers.max_audio_bytes": (lambda v: 1024 <= v <= 2**29, "must be 1024..536870912"),
+    "dead_letters.max_entries": (lambda v: 1 <= v <= 10_000_000, "must be 1..10000000"),
+    "dead_letters.max_age_s": _POSITIVE,
+    "dead_letters.max_raw_bytes": (lambda v: 256 <= v <= 2**26, "must be 256..67108864"),
     "supervisor.backoff_min_s": _POSITIVE,
     "supervisor.backoff_max_s": _POSITIVE,
     "supervisor.healthy_after_s": _POSITIVE,

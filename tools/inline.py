@@ -172,6 +172,8 @@ class InlineDaemon(Daemon):
             consumer_id=self.instance_id,
             block_s=self.cfg.redis.block_s,
             max_audio_bytes=self.cfg.workers.max_audio_bytes,
+            dead_letter_cap=self.cfg.dead_letters.max_entries,
+            dead_letter_raw_bytes=self.cfg.dead_letters.max_raw_bytes,
             db=self.request_db,
             pg_cfg=self.cfg.postgres,
             billing_cfg=self.cfg.billing,

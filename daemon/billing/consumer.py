@@ -35,7 +35,7 @@ from daemon.ops.metrics import Metrics
 from daemon.runtime.faults import FaultPoint, no_fault
 from daemon.stores.ledger import ChunkResult, bill_chunks, events_array
 from daemon.stores.pg import PgPool, open_pg_pool
-from daemon.stores.redis import BillingEntry, RedisStore, billing_block_ms
+from daemon.stores.redis import DEAD_LETTER_CAP, BillingEntry, RedisStore, billing_block_ms
 
 __all__ = ["BatchOutcome", "BillingConsumer", "CommittedBatch", "PreparedBatch"]
 
@@ -89,6 +89,7 @@ class BillingConsumer:
     consumer_name: str
     block_s: float = 1.0
     fault: FaultPoint = no_fault
+    dead_letter_cap: int = DEAD_LETTER_CAP  # dead_letters.max_entries
     pool: PgPool | None = None
     # The consumer's own Redis connections: one for reads (and dead letters of malformed
     # events), one for acknowledgements (and dead letters of users that cannot be billed), so an
@@ -374,7 +375,7 @@ class BillingConsumer:
                 "raw": raw[:10_000],
             }
         )
-        await redis.dead_letter_billing(entry.entry_id, record)
+        await redis.dead_letter_billing(entry.entry_id, record, cap=self.dead_letter_cap)
         self.metrics.billing_dead_letters.inc()
         self.events.error(
             "billing",

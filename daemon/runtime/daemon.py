@@ -126,6 +126,8 @@ class Daemon:
             consumer_id=self.instance_id,
             block_s=self.cfg.redis.block_s,
             max_audio_bytes=self.cfg.workers.max_audio_bytes,
+            dead_letter_cap=self.cfg.dead_letters.max_entries,
+            dead_letter_raw_bytes=self.cfg.dead_letters.max_raw_bytes,
             fault=self.hot_fault,
             priority=self.priority,
         )
@@ -143,6 +145,7 @@ class Daemon:
             consumer_name=self.instance_id,
             block_s=self.cfg.redis.block_s,
             fault=self.billing_fault,
+            dead_letter_cap=self.cfg.dead_letters.max_entries,
         )
         return ServiceSpec(
             "billing",
@@ -252,6 +255,7 @@ class Daemon:
                         self.events,
                         self.metrics,
                         stopping=self.consumers_stopping,
+                        dead_letters=cfg.dead_letters,
                     )
                     await consumers.start(
                         sup.supervise, ServiceSpec("scanner", scanner, critical=False)

@@ -52,6 +52,8 @@ _SCRIPT_NAMES = (
     "requeue",
     "renew",
     "evict",
+    "trim_dead",
+    "replay_billing",
 )
 
 
@@ -666,16 +668,53 @@ class RedisStore:
         client = self._client
         await self._cross(ack)
 
-    async def dead_letter_billing(self, entry_id: bytes, reason_json: str) -> None:
+    async def dead_letter_billing(
+        self, entry_id: bytes, reason_json: str, *, cap: int = DEAD_LETTER_CAP
+    ) -> None:
         async def move() -> None:
             async with client.pipeline(transaction=True) as pipe:
                 pipe.lpush(Keys.BILLING_DEAD, reason_json)
+                pipe.ltrim(Keys.BILLING_DEAD, 0, cap - 1)
                 pipe.xack(Keys.BILLING, Keys.BILLING_GROUP, entry_id)
                 pipe.xdel(Keys.BILLING, entry_id)
                 await pipe.execute()
 
         client = self._client
         await self._cross(move)
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    async def trim_dead_letters(self, key: str, *, max_entries: int, max_age_s: float) -> int:
+        """Bound one dead-letter list (``trim_dead.lua``); returns its length."""
+
+        async def trim() -> int:
+            t = await self._client.time()
+            cutoff = t[0] + t[1] / 1e6 - max_age_s
+            return int(await self._scripts["trim_dead"]([key], [cutoff, max_entries, 1000]))
+
+        return await self._cross(trim)
+
+    async def dead_letters(self, key: str, *, start: int = 0, stop: int = -1) -> list[bytes]:
+        """Entries of a dead-letter list, newest first."""
+        return list(await self._cross(self._client.lrange, key, start, stop))
+
+    async def drop_dead_letters(self, key: str, entries: Sequence[bytes] | None = None) -> int:
+        """Drop ``entries`` (each once) from a dead-letter list, or the whole list."""
+        if entries is None:
+            n = int(await self._cross(self._client.llen, key))
+            await self._cross(self._client.delete, key)
+            return n
+        dropped = 0
+        for entry in entries:
+            dropped += int(await self._cross(self._client.lrem, key, 1, entry))
+        return dropped
+
+    async def replay_billing_dead_letter(self, entry: bytes, event_json: str) -> bool:
+        """Put a billing dead letter's event back on the billing stream (once)."""
+        reply = await self._script(
+            "replay_billing", [Keys.BILLING_DEAD, Keys.BILLING], [entry, event_json]
+        )
+        return bool(reply)
 
     async def billing_depth(self) -> int:
         """Billing events produced and not yet billed (the primary health signal)."""
