@@ -38,6 +38,7 @@ async def test_dead_letter_lists_keep_their_cap_and_age_limit(
         await wait_until(
             lambda: _reasons(redis_url, Keys.RESULTS_DEAD, "not json 5"), what="all six handled"
         )
+
         async def aged_out() -> bool:
             return await _reasons(redis_url, Keys.BILLING_DEAD, None) == ["new"]
 
