@@ -143,8 +143,11 @@ class WorkersConfig:
         6000  # 16-bit mono: 12 KB/s, about 60 KB for five seconds (docs/benchmarks.md)
     )
     speech_chars_per_s: float = 15.0
-    # A job held by a worker longer than this goes back to the queue.
+    # A job held by a worker that does not renew a lease (one that predates leases) goes back
+    # to the queue after this long; a renewed lease keeps a job as long as its worker lives.
     visibility_timeout_s: float = 30.0
+    # The lease the daemon's own (simulated) workers take on a job, renewed every third of it.
+    lease_s: float = 10.0
     max_retries: int = 3
     scan_interval_s: float = 1.0
     # A worker result whose audio decodes to more bytes than this is refused (docs/workers.md).
@@ -296,6 +299,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "workers.speech_chars_per_s": _POSITIVE,
     "workers.visibility_timeout_s": _POSITIVE,
     "workers.max_retries": _AT_LEAST_1,
+    "workers.lease_s": (lambda v: 0.1 <= v <= 3600, "must be 0.1..3600"),
     "workers.scan_interval_s": _POSITIVE,
     "workers.max_audio_bytes": (lambda v: 1024 <= v <= 2**29, "must be 1024..536870912"),
     "dead_letters.max_entries": (lambda v: 1 <= v <= 10_000_000, "must be 1..10000000"),

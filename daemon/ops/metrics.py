@@ -63,6 +63,12 @@ class Metrics:
         self.jobs_requeued = Counter(
             "tts_jobs_requeued", "Jobs requeued by the visibility scanner", registry=r
         )
+        self.workers_live = Gauge(
+            "tts_workers_live",
+            "Live workers (renewed within three leases) per model; version 'all' or one build",
+            ["model", "version"],
+            registry=r,
+        )
         self.jobs_dead_lettered = Counter(
             "tts_jobs_dead_lettered", "Jobs moved to the DLQ after max_retries", registry=r
         )

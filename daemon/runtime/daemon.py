@@ -42,6 +42,7 @@ from daemon.runtime.supervisor import ServiceSpec, Supervisor
 from daemon.stores.bridge import open_bridge
 from daemon.stores.pg import PgPool, open_pg_pool
 from daemon.stores.redis import RedisStore, open_redis
+from daemon.workers.registry import live_workers
 from daemon.workers.scanner import run_visibility_scanner
 from daemon.workers.simulated import SimulatedAdapter
 from daemon.workers.worker import run_worker
@@ -165,6 +166,7 @@ class Daemon:
                 models=self.cfg.workers.models,
                 worker_id=f"{self.instance_id}-sim-{i}",
                 stopping=self.workers_stopping,
+                lease_s=self.cfg.workers.lease_s,
             )
             specs.append(ServiceSpec(f"worker-{i}", run, critical=False))
         return specs
@@ -343,6 +345,21 @@ class Daemon:
             self._log_failure("billing queue depth unavailable", exc)
             return None
 
+    async def workers(self) -> dict[str, dict[str, Any]] | None:
+        """Live workers per model (and per version) from the worker registry; None if Redis
+        cannot say within a second."""
+        if self.store is None:
+            return None
+        try:
+            with trio.fail_after(1.0):
+                entries = await self.store.workers()
+                seconds, micros = await self.store.execute("TIME")
+        except Exception as exc:
+            self._log_failure("worker registry unavailable", exc)
+            return None
+        now = int(seconds) + int(micros) / 1e6
+        return live_workers(entries, now, self.cfg.workers.models)
+
     def _log_failure(self, what: str, exc: BaseException) -> None:
         """An ``error`` event for a failure of an observability call, at most once a minute per
         kind: a scraper polling every second must not flood the log (lesson 4)."""
@@ -363,6 +380,7 @@ class Daemon:
             "instance": self.instance_id,
             "services": services,
             "billing_queue_depth": await self.billing_depth(),
+            "workers": await self.workers(),
             "pools": self.pools(),
             "connections": self.gateway.connection_count if self.gateway else 0,
             "reconciliation_delta": rec.delta,
@@ -388,6 +406,13 @@ class Daemon:
         # shows tts_service_restarts_total{service=...} before the first restart.
         for name in self.supervisor.states:
             self.metrics.service_restarts.labels(name)
+        workers = await self.workers()
+        if workers is not None:
+            self.metrics.workers_live.clear()
+            for model, seen in workers.items():
+                self.metrics.workers_live.labels(model, "all").set(seen["live"])
+                for version, n in seen["versions"].items():
+                    self.metrics.workers_live.labels(model, version).set(n)
 
     async def dashboard(self, path: str) -> tuple[bytes, str] | None:
         """The dashboard pages; ``None`` for paths that are not the dashboard's."""
@@ -405,6 +430,7 @@ class Daemon:
         data["pools"] = self.pools()
         data["connections"] = self.gateway.connection_count if self.gateway else 0
         data["events"] = {"written": self.events.written, "dropped": self.events.dropped}
+        data["workers"] = await self.workers()
         return data
 
 
