@@ -3,5 +3,5 @@
 # about 3,000 results against one live daemon (CI runs 50). Usage: tools/fuzz_results.sh [N]
 set -eu
 cd "$(dirname "$0")/.."
-TTS_FUZZ_EXAMPLES="${1:-500}" exec .venv/bin/python -m pytest -q -s -p no:randomly \
+TTS_FUZZ_EXAMPLES="${1:-500}" exec .venv/bin/python -m pytest -q -s \
     tests/test_result_fuzz.py
