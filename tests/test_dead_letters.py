@@ -13,9 +13,11 @@ import trio
 from daemon import cli
 from daemon.contracts import Keys
 from daemon.runtime.daemon import open_daemon
-from tests.conftest import make_config
-from tests.helpers import billing_event, pg_fetch, usage_rows, wait_until
-from tests.worker_side import r
+from daemon.testing.config import make_config
+from daemon.testing.stores import pg_fetch
+from daemon.testing.waiting import wait_until
+from daemon.testing.worker import r
+from tests.helpers import billing_event, usage_rows
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -22,12 +22,15 @@ from daemon.config import WorkersConfig
 from daemon.contracts import Keys
 from daemon.runtime.daemon import open_daemon
 from daemon.stores.redis import RedisStore, open_redis
+from daemon.testing.client import WsClient
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user
+from daemon.testing.waiting import wait_until
+from daemon.testing.worker import r
 from daemon.workers.simulated import SimulatedAdapter
 from daemon.workers.worker import run_worker
-from tests.conftest import make_config
-from tests.helpers import WsClient, add_user, usage_rows_at_least, wait_until
+from tests.helpers import usage_rows_at_least
 from tests.test_workers import Stalling, _tts_worker, _worker_env
-from tests.worker_side import r
 
 pytestmark = pytest.mark.timeout(120)
 

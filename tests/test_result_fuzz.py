@@ -31,10 +31,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from daemon.contracts import Job, Keys
-from tests.conftest import make_config
-from tests.helpers import WsClient, pg_fetch
+from daemon.testing.client import WsClient
+from daemon.testing.config import make_config
+from daemon.testing.stores import pg_fetch
+from daemon.testing.worker import pull, push, r, result_json
 from tests.test_gateway_fuzz import DaemonThread, add_user_sync
-from tests.worker_side import pull, push, r, result_json
 
 pytestmark = pytest.mark.timeout(900)
 

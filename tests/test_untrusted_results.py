@@ -20,9 +20,12 @@ import pytest
 from daemon.config import Config
 from daemon.contracts import Keys
 from daemon.runtime.daemon import Daemon, open_daemon
-from tests.conftest import make_config
-from tests.helpers import Events, WsClient, add_user, usage_rows, usage_rows_at_least, wait_until
-from tests.worker_side import pull_n, push, r, result_json, settle
+from daemon.testing.client import WsClient
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user
+from daemon.testing.waiting import wait_until
+from daemon.testing.worker import pull_n, push, r, result_json, settle
+from tests.helpers import Events, usage_rows, usage_rows_at_least
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -226,7 +229,7 @@ async def test_a_reused_item_name_never_attaches_one_jobs_audio_to_another(
     from daemon.ops.events import EventLog
     from daemon.ops.metrics import Metrics
     from daemon.stores.redis import open_redis
-    from tests.worker_side import stage_job
+    from daemon.testing.worker import stage_job
 
     a = await stage_job(redis_url, "Text of job A.")
     b = await stage_job(redis_url, "Text of job B.", block_idx=1)
