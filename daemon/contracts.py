@@ -55,6 +55,31 @@ class Keys:
 
     WORKERS = "tts:workers"  # worker id → registry entry JSON (renew.lua)
 
+    # Fair scheduling (docs/workers.md, "Scheduling"): the order in which queued jobs are pulled.
+    @staticmethod
+    def fair(model: str) -> str:
+        return f"tts:fair:{model}"  # sorted set by member "user|rank|position|job_id"
+
+    @staticmethod
+    def fair_users(model: str) -> str:
+        return f"tts:fair:users:{model}"  # user → virtual start time
+
+    @staticmethod
+    def fair_state(model: str) -> str:
+        return f"tts:fair:state:{model}"  # virtual time, weights, reading positions
+
+    @staticmethod
+    def pull_keys(model: str) -> list[str]:
+        """``pull.lua``'s KEYS, in order."""
+        return [
+            Keys.queue(model),
+            Keys.processing(model),
+            Keys.JOBS,
+            Keys.fair(model),
+            Keys.fair_users(model),
+            Keys.fair_state(model),
+        ]
+
     # Internal. The Lua scripts build the per-variant keys from these same prefixes.
     # A list: the worker's result JSON as it came (the base64 audio inside it), the audio string
     # again if claim.lua had to split it out, and last a JSON note of where the audio is, its

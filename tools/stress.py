@@ -16,6 +16,8 @@ and the reconciliation delta (synthesized, neither billed nor queued) is 0.
 
     tools/stress.py                       # split only, defaults
     tools/stress.py --compare --json stress.json --plot stress.png
+    tools/stress.py --scenario noisy --json noisy.json   # one user floods, readers read along
+                                                         # (fair against FIFO: tools/noisy.py)
 """
 
 from __future__ import annotations
@@ -770,6 +772,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Params]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["--scenario", "noisy"]:
+        from tools.noisy import main as noisy_main
+
+        return noisy_main(argv[2:])
     args, p = parse_args(argv)
     archs = ARCHS if args.compare else (args.arch,)
     work = Path(tempfile.mkdtemp(prefix="tts-stress-"))

@@ -17,7 +17,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -86,6 +86,8 @@ class Gateway:
     health: Callable[[], Awaitable[tuple[dict[str, Any], bool]]]
     refresh_metrics: Callable[[], Awaitable[None]]
     dashboard: Callable[[str], Awaitable[tuple[bytes, str] | None]] | None = None
+    # Fair scheduling's weight per plan name ([plans] weights); plans not named weigh 1.
+    plan_weights: Mapping[str, float] = attrs.Factory(dict)
     by_user: dict[int, set[Connection]] = attrs.Factory(dict)
     by_conn: dict[str, Connection] = attrs.Factory(dict)
     # Connections open or being authenticated (a slot is taken before the token lookup).
@@ -605,6 +607,7 @@ class Gateway:
                     rate_limit=self.cfg.rate_limit_blocks_per_min,
                     blocks=blocks,
                     wait=pool_wait,
+                    plan_weights=self.plan_weights,
                 )
             except BaseException as exc:
                 # No reply: the client hears an error for the request as a whole, so nothing it
@@ -701,6 +704,7 @@ class Gateway:
                 user_id=conn.user_id,
                 conn_id=conn.conn_id,
                 blocks=[(doc, idx, h, model) for (doc, idx, h), model in candidates],
+                cursor=req.block_idx,
             )
             for i in positions:
                 key = candidates[i][0]

@@ -41,6 +41,8 @@ class Health:
     request_db: PgPool
     # Set at the first stage of a shutdown: unhealthy from then on (load balancers move away).
     gateway_stopping: trio.Event
+    # The catalog's models: the synthesis queues /metrics and the dashboard report on.
+    models: tuple[str, ...] = ()
     _failure_log: Throttle = attrs.Factory(Throttle)
 
     def services(self) -> dict[str, dict[str, Any]]:
@@ -87,6 +89,17 @@ class Health:
             return None
         now = int(seconds) + int(micros) / 1e6
         return live_workers(entries, now, self.cfg.workers.models)
+
+    async def queue_stats(self) -> dict[str, dict[str, float]]:
+        """Per model: jobs waiting, the oldest one's age, users waiting (empty if Redis is away)."""
+        if not self.models:
+            return {}
+        try:
+            with trio.fail_after(1.0):
+                return await self.store.queue_stats(self.models)
+        except Exception as exc:
+            self.log_failure("synthesis queue stats unavailable", exc)
+            return {}
 
     def log_failure(self, what: str, exc: BaseException) -> None:
         """An ``error`` event for a failure of an observability call, at most once a minute per

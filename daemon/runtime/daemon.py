@@ -183,6 +183,7 @@ class Daemon:
                 store=store,
                 request_db=db,
                 gateway_stopping=self.stopping.gateway,
+                models=tuple(sorted(catalog.models)),
             )
             deps = Deps(
                 instance_id=self.instance_id,

@@ -237,6 +237,7 @@ def gateway_service(cfg: Config, deps: Deps) -> ServiceSpec:
         refresh_metrics=functools.partial(refresh_metrics, deps.metrics, deps.health),
         dashboard=deps.dashboard,
         priority=deps.priority,
+        plan_weights=cfg.plans.weights,
     )
 
     async def run(

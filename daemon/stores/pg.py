@@ -92,6 +92,7 @@ class Budget:
 
     server_kokoro: int | None
     premium_voice: int | None
+    plan: str | None = None
 
     def for_type(self, usage_type: str) -> int | None:
         return self.server_kokoro if usage_type == "server_kokoro" else self.premium_voice
@@ -107,7 +108,7 @@ async def _acquire_timed(pool: asyncpg.Pool, timeout_s: float) -> tuple[asyncpg.
 
 
 _BUDGET_SQL = """
-SELECT p.server_kokoro_chars, p.premium_voice_chars,
+SELECT s.plan, p.server_kokoro_chars, p.premium_voice_chars,
        s.rollover_voice_chars, s.purchased_voice_chars,
        COALESCE(u.server_kokoro_characters, 0) AS kokoro_used,
        COALESCE(u.premium_voice_characters, 0) AS premium_used
@@ -131,7 +132,7 @@ def budget_from_row(row: asyncpg.Record | None) -> Budget:
             + max(row["rollover_voice_chars"], 0)
             + row["purchased_voice_chars"]
         )
-    return Budget(kokoro, premium)
+    return Budget(kokoro, premium, row["plan"])
 
 
 async def fetch_budget(conn: asyncpg.Connection, user_id: int) -> Budget:

@@ -2,15 +2,17 @@
 -- enqueue time); on their ARGV[2]-th time they go to the DLQ instead, with an error result for
 -- the hot path, which fails the job (finalize.lua) so that its clients hear. Each job is checked
 -- again here, atomically: one whose lease was renewed meanwhile, or that finished, is left alone.
+-- A requeued job goes ahead of its user's other jobs (fair scheduling still decides between users).
 -- KEYS: 1 tts:processing:{model}, 2 tts:queue:{model}, 3 tts:jobs, 4 tts:retries,
---       5 tts:dlq:{model}, 6 tts:results, 7 tts:leases:{model}, 7 + i: tts:waiters:{h} of job i
--- ARGV: 1 visibility timeout (s), 2 max retries, 3 DLQ cap (entries), 3 + i: job id i
+--       5 tts:dlq:{model}, 6 tts:results, 7 tts:leases:{model}, 8 tts:fair:{model},
+--       9 tts:fair:users:{model}, 10 tts:fair:state:{model}, 10 + n: tts:waiters:{h} of job n
+-- ARGV: 1 visibility timeout (s), 2 max retries, 3 DLQ cap (entries), 3 + n: job id n
 -- Returns {requeued, dead_lettered}
 local now = tts_now()
 local vt, max_retries, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local requeued, dead = 0, 0
 for i = 4, #ARGV do
-  local job_id, waiters = ARGV[i], KEYS[4 + i]
+  local job_id, waiters = ARGV[i], KEYS[7 + i]
   local held = redis.call('ZSCORE', KEYS[1], job_id)
   local lease = redis.call('ZSCORE', KEYS[7], job_id)
   local stale
@@ -43,6 +45,12 @@ for i = 4, #ARGV do
         dead = dead + 1
       else
         redis.call('ZADD', KEYS[2], tonumber(j['enqueued_at']) or now, job_id)
+        if j['user_id'] ~= nil then
+          local user = tostring(j['user_id'])
+          local pos = tts_fair_pos(tonumber(j['block_idx']) or 0, 0)
+          redis.call('ZADD', KEYS[8], 0, tts_fair_member(user, TTS_FAIR_FIRST, pos, job_id))
+          tts_fair_activate(KEYS[9], KEYS[10], user)
+        end
         if j['variant_hash'] then
           tts_notify_to(waiters, j['variant_hash'], {type = 'status', status = 'queued',
                                                      model = j['model'], voice = j['voice']})
