@@ -14,8 +14,11 @@ with SIGKILL, and crashed: a host crash emulated by killing it and cutting its A
 was last fsynced; ``--appendfsync`` picks the fsync policy), ``redis-crash`` (only the crash: with
 ``--appendfsync everysec``, the loss window), ``postgres`` (Postgres stopped — fast
 or SIGKILL — and unreachable for a while), ``worker-kill`` (a GPU worker SIGKILLed mid-job),
-``two-daemons`` (two daemons on the same Redis and Postgres, one killed and left down a while), and
-``mixed`` (all of them, at random, against two daemons).
+``two-daemons`` (two daemons on the same Redis and Postgres, one killed and left down a while),
+``hostile-worker`` (for a while, a worker answers the jobs it pulls with results that break the
+contract — ``NaN`` and ``Infinity`` durations, bad base64, ``text/html``, another job's id, not
+JSON — or forge the payer and the text length: the blocks fail recoverably and are asked again,
+nothing is billed wrong), and ``mixed`` (all of them, at random, against two daemons).
 
 After each fault it measures the time to recover: every daemon healthy (``/healthz`` 200 with all
 services running) and a probe block synthesized end to end through each of them. Clients behave as
@@ -32,6 +35,7 @@ docs/reliability.md describes the method and the figures.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -54,8 +58,10 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from daemon.contracts import Job, Keys, Result
 from daemon.embedded import EmbeddedPostgres, EmbeddedRedis, read_secret
 from daemon.embedded.process import _free_port
+from daemon.stores.redis import SCRIPTS
 from tools.figures import pct
 from tools.stress import in_thread, make_texts, pg_query, redis_cmd
 from tools.stress import setup_database as _setup_database
@@ -69,6 +75,7 @@ FAULT_KINDS = (
     "redis_crash",
     "postgres_outage",
     "worker_kill",
+    "hostile_worker",
 )
 SCENARIOS: dict[str, tuple[str, ...]] = {
     "daemon-kill": ("daemon_kill",),
@@ -78,6 +85,7 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "redis-crash": ("redis_crash",),
     "postgres": ("postgres_outage",),
     "worker-kill": ("worker_kill",),
+    "hostile-worker": ("hostile_worker",),
     "two-daemons": ("daemon_kill",),
     "mixed": FAULT_KINDS,
 }
@@ -97,6 +105,7 @@ class Params:
     worker_concurrency: int = 2  # worker loops in each
     worker_batch: int = 4
     worker_latency_ms: float = 150.0
+    worker_lease_s: float = 2.0  # tts-worker --lease-s: a killed worker's jobs return this soon
     daemons: int = 0  # 0: the scenario's own (2 for two-daemons and mixed, else 1)
     appendfsync: str = "always"
     faults: int = 0  # at least this many faults (0: each kind of the scenario once)
@@ -109,6 +118,7 @@ class Params:
     # Probability that a billing batch fails after its commit, before its ack (redelivered: the
     # duplicates path); a quarter of it fails batches before anything is billed.
     billing_fault_rate: float = 0.5
+    hostile_s: float = 3.0  # how long the hostile worker answers jobs
     stall_s: float = 8.0  # a client asks again for a block with no news for this long
     ack_timeout_s: float = 15.0  # a request with no reply for this long: the connection is given up
     recover_timeout_s: float = 60.0
@@ -443,6 +453,49 @@ class ChaosUser:
         self._wake.set()
 
 
+# -- the hostile worker ------------------------------------------------------------------------
+
+HOSTILE_KINDS = (
+    "nan_duration",
+    "infinite_duration",
+    "bad_base64",
+    "html",
+    "other_job",
+    "not_json",
+    "forged_payer",
+)
+
+
+def hostile_result(job: Job, kind: str, *, forged_user: int) -> bytes:
+    """A result for ``job`` as a hostile (or very buggy) worker writes it."""
+    data = json.loads(
+        Result.for_job(
+            job,
+            worker_id="chaos-hostile",
+            queue_wait_ms=1.0,
+            processing_time_ms=1.0,
+            audio_base64=base64.b64encode(b"RIFF hostile " + job.job_id.encode()).decode(),
+            duration_ms=1000,
+            content_type="audio/wav",
+        ).to_json()
+    )
+    if kind == "nan_duration":
+        data["duration_ms"] = float("nan")
+    elif kind == "infinite_duration":
+        data["duration_ms"] = float("inf")
+    elif kind == "bad_base64":
+        data["audio_base64"] = "!!not base64!!"
+    elif kind == "html":
+        data["content_type"] = "text/html"
+    elif kind == "other_job":
+        data["variant_hash"] = "0" * 40
+    elif kind == "not_json":
+        return b'{"job_id": "' + job.job_id.encode() + b'", "audio_base64": '
+    elif kind == "forged_payer":
+        data.update(user_id=forged_user, text_length=10**6, usage_multiplier=50.0)
+    return json.dumps(data).encode()
+
+
 # -- the write clock: what a Redis crash loses ------------------------------------------------
 
 
@@ -585,6 +638,7 @@ class Chaos:
         self.faults_file = work / "faults.spec"
         self.slots: list[DaemonSlot] = []
         self.workers: list[trio.Process] = []
+        self._hostile_refused = 0  # results the hostile worker sent that must be dead-lettered
         self.worker_log = work / "workers.log"
         self.started_pids: list[int] = []
         self.users: list[ChaosUser] = []
@@ -758,6 +812,7 @@ events_path = {json.dumps(str(slot.events))}
             "--concurrency", str(p.worker_concurrency), "--batch", str(p.worker_batch),
             "--latency-ms", str(p.worker_latency_ms), "--jitter-ms", str(p.worker_latency_ms / 4),
             "--chars-per-s", "50000", "--worker-id", f"chaos-{n}",
+            "--lease-s", str(p.worker_lease_s),
         ]  # fmt: skip
         log_fd = os.open(self.worker_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -943,7 +998,7 @@ events_path = {json.dumps(str(slot.events))}
 
     async def fault_worker_kill(self) -> FaultRecord:
         """SIGKILL a worker process while jobs are held (mid-job), start a replacement; the jobs
-        it held must come back through the visibility scanner and be billed once."""
+        it held must come back through the scanner (their lease lapses) and be billed once."""
         proc = self.rng.choice([w for w in self.workers if w.returncode is None])
         held: list[bytes] = []
         with trio.move_on_after(5.0):
@@ -963,6 +1018,42 @@ events_path = {json.dumps(str(slot.events))}
         self._held_at_kill.extend(j.decode() for j in held)
         detail = {"jobs_held": len(held)}
         return FaultRecord("worker_kill", f"worker {proc.pid}", at, lifted, detail=detail)
+
+    async def fault_hostile_worker(self) -> FaultRecord:
+        """For ``hostile_s``, a worker that pulls jobs like any other and answers each with a
+        result that breaks the contract, or one that forges the payer and the text length. Its
+        blocks must fail recoverably (the clients ask again, an honest worker synthesizes them)
+        or, forged, be billed to their creator for their own text: nothing lost, nothing billed
+        wrong, no service restarted."""
+        at = self._t()
+        sent: Counter[str] = Counter()
+        deadline = trio.current_time() + self.p.hostile_s
+        turn = 0
+        while trio.current_time() < deadline:
+            raw = await in_thread(
+                redis_cmd, self.redis_url, "EVAL", SCRIPTS["pull"], 6, *Keys.pull_keys("kokoro")
+            )
+            if raw is None:
+                await trio.sleep(0.01)
+                continue
+            job = Job.from_json(raw)
+            kind = HOSTILE_KINDS[turn % len(HOSTILE_KINDS)]
+            turn += 1
+            payload = hostile_result(job, kind, forged_user=self._forged_payer())
+            await in_thread(
+                redis_cmd, self.redis_url, "EVAL", SCRIPTS["push_result"], 3, Keys.RESULTS,
+                Keys.processing("kokoro"), Keys.leases("kokoro"), payload, job.job_id,
+            )  # fmt: skip
+            sent[kind] += 1
+            if kind != "forged_payer":
+                self._hostile_refused += 1
+        lifted = self._t()
+        detail = {"results": dict(sent)}
+        return FaultRecord("hostile_worker", "worker hostile", at, lifted, detail=detail)
+
+    def _forged_payer(self) -> int:
+        assert self.probe_user is not None
+        return self.probe_user.user_id
 
     async def schedule(self) -> None:
         """Faults one after another during the load, each recovered from before the next. A
@@ -1170,7 +1261,9 @@ events_path = {json.dumps(str(slot.events))}
             and phantom == 0,
             "counters_match_usage_log": counters,
             "billing_drained": self.pipeline_quiet,
-            "no_dead_letters": state["billing_dead"] == 0 and state["results_dead"] == 0,
+            # The hostile worker's refused results, and nothing else, are dead letters.
+            "no_dead_letters": state["billing_dead"] == 0
+            and state["results_dead"] == self._hostile_refused,
             "events_log_reconciles": events_unbilled == 0,
             "recovered_from_every_fault": all(r.recover_s is not None for r in self.records),
             "sigterm_exit_0_within_10s": all(x["ok"] for x in self.sigterm_exits),
