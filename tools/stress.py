@@ -44,16 +44,17 @@ from trio_websocket import ConnectionClosed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from daemon.contracts.events import SynthesisComplete
 from daemon.embedded import EmbeddedServers
+from daemon.ops.events import read_events
 from daemon.testing.client import WsClient, connect
 from daemon.testing.config import write_config
 from daemon.testing.figures import pct
 from daemon.testing.stores import in_thread, pg_query, redis_cmd, setup_database
+from daemon.testing.texts import make_texts
 from daemon.workers.audio import duration_ms_for
 
-# in_thread, pg_query, redis_cmd, setup_database: re-exported for tools/chaos.py until it imports
-# daemon.testing itself.
-__all__ = ["Params", "in_thread", "main", "make_texts", "pg_query", "redis_cmd", "setup_database"]
+__all__ = ["Params", "main"]
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHS = ("split", "inline")
@@ -84,31 +85,6 @@ class Params:
 
 
 # -- small helpers ----------------------------------------------------------------------------
-
-
-_WORDS = tuple(
-    """
-the a reader listens while quiet voices carry every sentence across long pages of history
-science river mountain evening morning library letter garden window story chapter ocean bright
-slowly gently through under above before after because although people remember small details
-forgotten cities painted walls old trains distant bells winter summer questions answers careful
-patient curious sudden warm cold green silver
-""".split()  # noqa: SIM905 - a paragraph reads better than a list of 60 strings
-)
-
-
-def make_texts(rng: random.Random, n: int, seen: set[str]) -> list[str]:
-    """``n`` unique sentence-sized texts (50–120 characters: 3–8 s of speech)."""
-    out = []
-    while len(out) < n:
-        words = []
-        while len(" ".join(words)) < rng.randint(50, 110):
-            words.append(rng.choice(_WORDS))
-        text = " ".join(words).capitalize() + "."
-        if text not in seen:
-            seen.add(text)
-            out.append(text)
-    return out
 
 
 # -- clients ----------------------------------------------------------------------------------
@@ -545,14 +521,11 @@ async def _summarize(
     billed_ids = {r["event_id"] for r in rows}
     synthesized, completes = set(), []
     wall_t0 = time.time() - (time.perf_counter() - load_t0)
-    events_path = run_dir / "events.jsonl"
-    events_file = trio.Path(events_path)
-    events_text = await events_file.read_text() if await events_file.exists() else ""
-    for line in events_text.splitlines():
-        ev = json.loads(line)
-        if ev.get("event") == "synthesis_complete" and ev.get("billed", True):
-            synthesized.add(ev["job_id"])
-            completes.append(_iso_to_epoch(ev["ts"]) - wall_t0)
+    events = await trio.to_thread.run_sync(lambda: list(read_events(run_dir / "events.jsonl")))
+    for ev in events:
+        if isinstance(ev, SynthesisComplete) and ev.billed and ev.ts is not None:
+            synthesized.add(ev.job_id)
+            completes.append(ev.ts - wall_t0)
     queued = await in_thread(_stream_event_ids, redis_url)
     delta = len(synthesized - billed_ids - queued)
     times = sorted(float(r["t"]) for r in rows)
@@ -612,12 +585,6 @@ async def _summarize(
         },
     }
     return result
-
-
-def _iso_to_epoch(ts: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
 def _stream_event_ids(redis_url: str) -> set[str]:

@@ -40,6 +40,14 @@ import trio
 
 from daemon.config import HotConfig
 from daemon.contracts import BillingEvent, Job, Keys
+from daemon.contracts.events import (
+    Error,
+    GenericEvent,
+    ResultDuplicate,
+    ResultGone,
+    ResultsRecovered,
+    SynthesisComplete,
+)
 from daemon.hot.validate import Checked, NoJob, Refused, check_result
 from daemon.ops.events import EventLog
 from daemon.ops.metrics import Metrics
@@ -86,6 +94,13 @@ class ItemTokens:
         """The claim used these (in offering order): never offer them again."""
         if tokens:
             self._next = int(tokens[-1]) - self._base + 1
+
+
+# finalize.lua's outcomes other than "finalized" and "dead", as events
+_NOT_FINALIZED: dict[str, type[ResultDuplicate] | type[ResultGone]] = {
+    "duplicate": ResultDuplicate,
+    "gone": ResultGone,
+}
 
 
 @attrs.define(eq=False)  # hashable by identity: it is its own limiter token
@@ -183,7 +198,7 @@ class HotConsumer:
         outage.ok()
         if recovered:
             self.events.emit(
-                "results_recovered", service="hot", count=recovered, consumer=self.consumer_id
+                ResultsRecovered(service="hot", count=recovered, consumer=self.consumer_id)
             )
 
     async def _read_loop(
@@ -387,25 +402,34 @@ class HotConsumer:
         if isinstance(v, Refused):
             self.metrics.hot_results.labels("dead_letter").inc()
             if outcome in ("dead", "finalized"):
-                self.events.error(
-                    "hot",
-                    f"worker result refused and dead-lettered: {v.reason}",
-                    reason=v.reason,
-                    worker_id=v.worker_id,
-                    job_id=v.job_id,
-                    job_failed=outcome == "finalized",
-                    notified=notified,
-                    dead_letter_key=Keys.RESULTS_DEAD,
+                self.events.emit(
+                    Error(
+                        service="hot",
+                        message=f"worker result refused and dead-lettered: {v.reason}",
+                        context={
+                            "reason": v.reason,
+                            "worker_id": v.worker_id,
+                            "job_id": v.job_id,
+                            "job_failed": outcome == "finalized",
+                            "notified": notified,
+                            "dead_letter_key": Keys.RESULTS_DEAD,
+                        },
+                    )
                 )
             return
         if isinstance(v, NoJob) or outcome != "finalized":
             self.metrics.hot_results.labels(outcome).inc()
+            fields = {
+                "service": "hot",
+                "job_id": v.job_id if isinstance(v, NoJob) else v.job.job_id,
+                "variant_hash": v.variant_hash if isinstance(v, NoJob) else v.job.variant_hash,
+                "worker_id": v.worker_id,
+            }
+            not_finalized = _NOT_FINALIZED.get(outcome)
             self.events.emit(
-                f"result_{outcome}",
-                service="hot",
-                job_id=v.job_id if isinstance(v, NoJob) else v.job.job_id,
-                variant_hash=v.variant_hash if isinstance(v, NoJob) else v.job.variant_hash,
-                worker_id=v.worker_id,
+                not_finalized(**fields)
+                if not_finalized is not None
+                else GenericEvent(kind=f"result_{outcome}", data=fields)
             )
             return
         assert isinstance(op, FinalizeArgs)
@@ -414,36 +438,40 @@ class HotConsumer:
         finalize_ms = (done - p.claimed.claimed_at) * 1000
         self.metrics.hot_finalize_seconds.observe(finalize_ms / 1000)
         if op.kind == "error":
-            self.events.error(
-                "hot",
-                f"worker reported an error: {v.error}",
-                job_id=job.job_id,
-                variant_hash=job.variant_hash,
-                worker_id=v.worker_id,
-                notified=notified,
+            self.events.emit(
+                Error(
+                    service="hot",
+                    message=f"worker reported an error: {v.error}",
+                    context={
+                        "job_id": job.job_id,
+                        "variant_hash": job.variant_hash,
+                        "worker_id": v.worker_id,
+                        "notified": notified,
+                    },
+                )
             )
             return
         self.events.emit(
-            "synthesis_complete",
-            job_id=job.job_id,
-            variant_hash=job.variant_hash,
-            user_id=job.user_id,
-            model=job.model,
-            voice=job.voice,
-            text_length=len(job.text),
-            worker_id=v.worker_id,
-            queue_wait_ms=round(v.queue_wait_ms, 3),
-            worker_ms=round(v.processing_time_ms, 3),
-            # Claimed → finalized. Store, billing hand-off and notifications are one atomic
-            # script, so cache_store_ms is the round trip of the pipeline that ran it, and
-            # notify_ms (claimed → notifications published) equals finalize_ms.
-            finalize_ms=round(finalize_ms, 3),
-            cache_store_ms=round(store_ms, 3),
-            notify_ms=round(finalize_ms, 3),
-            status=op.kind,
-            notified=notified,
-            billed=op.kind == "audio",
-            group=group,
+            SynthesisComplete(
+                job_id=job.job_id,
+                variant_hash=job.variant_hash,
+                user_id=job.user_id,
+                model=job.model,
+                voice=job.voice,
+                text_length=len(job.text),
+                queue_wait_ms=round(v.queue_wait_ms, 3),
+                worker_ms=round(v.processing_time_ms, 3),
+                # Claimed → finalized. Store, billing hand-off and notifications are one atomic
+                # script, so cache_store_ms is the round trip of the pipeline that ran it, and
+                # notify_ms (claimed → notifications published) equals finalize_ms.
+                finalize_ms=round(finalize_ms, 3),
+                cache_store_ms=round(store_ms, 3),
+                notify_ms=round(finalize_ms, 3),
+                status=op.kind,
+                notified=notified,
+                billed=op.kind == "audio",
+                group=group,
+            )
         )
 
 

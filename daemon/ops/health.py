@@ -15,6 +15,7 @@ import attrs
 import trio
 
 from daemon.config import Config
+from daemon.contracts.events import Error
 from daemon.ops.events import EventLog, Throttle, describe
 from daemon.ops.stats import OpsStats
 from daemon.runtime.supervisor import Supervisor
@@ -105,7 +106,7 @@ class Health:
         """An ``error`` event for a failure of an observability call, at most once a minute per
         kind: a scraper polling every second must not flood the log."""
         if self._failure_log.due(what) is not None:
-            self.events.error("http", f"{what}: {describe(exc)}")
+            self.events.emit(Error(service="http", message=f"{what}: {describe(exc)}"))
 
     async def healthz(self) -> tuple[dict[str, Any], bool]:
         """``GET /healthz``: each service's state, ``billing_queue_depth`` and pool use; healthy

@@ -1,7 +1,8 @@
 """Contracts as data: Redis key names, and the jobs, results and billing events that cross Redis.
 
 docs/workers.md pins the worker keys and job/result JSON; everything else here (audio, in-flight,
-waiter, billing keys) is internal and may change with the code.
+waiter, billing keys) is internal and may change with the code. The events log's contract, one
+class per kind of event (docs/metrics.md), is ``daemon.contracts.events``.
 """
 
 from __future__ import annotations
