@@ -131,7 +131,7 @@ async def test_a_bad_result_fails_its_block_recoverably_and_the_block_can_be_ask
     assert len(dead) == len(POISONS)
     assert all(d["reason"] for d in dead)
     # An error event per bad result, naming the worker that sent it.
-    bad = [e for e in events.named("error", service="hot") if "dead-lettered" in e["message"]]
+    bad = [e for e in events.named("error", service="hot") if "dead-lettered" in e.message]
     assert len(bad) == len(POISONS)
     assert sum(e.get("worker_id") == "test-worker" for e in bad) >= len(POISONS) - 6
     assert quiet.supervisor.state("hot") == "running"
