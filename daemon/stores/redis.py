@@ -626,16 +626,27 @@ class RedisStore:
     async def recover_results(self, consumer_id: str, *, include_own: bool) -> int:
         """Give dead consumers' (and with ``include_own`` our own) claimed results back.
 
-        Per consumer: read its claimed set here, then ``recover.lua`` with the items' keys (every
-        key through KEYS), which checks again atomically what is still claimed, in batches.
+        The consumers and which are alive are read here (two round trips, the steady state);
+        for each one to recover, its claimed set too, then ``recover.lua`` with the items' keys
+        (every key through KEYS), which checks again atomically what is still to give back.
         """
         budget = 1000
         own = "1" if include_own else "0"
+
+        async def candidates() -> list[str]:
+            ids = sorted(i.decode() for i in await self._client.smembers(Keys.HOT_CONSUMERS))
+            async with self._client.pipeline(transaction=False) as pipe:
+                for cid in ids:
+                    pipe.exists(Keys.hot_alive(cid))
+                alive = await pipe.execute()
+            return [
+                cid
+                for cid, up in zip(ids, alive, strict=True)
+                if (cid == consumer_id and include_own) or (cid != consumer_id and not up)
+            ]
+
         total = 0
-        for raw_id in sorted(await self.execute("SMEMBERS", Keys.HOT_CONSUMERS)):
-            cid = raw_id.decode()
-            if cid == consumer_id and not include_own:
-                continue
+        for cid in await self._cross(candidates):
             head = [
                 Keys.HOT_CONSUMERS,
                 Keys.RESULTS,
@@ -650,7 +661,7 @@ class RedisStore:
                 moved = int(
                     await self._script("recover", keys, [cid, consumer_id, own, budget, *batch])
                 )
-                if moved < 0:  # alive: not ours to recover
+                if moved < 0:  # alive again: not ours to recover
                     break
                 total += moved
                 # Each call drops every token it was given from the set (or finds it gone), so
@@ -662,9 +673,17 @@ class RedisStore:
     async def _claimed_tokens(self, consumer_id: str) -> list[str]:
         """A consumer's claimed tokens, oldest first ([] when the key is an older daemon's list)."""
         key = Keys.hot_claimed(consumer_id)
-        if (await self.execute("TYPE", key)) not in (b"set", "set"):
+
+        async def read() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.type(key)
+                pipe.smembers(key)
+                return await pipe.execute(raise_on_error=False)
+
+        kind, members = await self._cross(read)
+        if kind not in (b"set", "set") or isinstance(members, Exception):
             return []
-        tokens = [t.decode() for t in await self.execute("SMEMBERS", key)]
+        tokens = [t.decode() for t in members]
         return sorted(tokens, key=lambda t: (0, int(t), "") if t.isdigit() else (1, 0, t))
 
     async def unregister_consumer(self, consumer_id: str) -> None:
