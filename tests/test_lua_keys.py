@@ -81,3 +81,12 @@ def test_no_lua_script_names_a_key(path: Path) -> None:
     assert not bad, "key names built inside a Lua script (pass them in KEYS/ARGV from Keys):\n" + (
         "\n".join(bad)
     )
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in LUA.glob("*.lua") if p.name != "common.lua"), ids=lambda p: p.name
+)
+def test_every_script_documents_its_keys(path: Path) -> None:
+    """The header comment lists KEYS in order: the caller's contract with the script."""
+    header = [line for line in path.read_text().splitlines() if line.startswith("--")]
+    assert any(line.startswith("-- KEYS:") for line in header), f"{path.name}: no '-- KEYS:' line"
