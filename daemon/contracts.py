@@ -6,6 +6,7 @@ waiter, billing keys) is internal and may change with the code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Any
@@ -21,6 +22,8 @@ __all__ = [
     "ModelInfo",
     "Result",
     "billing_event_fields",
+    "token_hash",
+    "usage_amount",
 ]
 
 
@@ -67,6 +70,13 @@ class Keys:
     HOT_LANDING_PREFIX = "tts:hot:landing:"  # consumer id → list BLMOVE drops a result into
     HOT_SEQ = "tts:hot:seq"  # counter naming claimed results
 
+    # The entitlements mirror and holds (docs/billing.md, "Holds and the entitlements mirror").
+    ENT_PREFIX = "tts:ent:"  # user → hash: allowances, usage, rollover, purchased, version
+    HOLDS_PREFIX = "tts:holds:"  # user → hash: job id → "type|amount|since|state", sum:{type}
+    TOKEN_PREFIX = "tts:token:"  # SHA-256 of a token (hex) → user id
+    MIRROR_READY = "tts:mirror:ready"  # set once a full rebuild from Postgres finished
+    CONTROL = "tts:control"  # pub/sub: control messages to every gateway (revoke)
+
     BILLING = "tts:billing"  # stream of billing events; entries deleted once billed
     BILLING_GROUP = "billing"
     BILLING_DEAD = "tts:billing:dead"  # malformed billing events, with the reason
@@ -86,6 +96,18 @@ class Keys:
     @staticmethod
     def rate(user_id: int) -> str:
         return f"{Keys.RATE_PREFIX}{user_id}"
+
+    @staticmethod
+    def ent(user_id: int) -> str:
+        return f"{Keys.ENT_PREFIX}{user_id}"
+
+    @staticmethod
+    def holds(user_id: int) -> str:
+        return f"{Keys.HOLDS_PREFIX}{user_id}"
+
+    @staticmethod
+    def token(token_hash: bytes) -> str:
+        return Keys.TOKEN_PREFIX + token_hash.hex()
 
     @staticmethod
     def notify(user_id: int) -> str:
@@ -118,6 +140,11 @@ MODELS: dict[str, ModelInfo] = {
     "kokoro": ModelInfo("kokoro", "server_kokoro", 1.0, "af_heart"),
     "premium": ModelInfo("premium", "premium_voice", 2.0, "ava"),
 }
+
+
+def token_hash(token: str) -> bytes:
+    """What Postgres and the Redis token mirror keep of an API token: its SHA-256."""
+    return hashlib.sha256(token.encode()).digest()
 
 
 def usage_amount(text_length: int, multiplier: float) -> int:

@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 import redis
 
+import tools.stress
 from daemon.config import Config, config_from_dict
 from daemon.embedded import EmbeddedServers
 from daemon.runtime.daemon import Daemon, open_daemon
@@ -66,12 +67,14 @@ def pg_url(servers: EmbeddedServers) -> Iterator[str]:
 
 @pytest.fixture
 def redis_url(servers: EmbeddedServers) -> str:
-    """The session's Redis, emptied for this test."""
+    """The session's Redis, emptied for this test. Users the test creates (``add_user``) are
+    mirrored to it, as ``tts-daemon user add`` does."""
     client = redis.Redis.from_url(servers.redis.url)
     try:
         client.flushall()
     finally:
         client.close()
+    tools.stress.DEFAULT_REDIS_URL = servers.redis.url
     return servers.redis.url
 
 
@@ -80,6 +83,8 @@ def make_config(tmp_path: Path, **sections: dict) -> Config:
     base: dict[str, dict] = {
         "data": {"dir": str(tmp_path / "data")},
         "gateway": {"ws_port": 0, "http_port": 0, "close_grace_s": 1.0},
+        "ops": {"port": 0},
+        "holds": {"check_s": 0.2, "reap_interval_s": 0.5},
         "redis": {"block_s": 0.2},
         "workers": {"simulated": 2, "latency_ms": 5.0, "jitter_ms": 2.0, "scan_interval_s": 0.2},
         "hot": {"heartbeat_s": 0.5, "consumer_ttl_s": 3.0},

@@ -298,8 +298,9 @@ async def test_hot_path_delivers_while_postgres_is_stopped_and_billing_catches_u
                 await client.until(lambda _: len(client.terminal("doc")) == n, timeout_s=30)
                 assert {f["status"] for f in client.terminal("doc").values()} == {"cached"}
                 async with httpx.AsyncClient(base_url=daemon.addresses.http_url) as http:
-                    health = await http.get("/healthz")
                     audio = await http.get(client.terminal("doc")[0]["audio_url"])
+                async with httpx.AsyncClient(base_url=daemon.addresses.ops_url) as http:
+                    health = await http.get("/healthz")
                 assert audio.status_code == 200
                 assert health.status_code == 200, "gateway and hot path are up"
                 assert health.json()["billing_queue_depth"] == n, "billing waits in Redis"

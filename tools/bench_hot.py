@@ -500,7 +500,10 @@ dir = "{workdir / "data"}"
 [gateway]
 ws_port = 0
 http_port = 0
+max_frames_per_s = 100000
 rate_limit_blocks_per_min = 1000000
+[ops]
+port = 0
 [redis]
 url = "{redis_url}"
 [postgres]

@@ -526,6 +526,7 @@ class DaemonSlot:
     log: Path
     proc: trio.Process | None = None
     starts: int = 0
+    ops_port: int = 0  # /healthz (docs/operations.md: the operations listener)
 
     @property
     def ws_url(self) -> str:
@@ -647,6 +648,7 @@ class Chaos:
                 f"daemon-{i}", _free_port(), _free_port(), d / "daemon.toml",
                 d / "events.jsonl", d / "daemon.log",
             )  # fmt: skip
+            slot.ops_port = _free_port()
             slot.config.write_text(
                 f"""
 [data]
@@ -655,6 +657,9 @@ dir = {json.dumps(str(data))}
 ws_port = {slot.ws_port}
 http_port = {slot.http_port}
 rate_limit_blocks_per_min = 1000000
+max_frames_per_s = 100000
+[ops]
+port = {slot.ops_port}
 close_grace_s = 1.0
 variant_secret_path = {json.dumps(str(secret))}
 [redis]
@@ -711,7 +716,7 @@ events_path = {json.dumps(str(slot.events))}
 
     async def _healthy(self, slot: DaemonSlot, *, services: bool = True) -> bool:
         try:
-            status, body = await http_get(slot.http_port, "/healthz")
+            status, body = await http_get(slot.ops_port, "/healthz")
         except (OSError, trio.TooSlowError, ValueError, IndexError):
             return False
         if status != 200:

@@ -119,22 +119,46 @@ def pg_query(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
     return asyncio.run(q())
 
 
+# Where setup_database mirrors the users it creates when no redis_url is given (tests set it to
+# their Redis, so every user they create can connect at once, as after `tts-daemon user add`).
+DEFAULT_REDIS_URL: str | None = None
+
+
 def setup_database(
-    url: str, names: Sequence[str], plan: str = "plus", *, migrate: bool = True
+    url: str,
+    names: Sequence[str],
+    plan: str = "plus",
+    *,
+    migrate: bool = True,
+    redis_url: str | None = None,
 ) -> list[tuple[int, str]]:
     """Apply the migrations (unless ``migrate`` is False) and create one user per name on
-    ``plan``, through the daemon's own code; returns (id, token) per user. Synchronous: tools and
-    tests call it from a thread."""
+    ``plan``, through the daemon's own code, mirrored to Redis as ``user add`` does (to
+    ``redis_url``, else :data:`DEFAULT_REDIS_URL`, else not); returns (id, token) per user.
+    Synchronous: tools and tests call it from a thread."""
     import asyncpg
+    import redis.asyncio as aioredis
 
+    from daemon.stores.mirror import aio_mirror_users
     from daemon.stores.pg import _add_user, _init_connection, _migrate
+    from daemon.stores.redis import RedisStore
+
+    redis_url = redis_url or DEFAULT_REDIS_URL
 
     async def go() -> list[tuple[int, str]]:
         pool = await asyncpg.create_pool(url, min_size=1, max_size=1, init=_init_connection)
         try:
             if migrate:
                 await _migrate(pool)
-            return [await _add_user(pool, name, plan) for name in names]
+            users = [await _add_user(pool, name, plan) for name in names]
+            if users and redis_url:
+                client = aioredis.Redis.from_url(redis_url)
+                try:
+                    store = RedisStore(client, url=redis_url, command_timeout_s=10.0)
+                    await aio_mirror_users(pool, store, [u for u, _ in users])
+                finally:
+                    await client.aclose()
+            return users
         finally:
             await pool.close()
 
@@ -363,7 +387,10 @@ dir = "{run_dir / "data"}"
 [gateway]
 ws_port = 0
 http_port = 0
+max_frames_per_s = 100000
 rate_limit_blocks_per_min = 100000
+[ops]
+port = 0
 [postgres]
 request_pool_size = {p.request_pool_size}
 billing_pool_size = {p.billing_pool_size}
@@ -405,7 +432,7 @@ async def run_one(arch: str, p: Params, work: Path, say: Any) -> dict[str, Any]:
         assert servers.redis is not None and servers.postgres is not None
         redis_url, pg_url = servers.redis.url, servers.postgres.url
         names = [f"listener-{i}" for i in range(p.users)] + ["probe"]
-        users = await in_thread(setup_database, pg_url, names)
+        users = await in_thread(lambda: setup_database(pg_url, names, redis_url=redis_url))
         config = run_dir / "daemon.toml"
         write_config(config, run_dir, p)
         return await _run_with_servers(

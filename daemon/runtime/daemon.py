@@ -27,8 +27,10 @@ import attrs
 import trio
 
 from daemon.billing.consumer import BillingConsumer
+from daemon.billing.mirror import MirrorService
 from daemon.config import Config
 from daemon.gateway.hashing import VariantHasher
+from daemon.gateway.http import HttpApp, serve_ops
 from daemon.gateway.service import Gateway, GatewayAddresses
 from daemon.hot.consumer import HotConsumer
 from daemon.ops.dashboard import Dashboard
@@ -78,7 +80,10 @@ class Daemon:
     gateway: Gateway | None = None
     hot: HotConsumer | None = None
     billing: BillingConsumer | None = None
+    mirror: MirrorService | None = None
     addresses: GatewayAddresses | None = None
+    # Whether Postgres answered the last health check (None: not checked yet).
+    postgres_up: bool | None = None
     gateway_stopping: trio.Event = attrs.Factory(trio.Event)
     workers_stopping: trio.Event = attrs.Factory(trio.Event)
     consumers_stopping: trio.Event = attrs.Factory(trio.Event)
@@ -224,14 +229,12 @@ class Daemon:
                 pool_timeout_s=cfg.redis.pool_timeout_s,
                 command_timeout_s=cfg.redis.command_timeout_s,
             ) as store,
+            # The admin pool: migrations, the catalog, the mirror's copies, health checks. The
+            # request path does not use it (it reads Redis only).
             open_pg_pool(
                 self.pg_url,
                 size=cfg.postgres.request_pool_size,
-                # Open every connection at start: a connection made under load pays its
-                # authentication (SCRAM) on the request path, right in the middle of a burst.
-                min_size=cfg.postgres.request_pool_size,
-                # Its queries leave no session state (the migration lock is transaction-scoped):
-                # no reset round trip on every release, on every synthesize.
+                min_size=1,
                 reset_session=False,
                 acquire_timeout_s=cfg.postgres.acquire_timeout_s,
                 command_timeout_s=cfg.postgres.command_timeout_s,
@@ -262,34 +265,52 @@ class Daemon:
                     monitor = self.monitor_service()
                     if monitor is not None:
                         await consumers.start(sup.supervise, monitor)
+                    # The mirror is whole before the gateway accepts a handshake.
+                    self.mirror = MirrorService(store, db, cfg.holds, self.events, self.metrics)
+                    await consumers.start(
+                        sup.supervise,
+                        ServiceSpec(
+                            "mirror",
+                            functools.partial(self.mirror.run, stopping=self.consumers_stopping),
+                            critical=False,
+                        ),
+                    )
                     async with trio.open_nursery() as workers:
                         for spec in self.worker_services():
                             await workers.start(sup.supervise, spec)
                         async with trio.open_nursery() as front:
-                            self.gateway = Gateway(
-                                cfg=cfg.gateway,
-                                store=store,
-                                db=db,
-                                catalog=catalog,
-                                hasher=hasher,
-                                events=self.events,
-                                metrics=self.metrics,
-                                health=self.health,
-                                refresh_metrics=self.refresh_metrics,
-                                dashboard=self.dashboard,
-                                priority=self.priority,
-                            )
+                            self.gateway = self.make_gateway(store, db, catalog, hasher)
                             run_gateway = functools.partial(
                                 self.gateway.run, stopping=self.gateway_stopping
                             )
-                            self.addresses = await front.start(
+                            addresses = await front.start(
                                 sup.supervise, ServiceSpec("gateway", run_gateway)
+                            )
+                            ops_app = HttpApp(
+                                health=self.health,
+                                refresh_metrics=self.refresh_metrics,
+                                registry=self.metrics.registry,
+                                dashboard=self.dashboard,
+                            )
+                            run_ops = functools.partial(
+                                serve_ops,
+                                ops_app,
+                                cfg.ops.host,
+                                cfg.ops.port,
+                                stopping=self.gateway_stopping,
+                            )
+                            ops_port = await front.start(
+                                sup.supervise, ServiceSpec("ops", run_ops, critical=False)
+                            )
+                            self.addresses = attrs.evolve(
+                                addresses, ops_host=cfg.ops.host, ops_port=ops_port
                             )
                             self.events.emit(
                                 "daemon_started",
                                 instance=self.instance_id,
                                 ws_url=self.addresses.ws_url,
                                 http_url=self.addresses.http_url,
+                                ops_url=self.addresses.ops_url,
                                 migrations_applied=applied,
                             )
                             task_status.started(self)
@@ -306,6 +327,23 @@ class Daemon:
                     # Stage 3: the hot path drains what it claimed; billing finishes its batch.
                     self.consumers_stopping.set()
             self.events.emit("daemon_stopped", instance=self.instance_id)
+
+    def make_gateway(
+        self, store: RedisStore, db: PgPool, catalog: Any, hasher: VariantHasher
+    ) -> Gateway:
+        """The gateway (``tools/baseline_gateway.py`` overrides this with the old
+        Postgres-checked request path, for the benchmark only)."""
+        assert self.mirror is not None
+        return Gateway(
+            cfg=self.cfg.gateway,
+            store=store,
+            catalog=catalog,
+            hasher=hasher,
+            events=self.events,
+            metrics=self.metrics,
+            missing_mirror=self.mirror.want,
+            priority=self.priority,
+        )
 
     def _variant_secret_path(self) -> Path:
         if self.cfg.gateway.variant_secret_path:
@@ -344,17 +382,40 @@ class Daemon:
         if self._failure_log.due(what) is not None:
             self.events.error("http", f"{what}: {describe(exc)}")
 
+    async def postgres_ok(self) -> bool:
+        """One ``SELECT 1`` on the admin pool, within a second."""
+        if self.request_db is None:
+            return False
+        try:
+            with trio.fail_after(1.0):
+                await self.request_db.fetchval("SELECT 1")
+        except Exception:
+            self.postgres_up = False
+            return False
+        self.postgres_up = True
+        return True
+
     async def health(self) -> tuple[dict[str, Any], bool]:
-        """``GET /healthz``: each service's state, ``billing_queue_depth`` and pool use; healthy
-        (200) when the gateway and the hot path run, else 503."""
+        """``GET /healthz``: each service's state, ``billing_queue_depth``, pool use, whether
+        Postgres answers, open holds; healthy (200) when the gateway and the hot path run, else
+        503. ``status`` is ``ok``, ``degraded`` (Postgres down: audio is served, billing waits)
+        or ``unavailable``."""
         services = {name: st.as_dict() for name, st in self.supervisor.states.items()}
         healthy = (
             all(self.supervisor.state(name) == "running" for name in ("gateway", "hot"))
             and not self.gateway_stopping.is_set()
         )
         rec = self.stats.reconciliation
+        postgres = await self.postgres_ok()
+        status = "unavailable" if not healthy else "ok" if postgres else "degraded"
         report = {
-            "status": "ok" if healthy else "unavailable",
+            "status": status,
+            "postgres": "up" if postgres else "down",
+            "holds": {
+                "open": self.mirror.open_holds if self.mirror else None,
+                "oldest_s": round(self.mirror.oldest_hold_s, 3) if self.mirror else None,
+                "expired": self.mirror.expired if self.mirror else 0,
+            },
             "instance": self.instance_id,
             "services": services,
             "billing_queue_depth": await self.billing_depth(),
