@@ -6,6 +6,7 @@ Postgres and Redis are reached from tests through their own clients in a worker 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -22,6 +23,7 @@ from tools.stress import pg_query, redis_cmd, setup_database
 __all__ = [
     "WsClient",
     "add_user",
+    "credit",
     "handshake_status",
     "pg_fetch",
     "pg_val",
@@ -43,10 +45,37 @@ async def pg_val(url: str, sql: str, *args: Any) -> Any:
     return next(iter(rows[0].values())) if rows else None
 
 
-async def add_user(url: str, name: str, plan: str = "plus") -> tuple[int, str]:
-    """Create a user through the daemon's own code path; returns (id, token)."""
-    ((user_id, token),) = await _in_thread(lambda: setup_database(url, [name], plan, migrate=False))
+async def add_user(
+    url: str, name: str, plan: str = "plus", *, redis_url: str | None = None
+) -> tuple[int, str]:
+    """Create a user through the daemon's own code path, mirrored to Redis as ``user add``
+    does (to ``redis_url``, else the test's Redis); returns (id, token)."""
+    ((user_id, token),) = await _in_thread(
+        lambda: setup_database(url, [name], plan, migrate=False, redis_url=redis_url)
+    )
     return user_id, token
+
+
+async def credit(pg_url: str, redis_url: str, user_id: int, voice_chars: int) -> None:
+    """``tts-daemon credit``'s own code: purchased characters in Postgres, then the mirror."""
+    import redis.asyncio as aioredis
+
+    from daemon.stores.mirror import aio_mirror_users
+    from daemon.stores.pg import _credit, _init_connection
+    from daemon.stores.redis import RedisStore
+
+    async def go() -> None:
+        pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=1, init=_init_connection)
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            await _credit(pool, user_id, voice_chars)
+            store = RedisStore(client, url=redis_url, command_timeout_s=10.0)
+            await aio_mirror_users(pool, store, [user_id])
+        finally:
+            await client.aclose()
+            await pool.close()
+
+    await _in_thread(lambda: asyncio.run(go()))
 
 
 async def handshake_status(

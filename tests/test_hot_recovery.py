@@ -284,7 +284,7 @@ async def test_hot_path_delivers_while_postgres_is_stopped_and_billing_catches_u
         n = 10
         async with open_daemon(cfg, redis_url, pg_url) as daemon:
             events = Events(daemon)
-            _, token = await add_user(pg_url, "mia", "plus")
+            _, token = await add_user(pg_url, "mia", "plus", redis_url=redis_url)
             assert daemon.addresses is not None
             async with WsClient.connect(daemon.addresses.ws_url, token) as client:
                 await client.synthesize("doc", texts(n))
