@@ -32,7 +32,7 @@ from daemon.runtime.daemon import Daemon
 from daemon.runtime.supervisor import ServiceSpec
 from daemon.stores.ledger import record_usage
 from daemon.stores.pg import PgPool
-from daemon.stores.redis import FinalizeArgs
+from daemon.stores.redis import FinalizeArgs, mirror_call
 
 __all__ = ["InlineDaemon", "InlineHotConsumer", "bill_one"]
 
@@ -135,9 +135,13 @@ class InlineHotConsumer(HotConsumer):
             else:
                 bills.append(None)
         outcomes = await self._finalize(prepared)
+        await self._update_holds(prepared, outcomes)
         for event, (outcome, _) in zip(bills, outcomes, strict=True):
             if event is not None and outcome == "finalized":
                 await self._bill(event)
+                # the hold this job placed is settled by its bill, as the billing consumer does
+                # (the mirror's usage is refreshed by the daemon's mirror service, not here)
+                await self.store.write_mirror([mirror_call(event.user_id, None, [event.event_id])])
 
     async def _bill(self, event: BillingEvent) -> None:
         assert self.db is not None

@@ -82,6 +82,9 @@ class Daemon:
     billing: BillingConsumer | None = None
     mirror: MirrorService | None = None
     addresses: GatewayAddresses | None = None
+    # Connections the admin pool opens at start (None: all; the benchmark's baseline, whose
+    # request path uses it, opens all as the old request pool did).
+    admin_pool_min: int | None = 1
     # Whether Postgres answered the last health check (None: not checked yet).
     postgres_up: bool | None = None
     gateway_stopping: trio.Event = attrs.Factory(trio.Event)
@@ -234,7 +237,7 @@ class Daemon:
             open_pg_pool(
                 self.pg_url,
                 size=cfg.postgres.request_pool_size,
-                min_size=1,
+                min_size=self.admin_pool_min or cfg.postgres.request_pool_size,
                 reset_session=False,
                 acquire_timeout_s=cfg.postgres.acquire_timeout_s,
                 command_timeout_s=cfg.postgres.command_timeout_s,
