@@ -658,10 +658,10 @@ ws_port = {slot.ws_port}
 http_port = {slot.http_port}
 rate_limit_blocks_per_min = 1000000
 max_frames_per_s = 100000
-[ops]
-port = {slot.ops_port}
 close_grace_s = 1.0
 variant_secret_path = {json.dumps(str(secret))}
+[ops]
+port = {slot.ops_port}
 [redis]
 url = {json.dumps(self.redis_url)}
 block_s = 0.5

@@ -405,11 +405,15 @@ class RedisStore:
 
     async def holders(self) -> list[int]:
         """The users with open holds (a SCAN of the holds keys: for the reaper and reports)."""
+        return await self.users_with(Keys.HOLDS_PREFIX)
+
+    async def users_with(self, prefix: str) -> list[int]:
+        """The user ids of the keys ``prefix{user}`` (SCAN: never blocks Redis for long)."""
 
         async def scan() -> list[int]:
             out = []
-            async for key in self._client.scan_iter(match=Keys.HOLDS_PREFIX + "*", count=1000):
-                tail = key[len(Keys.HOLDS_PREFIX) :]
+            async for key in self._client.scan_iter(match=prefix + "*", count=1000):
+                tail = key[len(prefix) :]
                 if tail.isdigit():
                     out.append(int(tail))
             return sorted(out)
