@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -373,3 +374,47 @@ def test_request_path_modules_do_not_name_postgres() -> None:
     for path in root.rglob("*.py"):
         text = path.read_text()
         assert not [w for w in forbidden if w in text], f"{path} reaches Postgres"
+
+
+# -- reconciliation -----------------------------------------------------------------------------
+
+
+async def test_dashboard_shows_open_holds_and_turns_amber_past_their_ttl(
+    tmp_path: Path, pg_url: str, redis_url: str
+) -> None:
+    import httpx
+
+    from daemon.ops.report import _servers_part
+
+    cfg = make_config(
+        tmp_path, workers={"simulated": 0}, holds={"ttl_s": 0.3, "reap_interval_s": 0.1}
+    )
+    user_id, token = await add_user(pg_url, "waiting", "free")
+    async with open_daemon(cfg, redis_url, pg_url) as d:
+        assert d.addresses is not None
+        async with WsClient.connect(d.addresses.ws_url, token) as client:
+            await client.synthesize("doc", _texts("wait", 3, 100))
+            await client.until(lambda _: len(client.statuses("doc")) == 3)
+
+            async def holds() -> dict[str, Any]:
+                async with httpx.AsyncClient(base_url=d.addresses.ops_url) as http:
+                    return (await http.get("/dashboard/data")).json()["holds"]
+
+            # queued longer than the TTL: not expired (its job is there), but amber
+            amber = await wait_until(
+                lambda: _graded(holds, "amber"), what="the holds tile to turn amber"
+            )
+            assert amber["open"] == 3
+            # tools/report.sh's part of it, beside the running daemon
+            servers = await trio.to_thread.run_sync(
+                trio.run, _servers_part, cfg, redis_url, pg_url, []
+            )
+    part = servers["holds"]
+    assert part["open"] == 3
+    assert part["users"][str(user_id)]["held"] == {"server_kokoro": 300}
+    assert part["mismatched"] == []
+
+
+async def _graded(holds: Any, grade: str) -> Any:
+    h = await holds()
+    return h if h["grade"] == grade else None

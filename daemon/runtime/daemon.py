@@ -464,7 +464,24 @@ class Daemon:
         data["pools"] = self.pools()
         data["connections"] = self.gateway.connection_count if self.gateway else 0
         data["events"] = {"written": self.events.written, "dropped": self.events.dropped}
+        data["holds"] = self.holds_summary()
         return data
+
+    def holds_summary(self) -> dict[str, Any]:
+        """Open holds (as of the reaper's last pass), the oldest one's age against
+        ``holds.ttl_s`` (older: amber), and holds settled, released and expired so far."""
+        m = self.mirror
+        sample = self.metrics.registry.get_sample_value
+        oldest = m.oldest_hold_s if m else 0.0
+        return {
+            "open": m.open_holds if m else None,
+            "oldest_s": round(oldest, 3),
+            "ttl_s": self.cfg.holds.ttl_s,
+            "grade": "amber" if oldest > self.cfg.holds.ttl_s else "green",
+            "settled": sample("tts_holds_settled_total") or 0,
+            "released": sample("tts_holds_released_total") or 0,
+            "expired": m.expired if m else 0,
+        }
 
 
 @contextlib.asynccontextmanager
