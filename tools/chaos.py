@@ -83,6 +83,7 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
 }
 TWO_DAEMON_SCENARIOS = ("two-daemons", "mixed")
 SIGTERM_DEADLINE_S = 10.0  # docs/tts-flow.md
+HOLDS_TTL_S = 5.0  # a hold whose job vanished expires this soon here (docs/billing.md)
 CLOCK_KEY = "chaos:clock"
 
 
@@ -662,6 +663,9 @@ close_grace_s = 1.0
 variant_secret_path = {json.dumps(str(secret))}
 [ops]
 port = {slot.ops_port}
+[holds]
+ttl_s = {HOLDS_TTL_S}
+reap_interval_s = 1.0
 [redis]
 url = {json.dumps(self.redis_url)}
 block_s = 0.5
@@ -1098,6 +1102,10 @@ events_path = {json.dumps(str(slot.events))}
                 "dlq": int(client.llen("tts:dlq:kokoro")),
                 "billing_dead": int(client.llen("tts:billing:dead")),
                 "results_dead": int(client.llen("tts:results:dead")),
+                # usage holds still open (docs/billing.md): 0 once everything is billed
+                "holds_open": sum(
+                    int(client.hget(k, "n") or 0) for k in client.scan_iter(match="tts:holds:*")
+                ),
             }
         finally:
             client.close()
@@ -1153,6 +1161,12 @@ events_path = {json.dumps(str(slot.events))}
         phantom = sum(len(v) for v in by_key.values())
         counters = await in_thread(self._counters_match, sorted(users))
         state = await in_thread(self._redis_state)
+        # Holds end by their bills (already drained) or expire: a daemon killed between its
+        # finalize and its holds update leaves a hold the reaper takes after holds.ttl_s.
+        with trio.move_on_after(HOLDS_TTL_S + 10):
+            while state["holds_open"]:
+                await trio.sleep(0.5)
+                state = await in_thread(self._redis_state)
         events_unbilled = self._events_log_unbilled({r["event_id"] for r in rows})
         lost = c["undelivered"] + c["delivered_unbilled"] + c["terminal_error"]
         recover = [r.recover_s for r in self.records if r.recover_s is not None]
@@ -1176,6 +1190,7 @@ events_path = {json.dumps(str(slot.events))}
             "counters_match_usage_log": counters,
             "billing_drained": self.pipeline_quiet,
             "no_dead_letters": state["billing_dead"] == 0 and state["results_dead"] == 0,
+            "holds_reconciled_to_0": state["holds_open"] == 0,
             "events_log_reconciles": events_unbilled == 0,
             "recovered_from_every_fault": all(r.recover_s is not None for r in self.records),
             "sigterm_exit_0_within_10s": all(x["ok"] for x in self.sigterm_exits),
@@ -1215,6 +1230,7 @@ events_path = {json.dumps(str(slot.events))}
             "billed": len(rows),
             "lost": lost,
             "double_billed": c["double_billed"],
+            "holds_open": state["holds_open"],
             "wrong_amount": c["wrong_amount"],
             "undelivered": c["undelivered"],
             "delivered_unbilled": c["delivered_unbilled"],
