@@ -54,6 +54,7 @@ def write_config(tmp_path: Path, redis_url: str, pg_url: str, **sections: dict[s
     base: dict[str, dict[str, Any]] = {
         "data": {"dir": str(tmp_path / "data")},
         "gateway": {"ws_port": 0, "http_port": 0, "close_grace_s": 1.0},
+        "ops": {"port": 0},
         "redis": {"url": redis_url, "block_s": 0.2},
         "postgres": {"url": pg_url},
         "workers": {"simulated": 2, "latency_ms": 5.0, "jitter_ms": 2.0, "scan_interval_s": 0.2},
