@@ -27,8 +27,9 @@ from daemon.stores.ledger import (
     record_usage,
 )
 from daemon.stores.pg import _init_connection
-from tests.helpers import add_user, billing_event, pg_fetch, pg_val
-from tools.inline import bill_one
+from daemon.testing.stores import add_user, pg_fetch, pg_val
+from daemon.testing.unbatched import bill_one
+from tests.helpers import billing_event
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -512,8 +513,10 @@ def test_batch_split_keeps_users_whole_on_one_connection_within_users_per_txn(
     batch = [rng.randint(1, users) for _ in range(200)]  # the users of 200 events
     counts = {u: batch.count(u) for u in set(batch)}
     consumer = BillingConsumer(
-        store=None,  # type: ignore[arg-type]
-        pg_url="",
+        pool=None,  # type: ignore[arg-type]
+        reader=None,  # type: ignore[arg-type]
+        redis=None,  # type: ignore[arg-type]
+        usage_types={},
         pg_cfg=PostgresConfig(billing_pool_size=pool),
         cfg=BillingConfig(users_per_txn=per_txn),
         events=None,  # type: ignore[arg-type]

@@ -20,17 +20,19 @@ from trio_websocket import ConnectionClosed
 from daemon.config import Config
 from daemon.contracts import Keys
 from daemon.runtime.daemon import Daemon, open_daemon
-from tests.conftest import make_config
-from tests.gateway_helpers import ManualWorker
-from tests.helpers import (
-    WsClient,
-    add_user,
-    credit,
-    handshake_status,
-    redis_call,
-    usage_rows,
-    wait_until,
-)
+from daemon.testing.client import WsClient, handshake_status
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user, in_thread, redis_call
+from daemon.testing.stores import credit as credit_sync
+from daemon.testing.waiting import wait_until
+from daemon.testing.worker import ManualWorker
+from tests.helpers import usage_rows
+
+
+async def credit(pg_url: str, redis_url: str, user_id: int, voice_chars: int) -> None:
+    """``tts-daemon credit``'s own code, in a thread."""
+    await in_thread(credit_sync, pg_url, redis_url, user_id, voice_chars)
+
 
 FREE_KOKORO = 20_000
 

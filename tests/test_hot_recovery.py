@@ -18,18 +18,13 @@ import trio
 from daemon.embedded import EmbeddedServers
 from daemon.runtime.daemon import Daemon, open_daemon
 from daemon.stores.redis import RedisStore
-from tests.conftest import make_config
-from tests.helpers import (
-    Events,
-    WsClient,
-    add_user,
-    usage_rows,
-    usage_rows_at_least,
-    wait_until,
-)
+from daemon.testing.client import WsClient
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user, setup_database
+from daemon.testing.waiting import wait_until
+from daemon.testing.worker import pull_n, push, r, result_json, settle
+from tests.helpers import Events, usage_rows, usage_rows_at_least
 from tests.test_hot import NOTHING_LEFT, leftovers
-from tests.worker_side import pull_n, push, r, result_json, settle
-from tools.stress import setup_database
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -179,8 +174,9 @@ async def test_finalizing_is_bounded_by_concurrency_and_grouped(
     daemon_ref: list[Daemon] = []
 
     async def observe(point: str) -> None:
-        if point == "finalize" and daemon_ref and daemon_ref[0].hot is not None:
-            peak["in_flight"] = max(peak["in_flight"], daemon_ref[0].hot.in_flight)
+        hot = daemon_ref[0].handle("hot") if daemon_ref else None
+        if point == "finalize" and hot is not None:
+            peak["in_flight"] = max(peak["in_flight"], hot.in_flight)
             await trio.sleep(0.02)  # a slow Redis: groups overlap
 
     cfg = make_config(

@@ -7,8 +7,8 @@ looks the token up in Postgres (remembered for 60 s, as the old gateway's token 
 ``enqueue.lua`` — both in one asyncio unit of work, one crossing, as before. The request-pool wait
 is observed into ``tts_request_pool_wait_seconds``, as before.
 
-Never part of ``tts-daemon run``: :class:`BaselineDaemon` is a :class:`Daemon` whose
-``make_gateway`` builds :class:`PostgresCheckedGateway`.
+Never part of ``tts-daemon run``: :func:`baseline_services` is the daemon's service list with
+:class:`PostgresCheckedGateway` as its gateway (``open_daemon(..., services=baseline_services)``).
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ import attrs
 import trio
 import trio_asyncio
 
+from daemon.config import Config
 from daemon.gateway.service import Gateway
-from daemon.runtime.daemon import Daemon
+from daemon.runtime.services import Deps, build_services, gateway_service
+from daemon.runtime.supervisor import ServiceSpec
 from daemon.stores.pg import PgPool, fetch_budget
 from daemon.stores.redis import RedisStore, enqueue_call, enqueue_reply
 
-__all__ = ["BaselineDaemon", "PostgresCheckedGateway"]
+__all__ = ["PostgresCheckedGateway", "baseline_services"]
 
 
 async def _check_and_enqueue(
@@ -95,24 +97,20 @@ class PostgresCheckedGateway(Gateway):
         return enqueue_reply(reply)
 
 
-class BaselineDaemon(Daemon):
-    """A daemon whose gateway checks Postgres on the request path (the benchmark's baseline).
-    Its request pool opens every connection at start, as the old one did."""
-
-    def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
-        self.admin_pool_min = None
-
-    def make_gateway(self, store: RedisStore, db: PgPool, catalog: Any, hasher: Any) -> Gateway:
-        assert self.mirror is not None
-        return PostgresCheckedGateway(
-            cfg=self.cfg.gateway,
-            store=store,
-            catalog=catalog,
-            hasher=hasher,
-            events=self.events,
-            metrics=self.metrics,
-            missing_mirror=self.mirror.want,
-            priority=self.priority,
-            db=db,
-        )
+def baseline_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
+    """The daemon's services with the Postgres-checked gateway in place of the gateway (the
+    benchmark's baseline; the request pool is the daemon's admin pool, opened on first use and
+    warmed up by the benchmark's first round)."""
+    gateway = PostgresCheckedGateway(
+        cfg=cfg.gateway,
+        store=deps.store,
+        catalog=deps.catalog,
+        hasher=deps.hasher,
+        events=deps.events,
+        metrics=deps.metrics,
+        missing_mirror=deps.mirror.want,
+        priority=deps.priority,
+        db=deps.request_db,
+    )
+    baseline = gateway_service(cfg, deps, gateway)
+    return [baseline if s.name == "gateway" else s for s in build_services(cfg, deps)]

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -53,13 +54,16 @@ import trio_asyncio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.cli import serve_until_signalled
-from daemon.config import HotConfig, load_config
+from daemon.config import Config, HotConfig, load_config
 from daemon.contracts import BillingEvent, ContractError, Job, Keys, Result
 from daemon.runtime.daemon import Daemon
+from daemon.runtime.services import Deps, build_services
 from daemon.runtime.supervisor import ServiceSpec
 from daemon.stores.redis import RedisStore, open_redis
-from tools.figures import summary
-from tools.stress import setup_database
+from daemon.testing.client import connect
+from daemon.testing.config import write_config
+from daemon.testing.figures import summary
+from daemon.testing.stores import setup_database
 
 MODEL = "kokoro"
 NOTIFY_LUA = (
@@ -131,23 +135,17 @@ async def run_baseline_hot(
             nursery.start_soon(handle_and_release, raw, token)
 
 
-class BaselineDaemon(Daemon):
-    def hot_service(self) -> ServiceSpec:
-        assert self.store is not None
-        run = trio_partial(
-            run_baseline_hot,
-            self.store,
-            self.cfg.hot,
-            block_s=self.cfg.redis.block_s,
-            stopping=self.consumers_stopping,
-        )
-        return ServiceSpec("hot", run)
-
-
-def trio_partial(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    import functools
-
-    return functools.partial(fn, *args, **kwargs)
+def baseline_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
+    """The daemon's services with the baseline result consumer in place of the hot path."""
+    run = functools.partial(
+        run_baseline_hot,
+        deps.store,
+        cfg.hot,
+        block_s=cfg.redis.block_s,
+        stopping=deps.stopping.consumers,
+    )
+    baseline = ServiceSpec("hot", run)
+    return [baseline if s.name == "hot" else s for s in build_services(cfg, deps)]
 
 
 # -- serving a daemon (the subprocess side) ----------------------------------------------------
@@ -155,8 +153,9 @@ def trio_partial(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 async def serve(kind: str, config_path: str) -> None:
     cfg = load_config(config_path)
-    cls = BaselineDaemon if kind == "baseline" else Daemon
-    await serve_until_signalled(cls(cfg, cfg.redis.url, cfg.postgres.url), name=kind)
+    services = baseline_services if kind == "baseline" else build_services
+    daemon = Daemon(cfg, cfg.redis.url, cfg.postgres.url, services=services)
+    await serve_until_signalled(daemon, name=kind)
 
 
 # -- the measuring side -----------------------------------------------------------------------
@@ -211,17 +210,14 @@ def texts_for(prefix: str, n: int) -> list[str]:
 
 @contextlib.asynccontextmanager
 async def listeners(ws_url: str, token: str, n: int) -> AsyncIterator[list[Listener]]:
-    from trio_websocket import open_websocket_url
-
-    headers = [("Authorization", f"Bearer {token}")]
     async with contextlib.AsyncExitStack() as stack:
         out = []
         nursery = await stack.enter_async_context(trio.open_nursery())
         for _ in range(n):
-            ws = await stack.enter_async_context(
-                open_websocket_url(ws_url, extra_headers=headers, message_queue_size=4096)
+            client = await stack.enter_async_context(
+                connect(ws_url, token, message_queue_size=4096, keep_frames=False)
             )
-            listener = Listener(ws)
+            listener = Listener(client.ws)
             nursery.start_soon(listener.run)
             out.append(listener)
         try:
@@ -299,7 +295,7 @@ async def measure_floor(store: RedisStore, n: int, audio_bytes: int) -> dict[str
                 await mover.execute("PUBLISH", f"{Keys.NOTIFY_PREFIX}0", str(i))
 
         nursery.start_soon(
-            trio_partial(store.listen_notifications, deliver, ready=lambda: ready.set())
+            functools.partial(store.listen_notifications, deliver, ready=lambda: ready.set())
         )
         await ready.wait()
         nursery.start_soon(move)
@@ -492,30 +488,18 @@ def _bench_token(pg_url: str) -> str:
     return setup_database(pg_url, ["bench"], "unlimited")[0][1]
 
 
-def write_config(path: Path, workdir: Path, redis_url: str, pg_url: str, args: Any) -> None:
-    path.write_text(
-        f"""
-[data]
-dir = "{workdir / "data"}"
-[gateway]
-ws_port = 0
-http_port = 0
-max_frames_per_s = 100000
-rate_limit_blocks_per_min = 1000000
-[ops]
-port = 0
-[redis]
-url = "{redis_url}"
-[postgres]
-url = "{pg_url}"
-[hot]
-concurrency = {args.concurrency}
-[workers]
-simulated = 0
-visibility_timeout_s = 3600
-[log]
-events_path = "{workdir / "events.jsonl"}"
-"""
+def write_daemon_config(path: Path, workdir: Path, redis_url: str, pg_url: str, args: Any) -> None:
+    """Both daemons' configuration: production defaults but these."""
+    write_config(
+        path,
+        workdir,
+        quick=False,
+        gateway={"rate_limit_blocks_per_min": 1000000, "max_frames_per_s": 100000},
+        redis={"url": redis_url},
+        postgres={"url": pg_url},
+        hot={"concurrency": args.concurrency},
+        workers={"simulated": 0, "visibility_timeout_s": 3600},
+        log={"events_path": str(workdir / "events.jsonl")},
     )
 
 
@@ -564,7 +548,7 @@ def run_all(args: argparse.Namespace, workdir: Path, out: dict[str, Any]) -> Non
         token = _bench_token(pg_url)
         redis_pid = servers.redis.pid() or 0
         config_path = workdir / "daemon.toml"
-        write_config(config_path, workdir, redis_url, pg_url, args)
+        write_daemon_config(config_path, workdir, redis_url, pg_url, args)
 
         async def bare() -> None:
             async with trio_asyncio.open_loop(), open_redis(redis_url) as store:

@@ -65,12 +65,15 @@ class MirrorService:
         return n
 
     async def run(
-        self, *, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        stopping: trio.Event,
+        task_status: trio.TaskStatus[MirrorService] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """``started()`` after the first full copy (so a daemon that accepts connections has
+        """``started(self)`` after the first full copy (so a daemon that accepts connections has
         its users' tokens in Redis); then keep it whole and reap holds until ``stopping``."""
         await self.rebuild()
-        task_status.started()
+        task_status.started(self)
         outage = Outage("mirror", self.events, max_s=self.cfg.check_s * 5)
         next_reap = trio.current_time()
         while not stopping.is_set():

@@ -1,7 +1,11 @@
-"""The daemon: one Trio process, one trio-asyncio loop, a supervised nursery per service.
+"""The daemon: wiring and staged stop. One Trio process, one trio-asyncio loop, and a supervised
+nursery per service.
 
-Services open in dependency order — events log, stores, consumers, workers, gateway — so that
-shutdown runs in reverse on its own and in stages (docs/tts-flow.md):
+The daemon opens what services share — the events log, the Redis store, the request pool (schema
+migrated, catalog read) — then runs the services a plain function builds
+(:func:`daemon.runtime.services.build_services`, or another list a tool passes) in three nested
+nurseries, one per stage, so that shutdown runs in reverse on its own and in stages
+(docs/tts-flow.md):
 
 1. the gateway stops accepting, lets each connection send what is queued, closes it (1001);
 2. simulated workers finish the job in hand and stop;
@@ -15,7 +19,6 @@ Redis (claimed results, pending billing events) for the next start, never droppe
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import secrets
 import socket
@@ -26,27 +29,22 @@ from typing import Any
 import attrs
 import trio
 
-from daemon.billing.consumer import BillingConsumer
 from daemon.billing.mirror import MirrorService
 from daemon.config import Config
 from daemon.gateway.hashing import VariantHasher
-from daemon.gateway.http import HttpApp, serve_ops
 from daemon.gateway.service import Gateway, GatewayAddresses
-from daemon.hot.consumer import HotConsumer
 from daemon.ops.dashboard import Dashboard
-from daemon.ops.events import EventLog, Throttle, describe
+from daemon.ops.events import EventLog, describe
+from daemon.ops.health import Health
 from daemon.ops.metrics import Metrics
-from daemon.ops.monitor import Monitor
 from daemon.ops.stats import OpsStats
 from daemon.runtime.faults import FaultPoint, no_fault
 from daemon.runtime.priority import RequestFirst
-from daemon.runtime.supervisor import ServiceSpec, Supervisor
+from daemon.runtime.services import BuildServices, Deps, Stopping, build_services
+from daemon.runtime.supervisor import STAGES, ServiceSpec, Supervisor
 from daemon.stores.bridge import open_bridge
-from daemon.stores.pg import PgPool, open_pg_pool
-from daemon.stores.redis import RedisStore, open_redis
-from daemon.workers.scanner import run_visibility_scanner
-from daemon.workers.simulated import SimulatedAdapter
-from daemon.workers.worker import run_worker
+from daemon.stores.pg import open_pg_pool
+from daemon.stores.redis import open_redis
 
 __all__ = ["Daemon", "open_daemon"]
 
@@ -61,9 +59,9 @@ def make_instance_id() -> str:
 class Daemon:
     """The daemon's wiring. ``redis_url``/``pg_url`` are resolved URLs (embedded or configured).
 
-    Subclasses may replace :meth:`hot_service` / :meth:`billing_service` — that is how
-    ``tools/inline.py`` builds the pre-split architecture for comparison without it ever being
-    part of ``tts-daemon run``.
+    ``services`` builds the list of services to run (default :func:`build_services`); what a
+    running service reported at start is :meth:`handle` (``addresses`` and ``gateway`` read the
+    gateway's).
     """
 
     cfg: Config
@@ -72,34 +70,18 @@ class Daemon:
     instance_id: str = attrs.Factory(make_instance_id)
     billing_fault: FaultPoint = no_fault
     hot_fault: FaultPoint = no_fault
+    services: BuildServices = build_services
     events: EventLog = attrs.field(init=False)
     metrics: Metrics = attrs.Factory(Metrics)
     supervisor: Supervisor = attrs.field(init=False)
-    store: RedisStore | None = None
-    request_db: PgPool | None = None
-    gateway: Gateway | None = None
-    hot: HotConsumer | None = None
-    billing: BillingConsumer | None = None
-    mirror: MirrorService | None = None
-    addresses: GatewayAddresses | None = None
-    # Connections the admin pool opens at start (None: all; the benchmark's baseline, whose
-    # request path uses it, opens all as the old request pool did).
-    admin_pool_min: int | None = 1
-    # Whether Postgres answered the last health check (None: not checked yet).
-    postgres_up: bool | None = None
-    gateway_stopping: trio.Event = attrs.Factory(trio.Event)
-    workers_stopping: trio.Event = attrs.Factory(trio.Event)
-    consumers_stopping: trio.Event = attrs.Factory(trio.Event)
-    stopped: trio.Event = attrs.Factory(trio.Event)
+    # Operations: the dashboard's statistics, fed by the events log.
+    stats: OpsStats = attrs.field(init=False)
     # The request path goes first (runtime/priority.py): shared by the gateway and the hot path.
     priority: RequestFirst = attrs.Factory(RequestFirst)
+    stopping: Stopping = attrs.Factory(Stopping)
+    stopped: trio.Event = attrs.Factory(trio.Event)
     _stop_requested: trio.Event = attrs.Factory(trio.Event)
-    _cancel_scope: trio.CancelScope | None = None
-    # Operations: the dashboard's statistics (fed by the events log) and the monitor service.
-    stats: OpsStats = attrs.field(init=False)
-    monitor: Monitor | None = None
-    _dashboard: Dashboard = attrs.field(init=False)
-    _failure_log: Throttle = attrs.Factory(Throttle)
+    _abort_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
 
     def __attrs_post_init__(self) -> None:
         log = self.cfg.log
@@ -109,7 +91,6 @@ class Daemon:
         self.supervisor = Supervisor(self.cfg.supervisor, self.events, self.metrics)
         self.stats = OpsStats(self.cfg.monitor, self.metrics)
         self.events.add_listener(self.stats.on_event)
-        self._dashboard = Dashboard(self.dashboard_data)
 
     # -- control ----------------------------------------------------------------------------
 
@@ -119,90 +100,46 @@ class Daemon:
 
     def abort(self) -> None:
         """Stop now, without draining (a second Ctrl-C)."""
-        if self._cancel_scope is not None:
-            self._cancel_scope.cancel()
+        self._abort_scope.cancel()
 
-    # -- services ---------------------------------------------------------------------------
+    # -- what the running services reported --------------------------------------------------
 
-    def hot_service(self) -> ServiceSpec:
-        assert self.store is not None
-        self.hot = HotConsumer(
-            store=self.store,
-            cfg=self.cfg.hot,
-            events=self.events,
-            metrics=self.metrics,
-            consumer_id=self.instance_id,
-            block_s=self.cfg.redis.block_s,
-            fault=self.hot_fault,
-            priority=self.priority,
-        )
-        return ServiceSpec("hot", functools.partial(self.hot.run, stopping=self.consumers_stopping))
+    def handle(self, name: str) -> Any:
+        """The handle service ``name`` reported at its current start (None while it is not
+        running): see daemon/runtime/services.py for each service's."""
+        return self.supervisor.handle(name)
 
-    def billing_service(self) -> ServiceSpec | None:
-        assert self.store is not None
-        self.billing = BillingConsumer(
-            store=self.store,
-            pg_url=self.pg_url,
-            pg_cfg=self.cfg.postgres,
-            cfg=self.cfg.billing,
-            events=self.events,
-            metrics=self.metrics,
-            consumer_name=self.instance_id,
-            block_s=self.cfg.redis.block_s,
-            fault=self.billing_fault,
-        )
-        return ServiceSpec(
-            "billing",
-            functools.partial(self.billing.run, stopping=self.consumers_stopping),
-            critical=False,
-            fail_start_up=False,
-        )
+    @property
+    def gateway(self) -> Gateway:
+        """The running gateway (RuntimeError while it is not running)."""
+        handle = self.handle("gateway")
+        if handle is None:
+            raise RuntimeError(f"the gateway is {self.supervisor.state('gateway')}")
+        return handle.gateway
 
-    def worker_services(self) -> list[ServiceSpec]:
-        assert self.store is not None
-        specs = []
-        for i in range(self.cfg.workers.simulated):
-            run = functools.partial(
-                run_worker,
-                self.store,
-                SimulatedAdapter(self.cfg.workers),
-                models=self.cfg.workers.models,
-                worker_id=f"{self.instance_id}-sim-{i}",
-                stopping=self.workers_stopping,
-            )
-            specs.append(ServiceSpec(f"worker-{i}", run, critical=False))
-        return specs
+    @property
+    def addresses(self) -> GatewayAddresses:
+        """The running gateway's bound ports, and the operations listener's (RuntimeError while
+        the gateway is not running)."""
+        handle = self.handle("gateway")
+        if handle is None:
+            raise RuntimeError(f"the gateway is {self.supervisor.state('gateway')}")
+        ops_port = self.handle("ops")
+        if ops_port is None:
+            return handle.addresses
+        return attrs.evolve(handle.addresses, ops_host=self.cfg.ops.host, ops_port=ops_port)
 
-    def monitor_service(self) -> ServiceSpec | None:
-        """The dashboard's sampler and the live reconciliation (``monitor.enabled``)."""
-        if not self.cfg.monitor.enabled:
-            return None
-        assert self.store is not None
-        self.monitor = Monitor(
-            store=self.store,
-            pg_url=self.pg_url,
-            pg_cfg=self.cfg.postgres,
-            cfg=self.cfg.monitor,
-            stats=self.stats,
-            events=self.events,
-            metrics=self.metrics,
-            models=self.cfg.workers.models,
-            connections=lambda: self.gateway.connection_count if self.gateway else 0,
-        )
-        # Observation only: it stops with the gateway, at the first stage of a shutdown.
-        return ServiceSpec(
-            "monitor",
-            functools.partial(self.monitor.run, stopping=self.gateway_stopping),
-            critical=False,
-            fail_start_up=False,
-        )
+    @property
+    def mirror(self) -> MirrorService | None:
+        """The running mirror service (docs/billing.md), or None."""
+        return self.handle("mirror")
 
     # -- running ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until :meth:`request_stop`; ``started(self)`` once every service is up and the
         gateway accepts connections. Raises if a critical service cannot start."""
-        with trio.CancelScope() as self._cancel_scope:
+        with self._abort_scope:
             bridge = open_bridge(
                 lambda message, detail: self.events.error("asyncio", message, **detail)
             )
@@ -224,7 +161,6 @@ class Daemon:
 
     async def _run_services(self, task_status: trio.TaskStatus[Daemon]) -> None:
         cfg = self.cfg
-        sup = self.supervisor
         async with (
             open_redis(
                 self.redis_url,
@@ -233,263 +169,108 @@ class Daemon:
                 command_timeout_s=cfg.redis.command_timeout_s,
             ) as store,
             # The admin pool: migrations, the catalog, the mirror's copies, health checks. The
-            # request path does not use it (it reads Redis only).
+            # request path reads no Postgres (docs/billing.md, "Holds and the entitlements
+            # mirror"); the benchmark's baseline gateway (tools/baseline_gateway.py) uses it as
+            # the old request pool. Its queries leave no session state: no reset round trip.
             open_pg_pool(
                 self.pg_url,
                 size=cfg.postgres.request_pool_size,
-                min_size=self.admin_pool_min or cfg.postgres.request_pool_size,
+                min_size=1,
                 reset_session=False,
                 acquire_timeout_s=cfg.postgres.acquire_timeout_s,
                 command_timeout_s=cfg.postgres.command_timeout_s,
             ) as db,
         ):
-            self.store, self.request_db = store, db
             with trio.fail_after(60):
                 applied = await db.migrate()
                 catalog = await db.catalog()
-            hasher = VariantHasher.from_file(self._variant_secret_path())
-            with trio.CancelScope() as services_scope:
-                async with trio.open_nursery() as consumers:
-                    scanner = functools.partial(
-                        run_visibility_scanner,
-                        store,
-                        cfg.workers,
-                        self.events,
-                        self.metrics,
-                        stopping=self.consumers_stopping,
-                    )
-                    await consumers.start(
-                        sup.supervise, ServiceSpec("scanner", scanner, critical=False)
-                    )
-                    await consumers.start(sup.supervise, self.hot_service())
-                    billing = self.billing_service()
-                    if billing is not None:
-                        await consumers.start(sup.supervise, billing)
-                    monitor = self.monitor_service()
-                    if monitor is not None:
-                        await consumers.start(sup.supervise, monitor)
-                    # The mirror is whole before the gateway accepts a handshake.
-                    self.mirror = MirrorService(store, db, cfg.holds, self.events, self.metrics)
-                    await consumers.start(
-                        sup.supervise,
-                        ServiceSpec(
-                            "mirror",
-                            functools.partial(self.mirror.run, stopping=self.consumers_stopping),
-                            critical=False,
-                        ),
-                    )
-                    async with trio.open_nursery() as workers:
-                        for spec in self.worker_services():
-                            await workers.start(sup.supervise, spec)
-                        async with trio.open_nursery() as front:
-                            self.gateway = self.make_gateway(store, db, catalog, hasher)
-                            run_gateway = functools.partial(
-                                self.gateway.run, stopping=self.gateway_stopping
-                            )
-                            addresses = await front.start(
-                                sup.supervise, ServiceSpec("gateway", run_gateway)
-                            )
-                            ops_app = HttpApp(
-                                health=self.health,
-                                refresh_metrics=self.refresh_metrics,
-                                registry=self.metrics.registry,
-                                dashboard=self.dashboard,
-                            )
-                            run_ops = functools.partial(
-                                serve_ops,
-                                ops_app,
-                                cfg.ops.host,
-                                cfg.ops.port,
-                                stopping=self.gateway_stopping,
-                            )
-                            ops_port = await front.start(
-                                sup.supervise, ServiceSpec("ops", run_ops, critical=False)
-                            )
-                            self.addresses = attrs.evolve(
-                                addresses, ops_host=cfg.ops.host, ops_port=ops_port
-                            )
-                            self.events.emit(
-                                "daemon_started",
-                                instance=self.instance_id,
-                                ws_url=self.addresses.ws_url,
-                                http_url=self.addresses.http_url,
-                                ops_url=self.addresses.ops_url,
-                                migrations_applied=applied,
-                            )
-                            task_status.started(self)
-                            await self._stop_requested.wait()
-                            # Stage 1: the gateway. No service is restarted from here on.
-                            services_scope.deadline = (
-                                trio.current_time() + cfg.supervisor.shutdown_timeout_s
-                            )
-                            sup.stopping.set()
-                            self.gateway_stopping.set()
-                        # Stage 2: simulated workers finish the job in hand.
-                        self.workers_stopping.set()
-                        workers.cancel_scope.deadline = trio.current_time() + WORKER_STOP_S
-                    # Stage 3: the hot path drains what it claimed; billing finishes its batch.
-                    self.consumers_stopping.set()
+            health = Health(
+                cfg=cfg,
+                instance_id=self.instance_id,
+                supervisor=self.supervisor,
+                events=self.events,
+                stats=self.stats,
+                store=store,
+                request_db=db,
+                gateway_stopping=self.stopping.gateway,
+            )
+            deps = Deps(
+                mirror=MirrorService(store, db, cfg.holds, self.events, self.metrics),
+                instance_id=self.instance_id,
+                pg_url=self.pg_url,
+                store=store,
+                request_db=db,
+                catalog=catalog,
+                hasher=VariantHasher.from_file(self._variant_secret_path()),
+                events=self.events,
+                metrics=self.metrics,
+                stats=self.stats,
+                priority=self.priority,
+                stopping=self.stopping,
+                health=health,
+                dashboard=Dashboard(health),
+                hot_fault=self.hot_fault,
+                billing_fault=self.billing_fault,
+            )
+            specs = self.services(cfg, deps)
+            names = [spec.name for spec in specs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"service names must be unique: {names}")
+            await self._run_stages(specs, task_status, applied)
             self.events.emit("daemon_stopped", instance=self.instance_id)
 
-    def make_gateway(
-        self, store: RedisStore, db: PgPool, catalog: Any, hasher: VariantHasher
-    ) -> Gateway:
-        """The gateway (``tools/baseline_gateway.py`` overrides this with the old
-        Postgres-checked request path, for the benchmark only)."""
-        assert self.mirror is not None
-        return Gateway(
-            cfg=self.cfg.gateway,
-            store=store,
-            catalog=catalog,
-            hasher=hasher,
-            events=self.events,
-            metrics=self.metrics,
-            missing_mirror=self.mirror.want,
-            priority=self.priority,
-        )
+    async def _run_stages(
+        self, specs: list[ServiceSpec], task_status: trio.TaskStatus[Daemon], applied: list[str]
+    ) -> None:
+        """Start ``specs`` stage by stage (consumers, workers, gateway); on :meth:`request_stop`,
+        stop them in reverse, each stage after the one inside it is done."""
+        cfg, sup = self.cfg, self.supervisor
+        staged = {stage: [s for s in specs if s.stage == stage] for stage in STAGES}
+        with trio.CancelScope() as services_scope:
+            async with trio.open_nursery() as consumers:
+                for spec in staged["consumers"]:
+                    await consumers.start(sup.supervise, spec)
+                async with trio.open_nursery() as workers:
+                    for spec in staged["workers"]:
+                        await workers.start(sup.supervise, spec)
+                    async with trio.open_nursery() as front:
+                        for spec in staged["gateway"]:
+                            await front.start(sup.supervise, spec)
+                        self.events.emit(
+                            "daemon_started",
+                            instance=self.instance_id,
+                            ws_url=self.addresses.ws_url,
+                            http_url=self.addresses.http_url,
+                            ops_url=self.addresses.ops_url,
+                            migrations_applied=applied,
+                        )
+                        task_status.started(self)
+                        await self._stop_requested.wait()
+                        # Stage 1: the gateway. No service is restarted from here on.
+                        services_scope.deadline = (
+                            trio.current_time() + cfg.supervisor.shutdown_timeout_s
+                        )
+                        sup.stopping.set()
+                        self.stopping.gateway.set()
+                    # Stage 2: simulated workers finish the job in hand.
+                    self.stopping.workers.set()
+                    workers.cancel_scope.deadline = trio.current_time() + WORKER_STOP_S
+                # Stage 3: the hot path drains what it claimed; billing finishes its batch.
+                self.stopping.consumers.set()
 
     def _variant_secret_path(self) -> Path:
         if self.cfg.gateway.variant_secret_path:
             return Path(self.cfg.gateway.variant_secret_path)
         return self.cfg.data.dir / "secrets" / "variant_hmac.key"
 
-    # -- observability ----------------------------------------------------------------------
-
-    def pools(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.request_db is not None:
-            out["request"] = {"size": self.request_db.size, "in_use": self.request_db.in_use()}
-        billing_pool = self.billing.pool if self.billing is not None else None
-        out["billing"] = {
-            "size": self.cfg.postgres.billing_pool_size,
-            "in_use": billing_pool.in_use() if billing_pool is not None else None,
-        }
-        if self.monitor is not None:
-            pool = self.monitor.pool
-            out["monitor"] = {"size": 1, "in_use": pool.in_use() if pool is not None else None}
-        return out
-
-    async def billing_depth(self) -> int | None:
-        if self.store is None:
-            return None
-        try:
-            with trio.fail_after(1.0):
-                return await self.store.billing_depth()
-        except Exception as exc:
-            self._log_failure("billing queue depth unavailable", exc)
-            return None
-
-    def _log_failure(self, what: str, exc: BaseException) -> None:
-        """An ``error`` event for a failure of an observability call, at most once a minute per
-        kind: a scraper polling every second must not flood the log (lesson 4)."""
-        if self._failure_log.due(what) is not None:
-            self.events.error("http", f"{what}: {describe(exc)}")
-
-    async def postgres_ok(self) -> bool:
-        """One ``SELECT 1`` on the admin pool, within a second."""
-        if self.request_db is None:
-            return False
-        try:
-            with trio.fail_after(1.0):
-                await self.request_db.fetchval("SELECT 1")
-        except Exception:
-            self.postgres_up = False
-            return False
-        self.postgres_up = True
-        return True
-
-    async def health(self) -> tuple[dict[str, Any], bool]:
-        """``GET /healthz``: each service's state, ``billing_queue_depth``, pool use, whether
-        Postgres answers, open holds; healthy (200) when the gateway and the hot path run, else
-        503. ``status`` is ``ok``, ``degraded`` (Postgres down: audio is served, billing waits)
-        or ``unavailable``."""
-        services = {name: st.as_dict() for name, st in self.supervisor.states.items()}
-        healthy = (
-            all(self.supervisor.state(name) == "running" for name in ("gateway", "hot"))
-            and not self.gateway_stopping.is_set()
-        )
-        rec = self.stats.reconciliation
-        postgres = await self.postgres_ok()
-        status = "unavailable" if not healthy else "ok" if postgres else "degraded"
-        report = {
-            "status": status,
-            "postgres": "up" if postgres else "down",
-            "holds": {
-                "open": self.mirror.open_holds if self.mirror else None,
-                "oldest_s": round(self.mirror.oldest_hold_s, 3) if self.mirror else None,
-                "expired": self.mirror.expired if self.mirror else 0,
-            },
-            "instance": self.instance_id,
-            "services": services,
-            "billing_queue_depth": await self.billing_depth(),
-            "pools": self.pools(),
-            "connections": self.gateway.connection_count if self.gateway else 0,
-            "reconciliation_delta": rec.delta,
-            "events": {
-                "written": self.events.written,
-                "dropped": self.events.dropped,
-                "write_errors": self.events.write_errors,
-                "path": str(self.cfg.events_path),
-            },
-        }
-        return report, healthy
-
-    async def refresh_metrics(self) -> None:
-        depth = await self.billing_depth()
-        if depth is not None:
-            self.metrics.billing_queue_depth.set(depth)
-        pools = self.pools()
-        if "request" in pools:
-            self.metrics.request_pool_in_use.set(pools["request"]["in_use"])
-        if pools["billing"]["in_use"] is not None:
-            self.metrics.billing_pool_in_use.set(pools["billing"]["in_use"])
-        # Every supervised service has its restart counter from the start (0), so that a scrape
-        # shows tts_service_restarts_total{service=...} before the first restart.
-        for name in self.supervisor.states:
-            self.metrics.service_restarts.labels(name)
-
-    async def dashboard(self, path: str) -> tuple[bytes, str] | None:
-        """The dashboard pages; ``None`` for paths that are not the dashboard's."""
-        try:
-            return await self._dashboard(path)
-        except Exception as exc:
-            self._log_failure("dashboard failed", exc)
-            raise
-
-    async def dashboard_data(self) -> dict[str, Any]:
-        """The JSON ``/dashboard`` polls: the statistics, plus the services and pools now."""
-        data = self.stats.snapshot()
-        data["instance"] = self.instance_id
-        data["services"] = {name: st.as_dict() for name, st in self.supervisor.states.items()}
-        data["pools"] = self.pools()
-        data["connections"] = self.gateway.connection_count if self.gateway else 0
-        data["events"] = {"written": self.events.written, "dropped": self.events.dropped}
-        data["holds"] = self.holds_summary()
-        return data
-
-    def holds_summary(self) -> dict[str, Any]:
-        """Open holds (as of the reaper's last pass), the oldest one's age against
-        ``holds.ttl_s`` (older: amber), and holds settled, released and expired so far."""
-        m = self.mirror
-        sample = self.metrics.registry.get_sample_value
-        oldest = m.oldest_hold_s if m else 0.0
-        return {
-            "open": m.open_holds if m else None,
-            "oldest_s": round(oldest, 3),
-            "ttl_s": self.cfg.holds.ttl_s,
-            "grade": "amber" if oldest > self.cfg.holds.ttl_s else "green",
-            "settled": sample("tts_holds_settled_total") or 0,
-            "released": sample("tts_holds_released_total") or 0,
-            "expired": m.expired if m else 0,
-        }
-
 
 @contextlib.asynccontextmanager
 async def open_daemon(
-    cfg: Config, redis_url: str, pg_url: str, *, daemon_class: type[Daemon] = Daemon, **kwargs: Any
+    cfg: Config, redis_url: str, pg_url: str, **kwargs: Any
 ) -> AsyncIterator[Daemon]:
-    """Run a daemon in the background of the caller (tests, tools); stop it gracefully on exit."""
-    daemon = daemon_class(cfg, redis_url, pg_url, **kwargs)
+    """Run a daemon in the background of the caller (tests, tools); stop it gracefully on exit.
+    ``kwargs`` go to :class:`Daemon` (``services=``, fault points…)."""
+    daemon = Daemon(cfg, redis_url, pg_url, **kwargs)
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
         try:
