@@ -19,10 +19,10 @@ import asyncpg
 import pytest
 import redis
 
-import daemon.testing.stores
 from daemon.config import Config
 from daemon.embedded import EmbeddedServers
 from daemon.runtime.daemon import Daemon, open_daemon
+from daemon.testing import stores as testing_stores
 from daemon.testing.config import make_config
 from daemon.testing.stores import setup_database
 
@@ -100,7 +100,7 @@ def redis_url(servers: EmbeddedServers) -> str:
         client.flushall()
     finally:
         client.close()
-    daemon.testing.stores.DEFAULT_REDIS_URL = servers.redis.url
+    testing_stores.DEFAULT_REDIS_URL = servers.redis.url
     return servers.redis.url
 
 
