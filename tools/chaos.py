@@ -1087,7 +1087,7 @@ events_path = {json.dumps(str(slot.events))}
 
         client = redis.Redis.from_url(self.redis_url, socket_timeout=5.0)
         try:
-            claimed = sum(int(client.llen(k)) for k in client.scan_iter(match="tts:hot:claimed:*"))
+            claimed = sum(int(client.scard(k)) for k in client.scan_iter(match="tts:hot:claimed:*"))
             try:
                 pending = int(client.xpending("tts:billing", "billing")["pending"])
             except redis.ResponseError:
@@ -1209,6 +1209,9 @@ events_path = {json.dumps(str(slot.events))}
                 # design: what that cost is reported in loss_window, not counted as a failure.
                 del verified["every_delivered_block_billed_once"]
                 del verified["events_log_reconciles"]
+                # a lost write may be a hold's settlement: such a hold waits for its billing
+                # TTL (holds.billing_ttl_s); reported in holds_open, not a failure here
+                del verified["holds_reconciled_to_0"]
                 verified["wrong_amounts_none"] = c["wrong_amount"] == 0
                 # …and the loss shows where a person looks: every delivered block left unbilled
                 # is in the reconciliation delta of the events log (tools/report.sh). A SIGKILLed
