@@ -151,7 +151,7 @@ def test_urls_configured_means_nothing_embedded_is_started(
         assert client.hget(f"tts:ent:{user_id}", "kokoro_allow") == b"1000000"
         assert (
             client.get("tts:token:" + token_hash(out.stdout.split()[1]).hex())
-            == str(user_id).encode()
+            == f"{user_id}|basic".encode()
         )
     finally:
         client.close()

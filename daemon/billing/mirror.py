@@ -18,6 +18,7 @@ import trio
 
 from daemon.config import HoldsConfig
 from daemon.contracts import Keys
+from daemon.contracts.events import HoldsExpired, MirrorRebuilt
 from daemon.ops.events import EventLog
 from daemon.ops.metrics import Metrics
 from daemon.runtime.outage import Outage
@@ -61,7 +62,7 @@ class MirrorService:
             n = await self.db.run(aio_mirror_all, self.store)
         self.rebuilds += 1
         self.metrics.mirror_rebuilds.inc()
-        self.events.emit("mirror_rebuilt", users=n)
+        self.events.emit(MirrorRebuilt(service="mirror", users=n))
         return n
 
     async def run(
@@ -123,10 +124,11 @@ class MirrorService:
             self.expired += reaped
             self.metrics.holds_expired.inc(reaped)
             self.events.emit(
-                "holds_expired",
-                service="mirror",
-                holds=reaped,
-                characters=chars,
-                users={str(u): n for u, n in users.items()},
+                HoldsExpired(
+                    service="mirror",
+                    holds=reaped,
+                    characters=chars,
+                    users={str(u): n for u, n in users.items()},
+                )
             )
         return reaped

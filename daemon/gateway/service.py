@@ -21,7 +21,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -32,6 +32,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from daemon.config import GatewayConfig
 from daemon.contracts import Job, token_hash, usage_amount
+from daemon.contracts.events import ConnectionsRevoked, Error
 from daemon.gateway.auth import plausible_token, token_from_request
 from daemon.gateway.connection import (
     CLOSE_GOING_AWAY,
@@ -111,6 +112,8 @@ class Gateway:
     # Called with a user whose entitlements are missing from Redis: the mirror service copies
     # them from Postgres (off the request path); the request meanwhile gets "try again".
     missing_mirror: Callable[[int], None] = lambda user_id: None
+    # Fair scheduling's weight per plan name ([plans] weights); plans not named weigh 1.
+    plan_weights: Mapping[str, float] = attrs.Factory(dict)
     by_user: dict[int, set[Connection]] = attrs.Factory(dict)
     by_conn: dict[str, Connection] = attrs.Factory(dict)
     # Connections open or being authenticated (a slot is taken before the token lookup).
@@ -125,6 +128,8 @@ class Gateway:
     # Handshakes of a user between their look-up and their connection's registration: counted
     # with the open ones, so concurrent handshakes cannot pass max_connections_per_user.
     _admitting: dict[int, int] = attrs.Factory(dict)
+    # Each connected user's plan (from the token mirror): their fair-scheduling weight.
+    _plans: dict[int, str] = attrs.Factory(dict)
     # Connections closed because their user's tokens were revoked.
     revoked_closed: int = 0
     addresses: GatewayAddresses | None = None
@@ -134,6 +139,9 @@ class Gateway:
     _notify_send: trio.MemorySendChannel[tuple[int, bytes]] | None = None
     _unsynced_drops: int = 0
     _drops_log: Throttle = attrs.Factory(Throttle)
+
+    def _error(self, message: str, **context: Any) -> None:
+        self.events.emit(Error(service="gateway", message=message, context=context))
 
     def __attrs_post_init__(self) -> None:
         self.rate = RateLimiter(self.cfg.rate_limit_blocks_per_min)
@@ -271,7 +279,7 @@ class Gateway:
             conn.abort(CLOSE_POLICY, "token revoked")
             self.revoked_closed += 1
         if user_id in self.by_user:
-            self.events.emit("connections_revoked", user_id=user_id)
+            self.events.emit(ConnectionsRevoked(service="gateway", user_id=user_id))
 
     def _offer(self, user_id: int, data: bytes) -> None:
         """Hand one published status to the fan-out. Called by the asyncio listener for each
@@ -311,8 +319,7 @@ class Gateway:
     def _log_drops(self) -> None:
         if self._drops_log.due() is None:
             return
-        self.events.error(
-            "gateway",
+        self._error(
             f"notification channel full (gateway.notify_buffer = {self.cfg.notify_buffer}):"
             f" {self._unsynced_drops} statuses dropped; re-reading the open waits from Redis",
             dropped_total=self.notifications_dropped,
@@ -328,7 +335,7 @@ class Gateway:
                 await self.resync()
             except Exception as exc:
                 if not is_redis_unavailable(exc):
-                    self.events.error("gateway", f"resync after reconnecting failed: {exc!r}")
+                    self._error(f"resync after reconnecting failed: {exc!r}")
                     return
                 await outage.failed(exc, "Redis (resync)")
                 continue
@@ -401,7 +408,7 @@ class Gateway:
             if not isinstance(block_idx, int) or not isinstance(status, str):
                 raise TypeError("block_idx or status of the wrong type")
         except (ValueError, KeyError, TypeError) as exc:
-            self.events.error("gateway", f"malformed notification: {exc}", data=data[:200])
+            self._error(f"malformed notification: {exc}", data=data[:200])
             return
         conn = self.by_conn.get(conn_id) if isinstance(conn_id, str) else None
         if conn is None or conn.user_id != user_id:
@@ -426,7 +433,7 @@ class Gateway:
         except ConnectionClosed:
             pass
         except Exception as exc:
-            self.events.error("gateway", f"connection failed: {type(exc).__name__}: {exc}")
+            self._error(f"connection failed: {type(exc).__name__}: {exc}")
 
     async def _serve_request(self, request: WebSocketRequest) -> None:
         path = request.path
@@ -473,7 +480,7 @@ class Gateway:
             try:
                 user_id, ready = await self._lookup_user(token)
             except Exception as exc:
-                self.events.error("gateway", f"token lookup failed: {type(exc).__name__}: {exc}")
+                self._error(f"token lookup failed: {type(exc).__name__}: {exc}")
                 await request.reject(503, body=b"authentication unavailable, try again\n")
                 return None
             if user_id is None and not ready:
@@ -507,9 +514,13 @@ class Gateway:
 
     async def _lookup_user(self, token: str) -> tuple[int | None, bool]:
         """(user id or None, whether the token mirror is complete): one Redis round trip (the
-        benchmark's baseline overrides this with the old Postgres look-up)."""
+        benchmark's baseline overrides this with the old Postgres look-up). The user's plan
+        (their fair-scheduling weight) comes with it."""
         with trio.fail_after(self.store.command_timeout_s):
-            return await self.store.lookup_token(token_hash(token))
+            user_id, plan, ready = await self.store.lookup_token(token_hash(token))
+        if user_id is not None:
+            self._plans[user_id] = plan
+        return user_id, ready
 
     async def _run_connection(self, conn: Connection) -> None:
         with conn.scope:
@@ -538,6 +549,7 @@ class Gateway:
             if not conns:
                 del self.by_user[conn.user_id]
                 self.rate.forget(conn.user_id)
+                self._plans.pop(conn.user_id, None)
         self.metrics.ws_connections.set(len(self.by_conn))
 
     async def _forget(self, conn: Connection) -> None:
@@ -552,8 +564,7 @@ class Gateway:
                     user_id=conn.user_id, conn_id=conn.conn_id, blocks=blocks, only_queued=False
                 )
             except Exception as exc:
-                self.events.error(
-                    "gateway",
+                self._error(
                     f"could not drop a closed connection's waits: {exc}",
                     user_id=conn.user_id,
                 )
@@ -610,9 +621,7 @@ class Gateway:
                 )
                 conn.push(error_frame("internal", message_text))
                 self.metrics.requests.labels("internal").inc()
-                self.events.error(
-                    "gateway", f"request failed: {type(exc).__name__}: {exc}", user_id=conn.user_id
-                )
+                self._error(f"request failed: {type(exc).__name__}: {exc}", user_id=conn.user_id)
 
     async def _synthesize(self, conn: Connection, req: Synthesize) -> None:
         """Validate against the catalog and limits, run ``enqueue.lua`` once (holds against the
@@ -680,6 +689,7 @@ class Gateway:
                     now=now,
                     rate_limit=self.cfg.rate_limit_blocks_per_min,
                     blocks=blocks,
+                    weight=self.plan_weights.get(self._plans.get(conn.user_id, ""), 1.0),
                 )
             except BaseException:
                 # No reply: the client hears an error for the request as a whole, so nothing it
@@ -753,9 +763,7 @@ class Gateway:
         except Exception as exc:
             # The request itself succeeded; its client must not hear an error for it. If Redis
             # is gone again, the resync after the next subscription covers these blocks.
-            self.events.error(
-                "gateway", f"re-checking a request's blocks failed: {exc!r}", user_id=conn.user_id
-            )
+            self._error(f"re-checking a request's blocks failed: {exc!r}", user_id=conn.user_id)
 
     def _rate_limited(self, n: int, retry_after_s: float) -> ProtocolError:
         limit = self.cfg.rate_limit_blocks_per_min
@@ -780,6 +788,7 @@ class Gateway:
                 user_id=conn.user_id,
                 conn_id=conn.conn_id,
                 blocks=[(doc, idx, h, model) for (doc, idx, h), model in candidates],
+                cursor=req.block_idx,
             )
             for i in positions:
                 key = candidates[i][0]

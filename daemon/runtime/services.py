@@ -264,6 +264,7 @@ def gateway_service(cfg: Config, deps: Deps, gateway: Gateway | None = None) -> 
             metrics=deps.metrics,
             missing_mirror=deps.mirror.want,
             priority=deps.priority,
+            plan_weights=cfg.plans.weights,
         )
 
     async def run(

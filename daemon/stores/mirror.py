@@ -26,8 +26,9 @@ __all__ = ["aio_mirror_all", "aio_mirror_users", "aio_revoke", "entitlement_rows
 
 _ENT_SQL = "SELECT * FROM tts_entitlements($1::bigint[])"
 _TOKENS_SQL = (
-    "SELECT token_hash, user_id FROM api_tokens"
-    " WHERE revoked_at IS NULL AND ($1::bigint[] IS NULL OR user_id = ANY ($1))"
+    "SELECT t.token_hash, t.user_id, s.plan FROM api_tokens t"
+    " JOIN subscriptions s ON s.user_id = t.user_id"
+    " WHERE t.revoked_at IS NULL AND ($1::bigint[] IS NULL OR t.user_id = ANY ($1))"
 )
 PAGE = 1000
 
@@ -51,7 +52,7 @@ async def _write(
     for i in range(0, len(tokens), PAGE):
         async with client.pipeline(transaction=False) as pipe:
             for t in tokens[i : i + PAGE]:
-                pipe.set(Keys.token(bytes(t["token_hash"])), int(t["user_id"]))
+                pipe.set(Keys.token(bytes(t["token_hash"])), f"{int(t['user_id'])}|{t['plan']}")
             await pipe.execute()
 
 

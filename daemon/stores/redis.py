@@ -155,9 +155,11 @@ def enqueue_call(
     rate_limit: int,
     usage_type: str,
     blocks: Sequence[tuple[int, str, str, int, str]],
+    weight: float = 1.0,
 ) -> tuple[list[Any], list[Any]]:
     """KEYS and ARGV of ``enqueue.lua``. ``blocks``: (idx, variant_hash, job_id, cost,
-    job_json); ``cost`` is what the block's hold takes of ``usage_type``."""
+    job_json); ``cost`` is what the block's hold takes of ``usage_type``; ``weight``: the user's
+    share in fair scheduling (its plan's weight)."""
     args: list[Any] = [
         user_id,
         conn_id,
@@ -172,6 +174,9 @@ def enqueue_call(
         Keys.JOBS,
         Keys.queue(model),
         Keys.processing(model),
+        Keys.fair(model),
+        Keys.fair_users(model),
+        Keys.fair_state(model),
         Keys.ent(user_id),
         Keys.holds(user_id),
     ]
@@ -179,6 +184,7 @@ def enqueue_call(
         args.extend(block)
         variant_hash = block[1]
         keys += [Keys.audio(variant_hash), Keys.inflight(variant_hash), Keys.waiters(variant_hash)]
+    args.append(repr(float(weight)))
     return keys, args
 
 
@@ -330,11 +336,15 @@ class RedisStore:
         conn_id: str,
         blocks: Sequence[tuple[str, int, str, str]],
         only_queued: bool = True,
+        cursor: int | None = None,
     ) -> list[int]:
         """Run ``evict.lua`` for one connection's waits. ``blocks``: (document_id, idx,
         variant_hash, model). With ``only_queued`` (cursor_moved) only blocks whose job is still
         queued are evicted; without (the connection closed) every wait goes. The holds of the
         jobs dropped are released (a second call; if it is lost, the holds expire).
+
+        ``cursor`` (cursor_moved): the document's new reading position, so that its jobs other
+        connections still wait for are pulled from there on (docs/workers.md, "Scheduling").
 
         Returns the positions (0-based, in ``blocks``) of the blocks evicted.
         """
@@ -342,7 +352,14 @@ class RedisStore:
         keys: list[Any] = [Keys.JOBS, Keys.RETRIES]
         for doc, idx, variant_hash, model in blocks:
             args += [doc, idx]
-            keys += [Keys.inflight(variant_hash), Keys.waiters(variant_hash), Keys.queue(model)]
+            keys += [
+                Keys.inflight(variant_hash),
+                Keys.waiters(variant_hash),
+                Keys.queue(model),
+                Keys.fair(model),
+                Keys.fair_state(model),
+            ]
+        args.append(-1 if cursor is None else cursor)
         evicted, dropped = await self._script("evict", keys, args)
         if dropped:
             by_user: dict[int, list[str]] = {}
@@ -444,13 +461,17 @@ class RedisStore:
             out[user_id] = {"count": len(jobs), "sum": sums, "jobs": jobs}
         return out
 
-    async def lookup_token(self, token_hash: bytes) -> tuple[int | None, bool]:
-        """(user id or None, whether the token mirror is complete) in one round trip. A miss
-        while the mirror is being rebuilt is not an answer (the caller says "try again")."""
-        user, ready = await self._cross(
+    async def lookup_token(self, token_hash: bytes) -> tuple[int | None, str, bool]:
+        """(user id or None, their plan, whether the token mirror is complete) in one round
+        trip. A miss while the mirror is being rebuilt is not an answer (the caller says "try
+        again"). The mirror keeps "user_id|plan" per token."""
+        value, ready = await self._cross(
             self._client.mget, Keys.token(token_hash), Keys.MIRROR_READY
         )
-        return (int(user) if user else None), bool(ready)
+        if not value:
+            return None, "", bool(ready)
+        user, _, plan = value.decode().partition("|")
+        return int(user), plan, bool(ready)
 
     async def publish_control(self, message: dict[str, Any]) -> int:
         """A control message to every gateway on this Redis (e.g. a revoked user)."""
@@ -483,8 +504,7 @@ class RedisStore:
 
     async def pull_job(self, model: str) -> bytes | None:
         """The atomic pull of docs/workers.md (``pull.lua``)."""
-        keys = [Keys.queue(model), Keys.processing(model), Keys.JOBS]
-        return await self._script("pull", keys, [])
+        return await self._script("pull", Keys.pull_keys(model), [])
 
     async def push_result(self, model: str, job_id: str, result_json: str) -> None:
         await self._script(
@@ -505,6 +525,30 @@ class RedisStore:
             if isinstance(reply, Exception):
                 raise reply
 
+    async def queue_stats(self, models: Sequence[str]) -> dict[str, dict[str, float]]:
+        """Per model: jobs waiting (``depth``), the oldest one's age in seconds
+        (``oldest_age_s``, 0 when none waits) and the users they belong to (``users``), in one
+        round trip. An older daemon's jobs outside the fair schedule count in depth, not users."""
+
+        async def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.time()
+            for model in models:
+                pipe.zcard(Keys.queue(model))
+                pipe.zrange(Keys.queue(model), 0, 0, withscores=True)
+                pipe.zcard(Keys.fair_users(model))
+            return await pipe.execute()
+
+        replies = await self._cross(read)
+        secs, micros = replies[0]
+        now = int(secs) + int(micros) / 1e6
+        out = {}
+        for i, model in enumerate(models):
+            depth, oldest, users = replies[1 + 3 * i : 4 + 3 * i]
+            age = max(0.0, now - oldest[0][1]) if oldest else 0.0
+            out[model] = {"depth": int(depth), "oldest_age_s": age, "users": int(users)}
+        return out
+
     async def requeue_stale(
         self, model: str, *, visibility_timeout_s: float, max_retries: int, limit: int = 500
     ) -> tuple[int, int]:
@@ -515,6 +559,9 @@ class RedisStore:
             Keys.RETRIES,
             Keys.dlq(model),
             Keys.RESULTS,
+            Keys.fair(model),
+            Keys.fair_users(model),
+            Keys.fair_state(model),
         ]
         requeued, dead = await self._script(
             "requeue", keys, [visibility_timeout_s, max_retries, limit]
