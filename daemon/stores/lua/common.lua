@@ -81,6 +81,8 @@ local function tts_budget(ent, usage_type, now)
   if allow < 0 then return -1 end
   return math.max(allow - (in_period and tonumber(f[4]) or 0), 0)
          + math.max(tonumber(f[5]), 0) + tonumber(f[6])
+end
+
 -- Fair scheduling (docs/workers.md, "Scheduling"). Per model three keys, always passed in KEYS:
 --   KF  sorted set, every score 0, ordered by member "user|R|P|job_id": one user's queued jobs
 --       are one contiguous range; R ranks the user's documents (newest reading position first),
