@@ -138,7 +138,11 @@ class BillingConfig:
 
 @attrs.frozen
 class WorkersConfig:
+    # Workers run inside the daemon (dev, demo, tests), each with the engine below.
     simulated: int = 0
+    # "simulated" (a hum, speed dialled in below: stress runs and tests) or "espeak" (real speech
+    # from eSpeak NG on the CPU): daemon/workers/engines.py, docs/workers.md.
+    engine: str = "simulated"
     models: tuple[str, ...] = ("kokoro", "premium")
     # Simulated synthesis speed: characters per second, plus a fixed latency and a jitter.
     chars_per_s: float = 2000.0
@@ -327,6 +331,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "billing.txn_delay_ms": _NON_NEGATIVE,
     "billing.users_per_txn": _AT_LEAST_1,
     "workers.simulated": _NON_NEGATIVE,
+    "workers.engine": (lambda v: v in ("simulated", "espeak"), 'must be "simulated" or "espeak"'),
     "workers.chars_per_s": _POSITIVE,
     "workers.latency_ms": _NON_NEGATIVE,
     "workers.jitter_ms": _NON_NEGATIVE,

@@ -54,6 +54,7 @@ from daemon.gateway.protocol import (
     status_frame,
 )
 from daemon.gateway.ratelimit import RateLimiter
+from daemon.gateway.reader import Reader, reader_config
 from daemon.ops.events import EventLog, Throttle
 from daemon.ops.metrics import Metrics
 from daemon.runtime.outage import Outage
@@ -203,9 +204,20 @@ class Gateway:
         assert self.store is not None
         return await self.store.get_audio(variant_hash)
 
+    def _reader_config(self) -> dict[str, Any]:
+        assert self.addresses is not None  # the HTTP server starts after the WebSocket one
+        return reader_config(
+            ws_port=self.addresses.ws_port,
+            tls=self.addresses.tls,
+            ws_path=WS_PATH,
+            models=self.catalog.models,
+            voices=self.catalog.voices,
+        )
+
     def _http_server(self, stopping: trio.Event) -> Callable[..., Awaitable[None]]:
-        # Audio only: health, metrics and the dashboard are on the operations listener.
-        app = HttpApp(get_audio=self._get_audio)
+        # Audio and the reader page: health, metrics and the dashboard are on the operations
+        # listener (docs/operations.md).
+        app = HttpApp(get_audio=self._get_audio, reader=Reader(self._reader_config))
         config = HypercornConfig()
         config.bind = [f"{self.cfg.host}:{self.cfg.http_port}"]
         config.accesslog = None

@@ -17,7 +17,7 @@ hot           consumers   yes       :class:`~daemon.hot.consumer.HotConsumer`
 billing       consumers   no        :class:`~daemon.billing.consumer.BillingConsumer` (pool)
 monitor       consumers   no        :class:`~daemon.ops.monitor.Monitor` (``monitor.enabled``)
 mirror        consumers   no        :class:`~daemon.billing.mirror.MirrorService`
-worker-N      workers     no        None (``workers.simulated`` of them)
+worker-N      workers     no        None (``workers.simulated`` of them, ``workers.engine``)
 gateway       gateway     yes       :class:`GatewayHandle` (gateway, bound addresses)
 ops           gateway     no        the operations listener's port (/healthz, /metrics, …)
 ============  ==========  ========  =========================================================
@@ -49,8 +49,8 @@ from daemon.runtime.priority import RequestFirst
 from daemon.runtime.supervisor import ServiceSpec
 from daemon.stores.pg import Catalog, PgPool
 from daemon.stores.redis import RedisStore
+from daemon.workers.engines import make_adapters
 from daemon.workers.scanner import run_visibility_scanner
-from daemon.workers.simulated import SimulatedAdapter
 from daemon.workers.worker import run_worker
 
 __all__ = [
@@ -235,15 +235,17 @@ def monitor_service(cfg: Config, deps: Deps) -> list[ServiceSpec]:
 
 
 def worker_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
-    """``workers.simulated`` in-process workers, each its own non-critical service."""
+    """``workers.simulated`` in-process workers with the ``workers.engine`` engine, each its own
+    non-critical service."""
     specs = []
-    for i in range(cfg.workers.simulated):
+    adapters = make_adapters(cfg.workers.engine, cfg.workers, cfg.workers.simulated)
+    for i, adapter in enumerate(adapters):
         run = functools.partial(
             run_worker,
             deps.store,
-            SimulatedAdapter(cfg.workers),
+            adapter,
             models=cfg.workers.models,
-            worker_id=f"{deps.instance_id}-sim-{i}",
+            worker_id=f"{deps.instance_id}-{cfg.workers.engine}-{i}",
             stopping=deps.stopping.workers,
         )
         specs.append(ServiceSpec(f"worker-{i}", run, critical=False, stage="workers"))

@@ -12,10 +12,10 @@ import trio
 
 from daemon.contracts.events import BillingProcessed, Event, ServiceRestarted, SynthesisComplete
 from daemon.ops.events import read_events
+from daemon.testing.chaos.fleet import Fleet
+from daemon.testing.chaos.params import HOLDS_TTL_S, LOG_BACKUPS
 from daemon.testing.figures import pct
 from daemon.testing.stores import in_thread, pg_query
-from tools.chaos.fleet import Fleet
-from tools.chaos.params import HOLDS_TTL_S, LOG_BACKUPS
 
 
 class Verdict(Fleet):
