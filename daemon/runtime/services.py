@@ -156,7 +156,8 @@ def ops_service(cfg: Config, deps: Deps) -> ServiceSpec:
 
 
 def scanner_service(cfg: Config, deps: Deps) -> ServiceSpec:
-    """The visibility scanner: requeues jobs whose worker went silent (docs/workers.md)."""
+    """The visibility scanner: requeues jobs whose lease lapsed (or, without a lease, whose
+    worker went silent), and bounds the dead-letter lists (docs/workers.md)."""
     run = functools.partial(
         run_visibility_scanner,
         deps.store,
@@ -164,6 +165,7 @@ def scanner_service(cfg: Config, deps: Deps) -> ServiceSpec:
         deps.events,
         deps.metrics,
         stopping=deps.stopping.consumers,
+        dead_letters=cfg.dead_letters,
     )
     return ServiceSpec("scanner", run, critical=False)
 
@@ -184,6 +186,9 @@ def hot_consumer(
         metrics=deps.metrics,
         consumer_id=deps.instance_id,
         block_s=cfg.redis.block_s,
+        max_audio_bytes=cfg.workers.max_audio_bytes,
+        dead_letter_cap=cfg.dead_letters.max_entries,
+        dead_letter_raw_bytes=cfg.dead_letters.max_raw_bytes,
         fault=deps.hot_fault,
         priority=deps.priority,
         handle_group=handle_group,
@@ -209,6 +214,7 @@ def billing_service(cfg: Config, deps: Deps) -> ServiceSpec:
         consumer_name=deps.instance_id,
         block_s=cfg.redis.block_s,
         fault=deps.billing_fault,
+        dead_letter_cap=cfg.dead_letters.max_entries,
     )
     run = functools.partial(run_billing_consumer, setup, stopping=deps.stopping.consumers)
     return ServiceSpec("billing", run, critical=False, fail_start_up=False)
@@ -247,6 +253,7 @@ def worker_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
             models=cfg.workers.models,
             worker_id=f"{deps.instance_id}-{cfg.workers.engine}-{i}",
             stopping=deps.stopping.workers,
+            lease_s=cfg.workers.lease_s,
         )
         specs.append(ServiceSpec(f"worker-{i}", run, critical=False, stage="workers"))
     return specs

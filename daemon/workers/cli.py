@@ -30,7 +30,7 @@ from daemon.contracts import MODELS
 from daemon.stores.bridge import open_bridge
 from daemon.stores.redis import open_redis
 from daemon.workers.engines import ENGINES, make_adapters
-from daemon.workers.worker import run_worker
+from daemon.workers.worker import DEFAULT_LEASE_S, run_worker
 
 __all__ = ["load_adapter", "main"]
 
@@ -83,6 +83,7 @@ async def _run(args: argparse.Namespace, adapters: list[Any]) -> None:
                                 models=args.models,
                                 worker_id=f"{args.worker_id}-{i}",
                                 stopping=stopping,
+                                lease_s=args.lease_s,
                             )
                         )
                     print(
@@ -99,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--concurrency", type=int, default=1, help="worker loops in this process")
     p.add_argument("--worker-id", default=f"{socket.gethostname()}")
+    p.add_argument(
+        "--lease-s",
+        type=float,
+        default=DEFAULT_LEASE_S,
+        help="lease on the jobs in hand, renewed every third of it (docs/workers.md)",
+    )
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--adapter", help="module:attribute of an adapter class or factory")
     group.add_argument("--engine", choices=ENGINES, help="a built-in engine (docs/workers.md)")
@@ -111,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.concurrency < 1:
         p.error("--concurrency must be >= 1")
+    if not 0.1 <= args.lease_s <= 3600:
+        p.error("--lease-s must be 0.1..3600")
     if args.simulated:
         args.engine = "simulated"
     if args.engine == "simulated":

@@ -14,6 +14,7 @@ FAULT_KINDS = (
     "redis_crash",
     "postgres_outage",
     "worker_kill",
+    "hostile_worker",
 )
 SCENARIOS: dict[str, tuple[str, ...]] = {
     "daemon-kill": ("daemon_kill",),
@@ -23,6 +24,7 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "redis-crash": ("redis_crash",),
     "postgres": ("postgres_outage",),
     "worker-kill": ("worker_kill",),
+    "hostile-worker": ("hostile_worker",),
     "two-daemons": ("daemon_kill",),
     "mixed": FAULT_KINDS,
 }
@@ -44,6 +46,7 @@ class Params:
     worker_concurrency: int = 2  # worker loops in each
     worker_batch: int = 4
     worker_latency_ms: float = 150.0
+    worker_lease_s: float = 2.0  # tts-worker --lease-s: a killed worker's jobs return this soon
     daemons: int = 0  # 0: the scenario's own (2 for two-daemons and mixed, else 1)
     appendfsync: str = "always"
     faults: int = 0  # at least this many faults (0: each kind of the scenario once)
@@ -56,6 +59,7 @@ class Params:
     # Probability that a billing batch fails after its commit, before its ack (redelivered: the
     # duplicates path); a quarter of it fails batches before anything is billed.
     billing_fault_rate: float = 0.5
+    hostile_s: float = 3.0  # how long the hostile worker answers the jobs it pulls
     stall_s: float = 8.0  # a client asks again for a block with no news for this long
     ack_timeout_s: float = 15.0  # a request with no reply for this long: the connection is given up
     recover_timeout_s: float = 60.0

@@ -125,7 +125,9 @@ class Verdict(Fleet):
             and phantom == 0,
             "counters_match_usage_log": counters,
             "billing_drained": self.pipeline_quiet,
-            "no_dead_letters": state["billing_dead"] == 0 and state["results_dead"] == 0,
+            # The hostile worker's refused results, and nothing else, are dead letters.
+            "no_dead_letters": state["billing_dead"] == 0
+            and state["results_dead"] == self._hostile_refused,
             "holds_reconciled_to_0": state["holds_open"] == 0,
             "events_log_reconciles": events_unbilled == 0,
             "recovered_from_every_fault": all(r.recover_s is not None for r in self.records),
