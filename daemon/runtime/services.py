@@ -16,8 +16,10 @@ scanner       consumers   no        None
 hot           consumers   yes       :class:`~daemon.hot.consumer.HotConsumer`
 billing       consumers   no        :class:`~daemon.billing.consumer.BillingConsumer` (pool)
 monitor       consumers   no        :class:`~daemon.ops.monitor.Monitor` (``monitor.enabled``)
+mirror        consumers   no        :class:`~daemon.billing.mirror.MirrorService`
 worker-N      workers     no        None (``workers.simulated`` of them, ``workers.engine``)
 gateway       gateway     yes       :class:`GatewayHandle` (gateway, bound addresses)
+ops           gateway     no        the operations listener's port (/healthz, /metrics, …)
 ============  ==========  ========  =========================================================
 """
 
@@ -30,8 +32,10 @@ import attrs
 import trio
 
 from daemon.billing.consumer import BillingSetup, run_billing_consumer
+from daemon.billing.mirror import MirrorService
 from daemon.config import Config, HotConfig
 from daemon.gateway.hashing import VariantHasher
+from daemon.gateway.http import HttpApp, serve_ops
 from daemon.gateway.service import Gateway, GatewayAddresses
 from daemon.hot.consumer import GroupHandler, HotConsumer
 from daemon.ops.dashboard import Dashboard
@@ -59,7 +63,9 @@ __all__ = [
     "gateway_service",
     "hot_consumer",
     "hot_service",
+    "mirror_service",
     "monitor_service",
+    "ops_service",
     "scanner_service",
     "worker_services",
 ]
@@ -78,6 +84,10 @@ class Stopping:
 class Deps:
     """What services are built from: the daemon's shared resources, all open and ready before
     :func:`build_services` is called (stores connected, schema migrated, catalog read)."""
+
+    # The entitlements mirror and hold reaper (docs/billing.md): its service keeps Redis's copy
+    # whole; the gateway asks it for a user it finds without one.
+    mirror: MirrorService
 
     instance_id: str
     pg_url: str
@@ -115,9 +125,34 @@ def build_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
         hot_service(cfg, deps),
         billing_service(cfg, deps),
         *monitor_service(cfg, deps),
+        mirror_service(cfg, deps),
         *worker_services(cfg, deps),
         gateway_service(cfg, deps),
+        ops_service(cfg, deps),
     ]
+
+
+def mirror_service(cfg: Config, deps: Deps) -> ServiceSpec:
+    """The mirror (entitlements and tokens copied from Postgres into Redis, at start and
+    whenever Redis lost them) and the reaper of vanished holds. Its first full copy is done
+    before the gateway starts: a handshake finds every token."""
+    run = functools.partial(deps.mirror.run, stopping=deps.stopping.consumers)
+    return ServiceSpec("mirror", run, critical=False)
+
+
+def ops_service(cfg: Config, deps: Deps) -> ServiceSpec:
+    """The operations listener, ``[ops] host``/``port``: /healthz, /metrics, /dashboard apart
+    from the gateway (docs/operations.md). Stops with the gateway."""
+    app = HttpApp(
+        health=deps.health.healthz,
+        refresh_metrics=functools.partial(refresh_metrics, deps.metrics, deps.health),
+        registry=deps.metrics.registry,
+        dashboard=deps.dashboard,
+    )
+    run = functools.partial(
+        serve_ops, app, cfg.ops.host, cfg.ops.port, stopping=deps.stopping.gateway
+    )
+    return ServiceSpec("ops", run, critical=False, stage="gateway")
 
 
 def scanner_service(cfg: Config, deps: Deps) -> ServiceSpec:
@@ -224,23 +259,22 @@ def worker_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
     return specs
 
 
-def gateway_service(cfg: Config, deps: Deps) -> ServiceSpec:
+def gateway_service(cfg: Config, deps: Deps, gateway: Gateway | None = None) -> ServiceSpec:
     """The gateway (critical), innermost: the first to stop. One gateway across restarts (its
-    token cache and rate limits carry on)."""
-    gateway = Gateway(
-        cfg=cfg.gateway,
-        store=deps.store,
-        db=deps.request_db,
-        catalog=deps.catalog,
-        hasher=deps.hasher,
-        events=deps.events,
-        metrics=deps.metrics,
-        health=deps.health.healthz,
-        refresh_metrics=functools.partial(refresh_metrics, deps.metrics, deps.health),
-        dashboard=deps.dashboard,
-        priority=deps.priority,
-        plan_weights=cfg.plans.weights,
-    )
+    rate limits carry on). ``gateway``: another one (the benchmark's Postgres-checked baseline,
+    tools/baseline_gateway.py)."""
+    if gateway is None:
+        gateway = Gateway(
+            cfg=cfg.gateway,
+            store=deps.store,
+            catalog=deps.catalog,
+            hasher=deps.hasher,
+            events=deps.events,
+            metrics=deps.metrics,
+            missing_mirror=deps.mirror.want,
+            priority=deps.priority,
+            plan_weights=cfg.plans.weights,
+        )
 
     async def run(
         *, task_status: trio.TaskStatus[GatewayHandle] = trio.TASK_STATUS_IGNORED

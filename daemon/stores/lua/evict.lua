@@ -4,13 +4,16 @@
 --   mode "all" (the connection closed): every waiter of the connection goes.
 -- A queued job nobody waits for any more leaves the queue; a job another waiter (another
 -- connection, another user) still wants stays. Jobs a worker holds are never touched.
+-- The jobs dropped are returned with their users, whose holds the caller then releases (the
+-- job's creator may be another user than the connection's: their holds key is not known here).
 -- KEYS: 1 tts:jobs, 2 tts:retries, then 5 per block: tts:inflight:{hash}, tts:waiters:{hash},
 --       tts:queue:{model}, tts:fair:{model}, tts:fair:state:{model}
 -- ARGV: 1 user_id, 2 conn_id, 3 mode, 4 count, then per block: document_id, block_idx; then the
 --       new reading position of the blocks' document (cursor_moved) or -1
--- Returns the 1-based positions (in the block list) of the evicted blocks.
+-- Returns {evicted, dropped}: the 1-based positions (in the block list) of the evicted blocks,
+-- and job_id, user_id of each job dropped.
 local user, conn, mode, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local evicted = {}
+local evicted, dropped = {}, {}
 for i = 0, n - 1 do
   local base = 5 + i * 2
   local doc, idx = ARGV[base], ARGV[base + 1]
@@ -24,7 +27,14 @@ for i = 0, n - 1 do
       if queued and redis.call('SCARD', waiters) == 0 then
         redis.call('ZREM', queue, job_id)
         local job = redis.call('HGET', KEYS[1], job_id)
-        if job then tts_fair_forget(KEYS[k + 3], KEYS[k + 4], job) end
+        if job then
+          tts_fair_forget(KEYS[k + 3], KEYS[k + 4], job)
+          local ok, j = pcall(cjson.decode, job)
+          if ok and type(j) == 'table' and j['user_id'] then
+            dropped[#dropped + 1] = job_id
+            dropped[#dropped + 1] = string.format('%d', j['user_id'])
+          end
+        end
         redis.call('HDEL', KEYS[1], job_id)
         redis.call('HDEL', KEYS[2], job_id)
         redis.call('DEL', inflight_key)
@@ -47,4 +57,4 @@ if cursor >= 0 then
     end
   end
 end
-return evicted
+return {evicted, dropped}
