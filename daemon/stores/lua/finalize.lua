@@ -18,7 +18,8 @@
 --       tts:queue:{model} (h and model: the job's, from the job JSON)
 -- ARGV: 1 ttl_s, 2 consumer id, 3 dead-letter cap (entries), 4 dead-letter raw cap (bytes),
 --       5 tts:notify: (Keys.NOTIFY_PREFIX, the waiters' channels: tts_notify), then 13 per
---       result: op (audio|skipped|error|reject|dead|discard), token, key index, job_id, job JSON (as claim.lua read it; "" none), model, voice, audio metadata JSON, billing
+--       result: op (audio|skipped|error|reject|dead|discard), token, key index, job_id, job
+--       JSON (as claim.lua read it; "" none), model, voice, audio metadata JSON, billing
 --       event JSON ("" none is queued — tools/inline.py, the pre-split baseline, bills inside its
 --       handler), message (the error a listener sees), dead-letter note JSON (reason, worker_id,
 --       job_id), the result's metadata and where its audio is (claim.lua's, for the identity check)
