@@ -8,7 +8,11 @@
 -- as the worker sent it, see claim.lua) is renamed to tts:audio:{variant_hash}, and a small JSON
 -- document saying where the audio is in it, its content type and duration, is appended.
 -- An unreadable result (op "dead") moves, whole and with its reason, to tts:results:dead.
--- KEYS: 1 claimed set, 2 tts:billing, 3 tts:jobs, 4 tts:retries, 5 tts:results:dead
+-- KEYS: 1 claimed set, 2 tts:billing, 3 tts:jobs, 4 tts:retries, 5 tts:results:dead,
+--       6 (optional) tts:persist: when given, stored audio gets no TTL yet (RENAME keeps the
+--       item's: none) and its hash is
+--       appended to this stream for the persister, which applies the TTL once the durable store
+--       has the audio (docs/tts-flow.md, "The third path: persist"); without it, the TTL at once
 -- ARGV: 1 ttl_s, 2 consumer id, then 9 per result: op (audio|skipped|error|dead), seq, job_id,
 --       variant_hash, model, voice, audio metadata JSON, billing event JSON (empty: none is
 --       queued — tools/inline.py, the pre-split baseline, bills inside its handler), error
@@ -46,7 +50,11 @@ local function finalize(op, seq, job_id, hash, model, voice, audio_meta, billing
     local audio_key = 'tts:audio:' .. hash
     redis.call('RENAME', item, audio_key)
     redis.call('RPUSH', audio_key, audio_meta)
-    redis.call('EXPIRE', audio_key, ttl)
+    if KEYS[6] then
+      redis.call('XADD', KEYS[6], '*', 'h', hash)
+    else
+      redis.call('EXPIRE', audio_key, ttl)
+    end
     if billing ~= '' then
       redis.call('XADD', KEYS[2], '*', 'event', billing)
     end
