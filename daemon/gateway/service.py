@@ -26,6 +26,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
+from daemon.audio.tiers import AudioTiers
 from daemon.config import GatewayConfig
 from daemon.contracts import Job, usage_amount
 from daemon.gateway.auth import TokenCache, plausible_token, token_from_request
@@ -86,6 +87,8 @@ class Gateway:
     health: Callable[[], Awaitable[tuple[dict[str, Any], bool]]]
     refresh_metrics: Callable[[], Awaitable[None]]
     dashboard: Callable[[str], Awaitable[tuple[bytes, str] | None]] | None = None
+    # Redis, then the durable audio store (None: Redis only).
+    audio: AudioTiers | None = None
     by_user: dict[int, set[Connection]] = attrs.Factory(dict)
     by_conn: dict[str, Connection] = attrs.Factory(dict)
     # Connections open or being authenticated (a slot is taken before the token lookup).
@@ -165,7 +168,8 @@ class Gateway:
 
     async def _get_audio(self, variant_hash: str) -> tuple[bytes, str] | None:
         await self.priority.bulk_turn()
-        assert self.store is not None
+        if self.audio is not None:
+            return await self.audio.fetch(variant_hash)
         return await self.store.get_audio(variant_hash)
 
     def _http_server(self, stopping: trio.Event) -> Callable[..., Awaitable[None]]:
@@ -580,6 +584,11 @@ class Gateway:
             )
             cost = usage_amount(len(block.text), multiplier)
             blocks.append((block.idx, variant_hash, job.job_id, cost, job.to_json()))
+
+        if self.audio is not None:
+            # Audio in the durable store but no longer in Redis goes back into Redis first, so
+            # that enqueue.lua answers it `cached`: no job, no hold, no bill (docs/tts-flow.md).
+            await self.audio.promote_stored([key[2] for key in keys])
 
         # Wait for the blocks before the script runs (a status may be published before its
         # reply reaches us); hold notifications until this request's replies are queued.

@@ -77,6 +77,8 @@ class HotConsumer:
     # claimed, not yet handed over) and "finalize" (a group about to be finalized).
     fault: FaultPoint = no_fault
     priority: RequestFirst = attrs.Factory(RequestFirst)
+    # Stored audio waits in Redis (no TTL) for the persister (daemon/audio/persister.py).
+    persist: bool = False
     in_flight: int = 0  # results being finalized now
     handled: int = 0  # results done with (finalized, duplicate, gone or dead-lettered)
 
@@ -226,7 +228,7 @@ class HotConsumer:
                 # have run, its outcome is reported even if a sibling's crash cancels us.
                 with trio.CancelScope(shield=True):
                     replies = await self.store.finalize_many(
-                        self.consumer_id, ops, ttl_s=self.cfg.audio_ttl_s
+                        self.consumer_id, ops, ttl_s=self.cfg.audio_ttl_s, persist=self.persist
                     )
             except Exception as exc:
                 if not is_redis_unavailable(exc):

@@ -26,6 +26,9 @@ from typing import Any
 import attrs
 import trio
 
+from daemon.audio.persister import Persister
+from daemon.audio.store import FileAudioStore
+from daemon.audio.tiers import AudioTiers
 from daemon.billing.consumer import BillingConsumer
 from daemon.config import Config
 from daemon.gateway.hashing import VariantHasher
@@ -70,6 +73,7 @@ class Daemon:
     instance_id: str = attrs.Factory(make_instance_id)
     billing_fault: FaultPoint = no_fault
     hot_fault: FaultPoint = no_fault
+    persist_fault: FaultPoint = no_fault
     events: EventLog = attrs.field(init=False)
     metrics: Metrics = attrs.Factory(Metrics)
     supervisor: Supervisor = attrs.field(init=False)
@@ -78,6 +82,9 @@ class Daemon:
     gateway: Gateway | None = None
     hot: HotConsumer | None = None
     billing: BillingConsumer | None = None
+    # The durable audio store and its persister (None when audio.enabled is false).
+    audio_store: FileAudioStore | None = None
+    persister: Persister | None = None
     addresses: GatewayAddresses | None = None
     gateway_stopping: trio.Event = attrs.Factory(trio.Event)
     workers_stopping: trio.Event = attrs.Factory(trio.Event)
@@ -127,6 +134,7 @@ class Daemon:
             block_s=self.cfg.redis.block_s,
             fault=self.hot_fault,
             priority=self.priority,
+            persist=self.cfg.audio.enabled,
         )
         return ServiceSpec("hot", functools.partial(self.hot.run, stopping=self.consumers_stopping))
 
@@ -146,6 +154,32 @@ class Daemon:
         return ServiceSpec(
             "billing",
             functools.partial(self.billing.run, stopping=self.consumers_stopping),
+            critical=False,
+            fail_start_up=False,
+        )
+
+    def persister_service(self) -> ServiceSpec | None:
+        """Finalized audio from Redis into the durable store (``audio.enabled``). Not critical:
+        restarted with backoff while everything else serves; Redis keeps the audio meanwhile."""
+        if self.audio_store is None:
+            return None
+        assert self.store is not None
+        self.persister = Persister(
+            redis=self.store,
+            store=self.audio_store,
+            cfg=self.cfg.audio,
+            ttl_s=self.cfg.hot.audio_ttl_s,
+            revisions=dict(self.cfg.models.revision),
+            events=self.events,
+            metrics=self.metrics,
+            consumer=self.instance_id,
+            block_s=self.cfg.redis.block_s,
+            fault=self.persist_fault,
+            priority=self.priority,
+        )
+        return ServiceSpec(
+            "persister",
+            functools.partial(self.persister.run, stopping=self.consumers_stopping),
             critical=False,
             fail_start_up=False,
         )
@@ -241,7 +275,16 @@ class Daemon:
             with trio.fail_after(60):
                 applied = await db.migrate()
                 catalog = await db.catalog()
-            hasher = VariantHasher.from_file(self._variant_secret_path())
+            hasher = VariantHasher.from_file(self._variant_secret_path(), dict(cfg.models.revision))
+            if cfg.audio.enabled:
+                self.audio_store = FileAudioStore(
+                    cfg.audio_dir,
+                    max_bytes=cfg.audio.max_bytes,
+                    pin_days=cfg.audio.pin_days,
+                    threads=cfg.audio.io_threads,
+                )
+                with trio.fail_after(60):
+                    await self.audio_store.open()
             with trio.CancelScope() as services_scope:
                 async with trio.open_nursery() as consumers:
                     scanner = functools.partial(
@@ -259,6 +302,9 @@ class Daemon:
                     billing = self.billing_service()
                     if billing is not None:
                         await consumers.start(sup.supervise, billing)
+                    persister = self.persister_service()
+                    if persister is not None:
+                        await consumers.start(sup.supervise, persister)
                     monitor = self.monitor_service()
                     if monitor is not None:
                         await consumers.start(sup.supervise, monitor)
@@ -278,6 +324,12 @@ class Daemon:
                                 refresh_metrics=self.refresh_metrics,
                                 dashboard=self.dashboard,
                                 priority=self.priority,
+                                audio=AudioTiers(
+                                    store,
+                                    self.audio_store,
+                                    cfg.hot.audio_ttl_s,
+                                    self.metrics,
+                                ),
                             )
                             run_gateway = functools.partial(
                                 self.gateway.run, stopping=self.gateway_stopping
@@ -361,6 +413,7 @@ class Daemon:
             "pools": self.pools(),
             "connections": self.gateway.connection_count if self.gateway else 0,
             "reconciliation_delta": rec.delta,
+            "audio": self.persister.as_dict() if self.persister is not None else None,
             "events": {
                 "written": self.events.written,
                 "dropped": self.events.dropped,
@@ -374,6 +427,8 @@ class Daemon:
         depth = await self.billing_depth()
         if depth is not None:
             self.metrics.billing_queue_depth.set(depth)
+        if self.persister is not None:
+            await self.persister.refresh_backlog()
         pools = self.pools()
         if "request" in pools:
             self.metrics.request_pool_in_use.set(pools["request"]["in_use"])
@@ -400,6 +455,7 @@ class Daemon:
         data["pools"] = self.pools()
         data["connections"] = self.gateway.connection_count if self.gateway else 0
         data["events"] = {"written": self.events.written, "dropped": self.events.dropped}
+        data["audio"] = self.persister.as_dict() if self.persister is not None else None
         return data
 
 
