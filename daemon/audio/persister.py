@@ -237,10 +237,6 @@ class Persister:
         objects, missing, damaged = await trio.to_thread.run_sync(self._decode, raw)
         written = await _on_disk(self.store.put_many(objects)) if objects else []
         n_written = sum(written)
-        await self.fault("persist.written")
-        await self.redis.ack_persisted(
-            [(i.entry_id, i.variant_hash) for i in items], ttl_s=self.ttl_s
-        )
         n_existing = len(wanted) - len(to_fetch) + len(written) - n_written
         self.written += n_written
         self.existing += n_existing
@@ -266,6 +262,10 @@ class Persister:
                 count=len(damaged),
                 variant_hashes=damaged[:20],
             )
+        await self.fault("persist.written")
+        await self.redis.ack_persisted(
+            [(i.entry_id, i.variant_hash) for i in items], ttl_s=self.ttl_s
+        )
         self.events.emit(
             "audio_persisted",
             service="persister",
@@ -313,6 +313,10 @@ class Persister:
         next_scan = trio.current_time() + self.cfg.scan_interval_s
         while True:
             await self.refresh_backlog()
+            try:
+                await self.store.flush_reads()
+            except OSError as exc:
+                self.events.error("persister", f"marking audio read failed: {exc}")
             if trio.current_time() >= next_scan:
                 next_scan = trio.current_time() + self.cfg.scan_interval_s
                 try:

@@ -54,6 +54,8 @@ LOW_WATER = 0.9
 # Temporary files older than this are left over from a crash: the scan removes them.
 STALE_TMP_S = 3600.0
 _HEADER_MAX = 4096
+# Reads noted between two flushes, at most (beyond: not noted; pinning is best effort there).
+MAX_NOTED_READS = 100_000
 
 
 def valid_hash(variant_hash: str) -> bool:
@@ -130,6 +132,10 @@ class AudioStore(Protocol):
 
     async def purge(self, *, model: str, before: float | None) -> list[str]: ...
 
+    def note_read(self, variant_hash: str) -> None:
+        """A read the cache served (counts for pinning); must not block."""
+        ...
+
 
 class FileAudioStore:
     """:class:`AudioStore` on a directory (see the module docstring for the layout)."""
@@ -154,6 +160,9 @@ class FileAudioStore:
         self.known_objects = 0
         self.evictions = 0
         self.writes = 0
+        # Hashes read from the Redis cache, to be marked read here too (pinning counts every read,
+        # not only those the store served); flushed by the persister in a worker thread.
+        self._reads: set[str] = set()
 
     # -- the interface (async) ------------------------------------------------------------
 
@@ -181,6 +190,33 @@ class FileAudioStore:
 
     async def purge(self, *, model: str, before: float | None) -> list[str]:
         return await self._thread(self.purge_sync, model, before)
+
+    def note_read(self, variant_hash: str) -> None:
+        """A read served by the Redis cache: marked read here later (:meth:`flush_reads`)."""
+        if len(self._reads) < MAX_NOTED_READS:
+            self._reads.add(variant_hash)
+
+    async def flush_reads(self) -> int:
+        """Mark the objects read since the last flush as read (and recently used)."""
+        if not self._reads:
+            return 0
+        reads, self._reads = self._reads, set()
+        return await self._thread(self._touch_all, reads)
+
+    def _touch_all(self, hashes: set[str]) -> int:
+        now = time.time()
+        touched = 0
+        for h in hashes:
+            if not valid_hash(h):
+                continue
+            try:
+                path = self.path(h)
+                if now - path.stat().st_atime > TOUCH_EVERY_S:
+                    os.utime(path)
+                    touched += 1
+            except FileNotFoundError:
+                continue
+        return touched
 
     def over_cap(self) -> bool:
         """True when what this process knows of the size is over the cap: time to evict."""

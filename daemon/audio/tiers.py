@@ -28,7 +28,10 @@ class AudioTiers:
     async def fetch(self, variant_hash: str) -> tuple[bytes, str] | None:
         """(bytes, content type) from Redis, else from the store (then promoted), else None."""
         audio = await self.redis.get_audio(variant_hash)
-        if audio is not None or self.store is None:
+        if self.store is None:
+            return audio
+        if audio is not None:
+            self.store.note_read(variant_hash)  # pinning counts reads the cache served
             return audio
         obj = await self.store.get(variant_hash)
         if obj is None:

@@ -147,10 +147,12 @@ def parse_range(header: bytes, size: int) -> tuple[int, int] | str | None:
         last = int(last_s) if last_s != "" else size - 1
     except ValueError:
         return None
-    if first < 0 or last < first:
+    if first < 0:
         return None
     if first >= size:
         return "unsatisfiable"
+    if last < first:
+        return None
     return first, min(last, size - 1)
 
 
