@@ -285,6 +285,20 @@ async def test_audio_http_is_immutable_with_etag_and_ranges(daemon: Daemon, pg_u
         assert beyond.headers["content-range"] == f"bytes */{len(data)}"
         stale = await http.get(url, headers={"Range": "bytes=0-9", "If-Range": '"other"'})
         assert stale.status_code == 200 and stale.content == data
+        # The operations view of the store: /healthz, /metrics, the dashboard's data.
+        await wait_until(lambda: persisted(daemon, 1), what="persisted")
+        await wait_until(
+            lambda: daemon.persister is not None and daemon.persister.store.known_objects == 1,
+            what="store measured",
+        )
+        health = (await http.get("/healthz")).json()["audio"]
+        assert health["state"] == "running" and health["store_objects"] == 1
+        assert health["persist_backlog"] == 0 and health["write_errors"] == 0
+        metrics = (await http.get("/metrics")).text
+        assert "tts_audio_store_objects 1.0" in metrics
+        assert "tts_audio_persist_backlog 0.0" in metrics
+        dashboard = (await http.get("/dashboard/data")).json()
+        assert dashboard["audio"]["store_objects"] == 1
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")

@@ -405,6 +405,8 @@ class Daemon:
             and not self.gateway_stopping.is_set()
         )
         rec = self.stats.reconciliation
+        if self.persister is not None:
+            await self.persister.refresh_backlog()
         report = {
             "status": "ok" if healthy else "unavailable",
             "instance": self.instance_id,
