@@ -8,6 +8,9 @@ template: fast) and an empty Redis.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,12 +19,35 @@ import asyncpg
 import pytest
 import redis
 
-from daemon.config import Config, config_from_dict
+from daemon.config import Config
 from daemon.embedded import EmbeddedServers
 from daemon.runtime.daemon import Daemon, open_daemon
-from tools.stress import setup_database
+from daemon.testing.config import make_config
+from daemon.testing.stores import setup_database
 
 TEMPLATE_DB = "tts_template"
+
+
+_OWN_BASETEMP = pytest.StashKey[Path]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Without ``--basetemp``, each session gets a base directory of its own, outside pytest's
+    shared ``/tmp/pytest-of-USER``: as root, the embedded Postgres runs as an unprivileged user that
+    must traverse the path to its data, and every other pytest session that starts resets that
+    shared directory to mode 0700 — failing this session's initdb with "Permission denied"."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        root = Path(tempfile.gettempdir()) / "tts-daemon-tests"
+        root.mkdir(mode=0o755, exist_ok=True)
+        config.option.basetemp = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root)
+        config.stash[_OWN_BASETEMP] = Path(config.option.basetemp)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    own = config.stash.get(_OWN_BASETEMP, None)
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def _with_db(url: str, db: str) -> str:
@@ -73,22 +99,6 @@ def redis_url(servers: EmbeddedServers) -> str:
     finally:
         client.close()
     return servers.redis.url
-
-
-def make_config(tmp_path: Path, **sections: dict) -> Config:
-    """A test configuration: ephemeral ports, data under tmp_path, quick loops."""
-    base: dict[str, dict] = {
-        "data": {"dir": str(tmp_path / "data")},
-        "gateway": {"ws_port": 0, "http_port": 0, "close_grace_s": 1.0},
-        "redis": {"block_s": 0.2},
-        "workers": {"simulated": 2, "latency_ms": 5.0, "jitter_ms": 2.0, "scan_interval_s": 0.2},
-        "hot": {"heartbeat_s": 0.5, "consumer_ttl_s": 3.0},
-        "billing": {"claim_idle_s": 5.0},
-        "supervisor": {"backoff_min_s": 0.05, "backoff_max_s": 0.5, "shutdown_timeout_s": 5.0},
-    }
-    for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
-    return config_from_dict(base)
 
 
 @pytest.fixture

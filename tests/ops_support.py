@@ -10,7 +10,7 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.config import Config, load_config
+from daemon.testing import config as harness_config
 
 __all__ = [
     "BillingGate",
@@ -52,31 +52,14 @@ async def scrape(http_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]],
 def write_config(tmp_path: Path, redis_url: str, pg_url: str, **sections: dict[str, Any]) -> Path:
     """A TOML configuration on the test's servers (as an operator would write it)."""
     base: dict[str, dict[str, Any]] = {
-        "data": {"dir": str(tmp_path / "data")},
-        "gateway": {"ws_port": 0, "http_port": 0, "close_grace_s": 1.0},
-        "redis": {"url": redis_url, "block_s": 0.2},
+        "redis": {"url": redis_url},
         "postgres": {"url": pg_url},
-        "workers": {"simulated": 2, "latency_ms": 5.0, "jitter_ms": 2.0, "scan_interval_s": 0.2},
-        "hot": {"heartbeat_s": 0.5, "consumer_ttl_s": 3.0},
-        "billing": {"claim_idle_s": 5.0},
-        "supervisor": {"backoff_min_s": 0.05, "backoff_max_s": 0.5, "shutdown_timeout_s": 5.0},
         "log": {"events_path": str(tmp_path / "log" / "events.jsonl")},
         "monitor": {"sample_s": 0.2, "interval_s": 0.3},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
-    lines = []
-    for name, values in base.items():
-        lines.append(f"[{name}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {json.dumps(value)}")
-    path = tmp_path / "daemon.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def config_of(path: Path) -> Config:
-    return load_config(path)
+    return harness_config.write_config(tmp_path / "daemon.toml", tmp_path, **base)
 
 
 class BillingGate:

@@ -24,16 +24,8 @@ from daemon.contracts import Keys
 from daemon.runtime.daemon import Daemon, open_daemon
 from daemon.runtime.faults import InjectedFault
 from daemon.stores.redis import open_redis
-from tests.conftest import make_config
-from tests.helpers import (
-    Events,
-    WsClient,
-    add_user,
-    redis_call,
-    usage_rows,
-    usage_rows_at_least,
-    wait_until,
-)
+from daemon.testing import WsClient, add_user, make_config, redis_call, wait_until
+from tests.helpers import Events, usage_rows, usage_rows_at_least
 
 TEXTS = [f"Block number {i} of a durable document." for i in range(4)]
 

@@ -27,8 +27,9 @@ from daemon.stores.ledger import (
     record_usage,
 )
 from daemon.stores.pg import _init_connection
-from tests.helpers import add_user, billing_event, pg_fetch, pg_val
-from tools.inline import bill_one
+from daemon.testing.stores import add_user, pg_fetch, pg_val
+from daemon.testing.unbatched import bill_one
+from tests.helpers import billing_event
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -20,16 +20,11 @@ from daemon.config import Config
 from daemon.contracts import BillingEvent, Keys, usage_amount
 from daemon.runtime.daemon import Daemon, open_daemon
 from daemon.stores.pg import _credit, _init_connection
-from tests.conftest import make_config
-from tests.helpers import (
-    WsClient,
-    add_user,
-    billing_event,
-    pg_fetch,
-    pg_val,
-    redis_call,
-    wait_until,
-)
+from daemon.testing.client import WsClient
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user, pg_fetch, pg_val, redis_call
+from daemon.testing.waiting import wait_until
+from tests.helpers import billing_event
 
 pytestmark = pytest.mark.timeout(90)
 

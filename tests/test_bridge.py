@@ -10,8 +10,10 @@ import trio
 import trio_asyncio
 
 from daemon.runtime.daemon import open_daemon
-from tests.conftest import make_config
-from tests.helpers import WsClient, add_user, pg_val, wait_until
+from daemon.testing.client import WsClient
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user, pg_val
+from daemon.testing.waiting import wait_until
 
 
 async def test_an_unhandled_asyncio_error_is_logged_and_the_daemon_keeps_serving(

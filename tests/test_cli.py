@@ -13,6 +13,8 @@ import httpx
 import psutil
 import pytest
 
+from daemon.testing.config import write_config
+
 pytestmark = pytest.mark.xdist_group("cli")
 
 
@@ -42,19 +44,13 @@ def _server_processes(data_dir: Path) -> list[psutil.Process]:
 
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
-    path = tmp_path / "daemon.toml"
-    path.write_text(
-        f"""
-[data]
-dir = "{tmp_path / "var"}"
-[gateway]
-ws_port = 0
-http_port = 0
-[workers]
-simulated = 1
-"""
+    return write_config(
+        tmp_path / "daemon.toml",
+        tmp_path,
+        quick=False,
+        data={"dir": str(tmp_path / "var")},
+        workers={"simulated": 1},
     )
-    return path
 
 
 def test_run_serves_health_shares_servers_and_stops_cleanly_on_ctrl_c(config_file: Path) -> None:

@@ -15,9 +15,11 @@ from pathlib import Path
 import trio
 
 from daemon.runtime.daemon import Daemon, open_daemon
+from daemon.testing.client import WsClient
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user, pg_val
+from daemon.testing.waiting import wait_until
 from tests.cdp import Page, launch
-from tests.conftest import make_config
-from tests.helpers import WsClient, add_user, pg_val, wait_until
 from tests.ops_support import BillingGate, events_of
 
 # The picture in docs/ is refreshed only on request (TTS_UPDATE_SCREENSHOT=1), so a test run

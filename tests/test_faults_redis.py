@@ -21,9 +21,11 @@ from daemon.contracts import Job, Keys, Result
 from daemon.embedded import EmbeddedRedis
 from daemon.runtime.daemon import open_daemon
 from daemon.stores.redis import RedisStore, is_redis_unavailable, open_redis
+from daemon.testing.client import WsClient
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user, pg_fetch, redis_call
+from daemon.testing.waiting import wait_until
 from daemon.workers.worker import Synthesized, run_worker
-from tests.conftest import make_config
-from tests.helpers import WsClient, add_user, pg_fetch, redis_call, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

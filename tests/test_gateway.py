@@ -21,9 +21,11 @@ from trio_websocket import ConnectionClosed
 from daemon.config import Config
 from daemon.gateway.hashing import VariantHasher
 from daemon.runtime.daemon import Daemon, open_daemon
-from tests.conftest import make_config
-from tests.gateway_helpers import ManualWorker, job_ids, queue_ids, status_frames
-from tests.helpers import WsClient, add_user, handshake_status, pg_fetch, redis_call, wait_until
+from daemon.testing.client import WsClient, handshake_status, status_frames
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user, pg_fetch, redis_call
+from daemon.testing.waiting import wait_until
+from daemon.testing.worker import ManualWorker, job_ids, queue_ids
 from tests.ops_support import scrape
 
 # -- fixtures ----------------------------------------------------------------------------------

@@ -43,10 +43,10 @@ from daemon.gateway.protocol import (
     parse_frame,
 )
 from daemon.runtime.daemon import Daemon, open_daemon
-from tests.conftest import make_config
-from tests.gateway_helpers import ManualWorker
-from tests.helpers import WsClient
-from tools.stress import setup_database
+from daemon.testing.client import WsClient
+from daemon.testing.config import make_config
+from daemon.testing.stores import setup_database
+from daemon.testing.worker import ManualWorker
 
 MAX_BYTES = 4096
 MODELS = {"kokoro": "af_heart", "premium": "ava"}  # model → default voice (seeded)

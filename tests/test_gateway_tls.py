@@ -11,9 +11,10 @@ import trio
 import trustme
 
 from daemon.runtime.daemon import open_daemon
+from daemon.testing.client import WsClient, handshake_status
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user
 from daemon.workers.audio import wav_header_ok
-from tests.conftest import make_config
-from tests.helpers import WsClient, add_user, handshake_status
 
 
 async def test_wss_and_https_with_a_trusted_certificate(

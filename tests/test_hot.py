@@ -19,16 +19,12 @@ import pytest
 from daemon.config import Config
 from daemon.contracts import Job, Keys
 from daemon.runtime.daemon import Daemon, open_daemon
-from tests.conftest import make_config
-from tests.helpers import (
-    Events,
-    WsClient,
-    add_user,
-    usage_rows,
-    usage_rows_at_least,
-    wait_until,
-)
-from tests.worker_side import audio_bytes, pull_n, push, push_raw, r, result_json, settle
+from daemon.testing.client import WsClient
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user
+from daemon.testing.waiting import wait_until
+from daemon.testing.worker import audio_bytes, pull_n, push, push_raw, r, result_json, settle
+from tests.helpers import Events, usage_rows, usage_rows_at_least
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -18,18 +18,13 @@ import trio
 from daemon.embedded import EmbeddedServers
 from daemon.runtime.daemon import Daemon, open_daemon
 from daemon.stores.redis import RedisStore
-from tests.conftest import make_config
-from tests.helpers import (
-    Events,
-    WsClient,
-    add_user,
-    usage_rows,
-    usage_rows_at_least,
-    wait_until,
-)
+from daemon.testing.client import WsClient
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user, setup_database
+from daemon.testing.waiting import wait_until
+from daemon.testing.worker import pull_n, push, r, result_json, settle
+from tests.helpers import Events, usage_rows, usage_rows_at_least
 from tests.test_hot import NOTHING_LEFT, leftovers
-from tests.worker_side import pull_n, push, r, result_json, settle
-from tools.stress import setup_database
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,8 +14,10 @@ from daemon.config import Config
 from daemon.contracts import Keys
 from daemon.runtime.daemon import Daemon, open_daemon
 from daemon.runtime.supervisor import ServiceSpec
-from tests.conftest import make_config
-from tests.helpers import WsClient, add_user, pg_fetch, pg_val, wait_until
+from daemon.testing.client import WsClient
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user, pg_fetch, pg_val
+from daemon.testing.waiting import wait_until
 from tests.ops_support import BillingGate, events_of, read_events, scrape
 
 TEXTS = ["Hello there.", "Second block, a little longer.", "And a third one to finish."]

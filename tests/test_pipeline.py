@@ -6,14 +6,11 @@ import httpx
 import pytest
 
 from daemon.runtime.daemon import Daemon
+from daemon.testing.client import WsClient, handshake_status
+from daemon.testing.stores import add_user
+from daemon.testing.waiting import wait_until
 from daemon.workers.audio import wav_header_ok
-from tests.helpers import (
-    WsClient,
-    add_user,
-    handshake_status,
-    usage_rows_at_least,
-    wait_until,
-)
+from tests.helpers import usage_rows_at_least
 
 TEXTS = ["Hello there.", "Second block, a little longer.", "And a third one to finish."]
 

@@ -13,7 +13,9 @@ from daemon.config import load_config
 from daemon.contracts import Keys
 from daemon.runtime.daemon import Daemon, open_daemon
 from daemon.runtime.supervisor import ServiceSpec
-from tests.helpers import WsClient, add_user, pg_val, redis_call, wait_until
+from daemon.testing.client import WsClient
+from daemon.testing.stores import add_user, pg_val, redis_call
+from daemon.testing.waiting import wait_until
 from tests.ops_support import events_of, write_config
 
 REPORT = Path(__file__).resolve().parent.parent / "tools" / "report.sh"

@@ -23,19 +23,15 @@ import trio_asyncio
 from daemon.config import WorkersConfig
 from daemon.contracts import Job, Keys, Result
 from daemon.stores.redis import RedisStore, open_redis
+from daemon.testing.client import WsClient
+from daemon.testing.config import make_config
+from daemon.testing.stores import add_user
+from daemon.testing.waiting import wait_until
+from daemon.testing.worker import pull, pull_n, r, settle, stage_job
 from daemon.workers.audio import wav_header_ok
 from daemon.workers.simulated import SimulatedAdapter
 from daemon.workers.worker import Synthesized, run_worker
-from tests.conftest import make_config
-from tests.helpers import (
-    Events,
-    WsClient,
-    add_user,
-    usage_rows,
-    usage_rows_at_least,
-    wait_until,
-)
-from tests.worker_side import pull, pull_n, r, settle, stage_job
+from tests.helpers import Events, usage_rows, usage_rows_at_least
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -240,7 +236,7 @@ def _tts_worker(*args: str) -> list[str]:
 async def test_tts_worker_runs_a_plugged_in_adapter_and_stops_on_sigterm(redis_url: str) -> None:
     job = await stage_job(redis_url, "Echo me.")
     with subprocess.Popen(
-        _tts_worker("--redis-url", redis_url, "--adapter", "tests.worker_side:EchoAdapter"),
+        _tts_worker("--redis-url", redis_url, "--adapter", "daemon.testing.worker:EchoAdapter"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -265,7 +261,7 @@ async def test_tts_worker_runs_a_plugged_in_adapter_and_stops_on_sigterm(redis_u
     ("args", "message"),
     [
         (["--adapter", "no_colon"], "module:attribute"),
-        (["--adapter", "tests.worker_side:Nope"], "has no Nope"),
+        (["--adapter", "daemon.testing.worker:Nope"], "has no Nope"),
         (["--adapter", "no.such.module:X"], "cannot import"),
         (["--simulated", "--chars-per-s", "0"], "--chars-per-s must be > 0"),
     ],

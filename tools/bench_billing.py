@@ -58,7 +58,7 @@ from daemon.ops.events import EventLog  # noqa: E402
 from daemon.ops.metrics import Metrics  # noqa: E402
 from daemon.stores.pg import open_pg_pool  # noqa: E402
 from daemon.stores.redis import RedisStore, open_redis  # noqa: E402
-from tools.inline import bill_one  # noqa: E402
+from daemon.testing.unbatched import bill_one  # noqa: E402
 
 WORDS = [
     "the",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -31,15 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.config import Config, config_from_dict
+from daemon.config import Config
 from daemon.embedded import EmbeddedServers
 from daemon.runtime.daemon import Daemon, open_daemon
-from tools.figures import summary, tap
-from tools.stress import setup_database
+from daemon.testing.client import WsClient, connect
+from daemon.testing.config import make_config
+from daemon.testing.figures import summary, tap
+from daemon.testing.stores import setup_database
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the riverbank",
@@ -66,21 +68,18 @@ class Tap:
         return values
 
 
-def make_config(root: Path, args: argparse.Namespace) -> Config:
-    return config_from_dict(
-        {
-            "data": {"dir": str(root / "data")},
-            "gateway": {
-                "ws_port": 0,
-                "http_port": 0,
-                "rate_limit_blocks_per_min": 1_000_000,
-                "max_connections": max(2000, args.connections + 10),
-                "max_connections_per_user": args.connections,
-                "send_queue_frames": 512,
-            },
-            "postgres": {"request_pool_size": args.pool_size},
-            "workers": {"simulated": 0},
-        }
+def bench_config(root: Path, args: argparse.Namespace) -> Config:
+    return make_config(
+        root,
+        quick=False,
+        gateway={
+            "rate_limit_blocks_per_min": 1_000_000,
+            "max_connections": max(2000, args.connections + 10),
+            "max_connections_per_user": args.connections,
+            "send_queue_frames": 512,
+        },
+        postgres={"request_pool_size": args.pool_size},
+        workers={"simulated": 0},
     )
 
 
@@ -99,18 +98,12 @@ class Texts:
         return f"{SENTENCES[self.n % len(SENTENCES)]}, request number {self.n}."
 
 
-async def one_request(ws: WebSocketConnection, doc: str, idx: int, text: str) -> float:
+async def one_request(ws: WsClient, doc: str, idx: int, text: str) -> float:
     """Send one synthesize; milliseconds until its first status."""
-    frame = {
-        "type": "synthesize",
-        "document_id": doc,
-        "model": "kokoro",
-        "blocks": [{"idx": idx, "text": text}],
-    }
     t0 = time.perf_counter()
-    await ws.send_message(json.dumps(frame))
+    await ws.synthesize(doc, {idx: text})
     while True:
-        reply = json.loads(await ws.get_message())
+        reply = await ws.receive(math.inf)
         if reply.get("type") == "status" and reply["block_idx"] == idx:
             return (time.perf_counter() - t0) * 1000.0
         if reply.get("type") == "error":
@@ -119,7 +112,7 @@ async def one_request(ws: WebSocketConnection, doc: str, idx: int, text: str) ->
 
 async def baseline(url: str, token: str, n: int, texts: Texts) -> list[float]:
     acks = []
-    async with open_websocket_url(url, extra_headers=[("Authorization", f"Bearer {token}")]) as ws:
+    async with connect(url, token, keep_frames=False) as ws:
         for i in range(n):
             acks.append(await one_request(ws, "baseline", i, texts()))
     return acks
@@ -141,8 +134,7 @@ async def burst(
         nonlocal connected
         token = tokens[i % len(tokens)]
         t0 = time.perf_counter()
-        headers = [("Authorization", f"Bearer {token}")]
-        async with open_websocket_url(url, extra_headers=headers) as ws:
+        async with connect(url, token, keep_frames=False) as ws:
             connect_ms.append((time.perf_counter() - t0) * 1000.0)
             connected += 1
             if connected == connections:
@@ -179,7 +171,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     await trio.to_thread.run_sync(servers.__enter__)
     try:
         assert servers.redis is not None and servers.postgres is not None
-        cfg = make_config(root, args)
+        cfg = bench_config(root, args)
         with trio.fail_after(args.timeout):
             async with open_daemon(cfg, servers.redis.url, servers.postgres.url) as daemon:
                 return await measure(args, daemon, servers.postgres.url)

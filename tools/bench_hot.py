@@ -66,8 +66,10 @@ from daemon.contracts import BillingEvent, ContractError, Job, Keys, Result
 from daemon.runtime.daemon import Daemon
 from daemon.runtime.supervisor import ServiceSpec
 from daemon.stores.redis import RedisStore, open_redis
-from tools.figures import summary
-from tools.stress import setup_database
+from daemon.testing.client import connect
+from daemon.testing.config import write_config
+from daemon.testing.figures import summary
+from daemon.testing.stores import setup_database
 
 MODEL = "kokoro"
 NOTIFY_LUA = (
@@ -222,17 +224,14 @@ def texts_for(prefix: str, n: int) -> list[str]:
 
 @contextlib.asynccontextmanager
 async def listeners(ws_url: str, token: str, n: int) -> AsyncIterator[list[Listener]]:
-    from trio_websocket import open_websocket_url
-
-    headers = [("Authorization", f"Bearer {token}")]
     async with contextlib.AsyncExitStack() as stack:
         out = []
         nursery = await stack.enter_async_context(trio.open_nursery())
         for _ in range(n):
-            ws = await stack.enter_async_context(
-                open_websocket_url(ws_url, extra_headers=headers, message_queue_size=4096)
+            client = await stack.enter_async_context(
+                connect(ws_url, token, message_queue_size=4096, keep_frames=False)
             )
-            listener = Listener(ws)
+            listener = Listener(client.ws)
             nursery.start_soon(listener.run)
             out.append(listener)
         try:
@@ -611,39 +610,23 @@ def _bench_token(pg_url: str) -> str:
     return setup_database(pg_url, ["bench"], "unlimited")[0][1]
 
 
-def write_config(path: Path, workdir: Path, redis_url: str, pg_url: str, args: Any) -> None:
-    """One configuration per kind: ``daemon-split.toml`` (the durable audio store and its
-    persister on, as by default), ``daemon-split_nopersist.toml`` and ``daemon-baseline.toml``
-    (off: audio in Redis only, as the baseline stores it)."""
+def write_daemon_config(path: Path, workdir: Path, redis_url: str, pg_url: str, args: Any) -> None:
+    """One configuration per kind, production defaults but these: ``daemon-split.toml`` (the
+    durable audio store and its persister on, as by default), ``daemon-split_nopersist.toml`` and
+    ``daemon-baseline.toml`` (off: audio in Redis only, as the baseline stores it)."""
     for kind, audio in (("split", True), ("split_nopersist", False), ("baseline", False)):
-        _write_config(path.with_name(f"daemon-{kind}.toml"), workdir, redis_url, pg_url, args)
-        with open(path.with_name(f"daemon-{kind}.toml"), "a") as f:
-            f.write(f"[audio]\nenabled = {'true' if audio else 'false'}\n")
-            f.write(f'dir = "{workdir / "audio"}"\n')
-
-
-def _write_config(path: Path, workdir: Path, redis_url: str, pg_url: str, args: Any) -> None:
-    path.write_text(
-        f"""
-[data]
-dir = "{workdir / "data"}"
-[gateway]
-ws_port = 0
-http_port = 0
-rate_limit_blocks_per_min = 1000000
-[redis]
-url = "{redis_url}"
-[postgres]
-url = "{pg_url}"
-[hot]
-concurrency = {args.concurrency}
-[workers]
-simulated = 0
-visibility_timeout_s = 3600
-[log]
-events_path = "{workdir / "events.jsonl"}"
-"""
-    )
+        write_config(
+            path.with_name(f"daemon-{kind}.toml"),
+            workdir,
+            quick=False,
+            gateway={"rate_limit_blocks_per_min": 1000000},
+            redis={"url": redis_url},
+            postgres={"url": pg_url},
+            hot={"concurrency": args.concurrency},
+            workers={"simulated": 0, "visibility_timeout_s": 3600},
+            log={"events_path": str(workdir / "events.jsonl")},
+            audio={"enabled": audio, "dir": str(workdir / "audio")},
+        )
 
 
 def main() -> int:
@@ -701,7 +684,7 @@ def run_all(args: argparse.Namespace, workdir: Path, out: dict[str, Any]) -> Non
         token = _bench_token(pg_url)
         redis_pid = servers.redis.pid() or 0
         config_path = workdir / "daemon.toml"
-        write_config(config_path, workdir, redis_url, pg_url, args)
+        write_daemon_config(config_path, workdir, redis_url, pg_url, args)
 
         async def bare() -> None:
             async with trio_asyncio.open_loop(), open_redis(redis_url) as store:

@@ -21,8 +21,8 @@ and the reconciliation delta (synthesized, neither billed nor queued) is 0.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import math
 import os
 import random
 import shutil
@@ -38,13 +38,20 @@ from typing import Any
 import attrs
 import psutil
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.embedded import EmbeddedServers
+from daemon.testing.client import WsClient, connect
+from daemon.testing.config import write_config
+from daemon.testing.figures import pct
+from daemon.testing.stores import in_thread, pg_query, redis_cmd, setup_database
 from daemon.workers.audio import duration_ms_for
-from tools.figures import pct
+
+# in_thread, pg_query, redis_cmd, setup_database: re-exported for tools/chaos.py until it imports
+# daemon.testing itself.
+__all__ = ["Params", "in_thread", "main", "make_texts", "pg_query", "redis_cmd", "setup_database"]
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHS = ("split", "inline")
@@ -102,55 +109,6 @@ def make_texts(rng: random.Random, n: int, seen: set[str]) -> list[str]:
     return out
 
 
-async def in_thread(fn: Any, *args: Any) -> Any:
-    return await trio.to_thread.run_sync(fn, *args)
-
-
-def pg_query(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
-    import asyncpg
-
-    async def q() -> list[dict[str, Any]]:
-        conn = await asyncpg.connect(url)
-        try:
-            return [dict(r) for r in await conn.fetch(sql, *args)]
-        finally:
-            await conn.close()
-
-    return asyncio.run(q())
-
-
-def setup_database(
-    url: str, names: Sequence[str], plan: str = "plus", *, migrate: bool = True
-) -> list[tuple[int, str]]:
-    """Apply the migrations (unless ``migrate`` is False) and create one user per name on
-    ``plan``, through the daemon's own code; returns (id, token) per user. Synchronous: tools and
-    tests call it from a thread."""
-    import asyncpg
-
-    from daemon.stores.pg import _add_user, _init_connection, _migrate
-
-    async def go() -> list[tuple[int, str]]:
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=1, init=_init_connection)
-        try:
-            if migrate:
-                await _migrate(pool)
-            return [await _add_user(pool, name, plan) for name in names]
-        finally:
-            await pool.close()
-
-    return asyncio.run(go())
-
-
-def redis_cmd(url: str, *args: Any) -> Any:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        return client.execute_command(*args)
-    finally:
-        client.close()
-
-
 # -- clients ----------------------------------------------------------------------------------
 
 
@@ -180,7 +138,7 @@ class Client:
     """One WebSocket connection with its requests: acks, arrivals, re-requests on error."""
 
     name: str
-    ws: WebSocketConnection
+    ws: WsClient
     rec: Recorder
     texts: dict[int, str]
     doc: str
@@ -201,13 +159,7 @@ class Client:
         acked = trio.Event()
         self.pending.append((now, frozenset(idxs), acked))
         self.rec.requests += 1
-        frame = {
-            "type": "synthesize",
-            "document_id": self.doc,
-            "model": "kokoro",
-            "blocks": [{"idx": i, "text": self.texts[i]} for i in idxs],
-        }
-        await self.ws.send_message(json.dumps(frame))
+        await self.ws.synthesize(self.doc, {i: self.texts[i] for i in idxs})
         return acked
 
     def _ack(self, idx: int | None, now: float) -> None:
@@ -225,7 +177,7 @@ class Client:
     async def receive_loop(self) -> None:
         while True:
             try:
-                frame = json.loads(await self.ws.get_message())
+                frame = await self.ws.receive(math.inf)
             except ConnectionClosed:
                 return
             now = time.perf_counter()
@@ -265,8 +217,7 @@ async def listener(
     """A reader: plays ``p.blocks`` blocks, keeping ``p.buffer`` requested ahead; every
     ``p.seek_every_s`` it jumps past what it has requested (``cursor_moved`` evicts the queued
     rest) and asks for a fresh buffer there — the burst of demand that fills a GPU batch."""
-    headers = [("Authorization", f"Bearer {token}")]
-    async with open_websocket_url(ws_url, extra_headers=headers) as ws:
+    async with connect(ws_url, token, keep_frames=False) as ws:
         client = Client(name, ws, rec, dict(enumerate(texts)), f"doc-{name}")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.receive_loop)
@@ -290,10 +241,7 @@ async def listener(
                     next_seek = trio.current_time() + p.seek_every_s
                     if requested + p.buffer <= len(texts):
                         client.evicted_reply = trio.Event()
-                        await ws.send_message(
-                            json.dumps({"type": "cursor_moved", "document_id": client.doc,
-                                        "block_idx": requested})
-                        )  # fmt: skip
+                        await ws.cursor_moved(client.doc, requested)
                         with trio.fail_after(30):
                             await client.evicted_reply.wait()
                         pos = requested
@@ -323,8 +271,7 @@ async def probe(
     stop: trio.Event,
 ) -> None:
     """Idle probes first (sequential), then one request every 1/hz s until ``stop``."""
-    headers = [("Authorization", f"Bearer {token}")]
-    async with open_websocket_url(ws_url, extra_headers=headers) as ws:
+    async with connect(ws_url, token, keep_frames=False) as ws:
         client = Client("probe", ws, rec, dict(enumerate(texts)), "doc-probe", idle=True)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.receive_loop)
@@ -355,29 +302,22 @@ async def probe(
 # -- one run ----------------------------------------------------------------------------------
 
 
-def write_config(path: Path, run_dir: Path, p: Params) -> None:
-    path.write_text(
-        f"""
-[data]
-dir = "{run_dir / "data"}"
-[gateway]
-ws_port = 0
-http_port = 0
-rate_limit_blocks_per_min = 100000
-[postgres]
-request_pool_size = {p.request_pool_size}
-billing_pool_size = {p.billing_pool_size}
-acquire_timeout_s = {p.acquire_timeout_s}
-[hot]
-concurrency = {p.hot_concurrency}
-[billing]
-txn_delay_ms = {p.txn_delay_ms}
-[workers]
-simulated = 0
-visibility_timeout_s = 60.0
-[log]
-events_path = "{run_dir / "events.jsonl"}"
-"""
+def write_daemon_config(path: Path, run_dir: Path, p: Params) -> None:
+    """The daemon's configuration for one run: production defaults but these."""
+    write_config(
+        path,
+        run_dir,
+        quick=False,
+        gateway={"rate_limit_blocks_per_min": 100000},
+        postgres={
+            "request_pool_size": p.request_pool_size,
+            "billing_pool_size": p.billing_pool_size,
+            "acquire_timeout_s": p.acquire_timeout_s,
+        },
+        hot={"concurrency": p.hot_concurrency},
+        billing={"txn_delay_ms": p.txn_delay_ms},
+        workers={"simulated": 0, "visibility_timeout_s": 60.0},
+        log={"events_path": str(run_dir / "events.jsonl")},
     )
 
 
@@ -407,7 +347,7 @@ async def run_one(arch: str, p: Params, work: Path, say: Any) -> dict[str, Any]:
         names = [f"listener-{i}" for i in range(p.users)] + ["probe"]
         users = await in_thread(setup_database, pg_url, names)
         config = run_dir / "daemon.toml"
-        write_config(config, run_dir, p)
+        write_daemon_config(config, run_dir, p)
         return await _run_with_servers(
             arch, p, run_dir, config, redis_url, pg_url, users, docs, probe_texts, say
         )

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daemon.cli import serve_until_signalled
 from daemon.config import load_config
 from daemon.runtime.daemon import Daemon
-from tools.figures import tap
+from daemon.testing.figures import tap
 from tools.inline import InlineDaemon
 
 

@@ -1,8 +1,10 @@
-"""What an external GPU worker does, from a test: docs/workers.md over a client of its own.
+"""An external GPU worker driven by hand: docs/workers.md over a Redis client of its own.
 
 Jobs are pulled with the package's ``pull.lua`` and results pushed with ``push_result.lua``,
 exactly as a worker in another process (or language) would, through a plain redis-py client in a
-worker thread — never the daemon's own loop or pool.
+worker thread — never the daemon's own loop or pool. The caller decides when a job is pulled and
+when it finishes (run the daemon with ``workers.simulated = 0``), and can look at the queue in
+between.
 """
 
 from __future__ import annotations
@@ -15,12 +17,28 @@ import trio
 
 from daemon.contracts import Job, Keys, Result
 from daemon.stores.redis import SCRIPTS
-from tests.helpers import WsClient, pg_val, redis_call, wait_until
+from daemon.testing.client import WsClient
+from daemon.testing.stores import pg_val, redis_call
+from daemon.testing.waiting import wait_until
 
-__all__ = ["audio_bytes", "pull", "push", "push_raw", "r", "result_json", "settle"]
+__all__ = [
+    "EchoAdapter",
+    "ManualWorker",
+    "audio_bytes",
+    "job_ids",
+    "pull",
+    "pull_n",
+    "push",
+    "push_raw",
+    "queue_ids",
+    "r",
+    "result_json",
+    "settle",
+    "stage_job",
+]
 
 
-# One raw command on a fresh client (in a thread): the suite's one helper for it.
+# One raw command on a fresh client (in a thread), under the short name worker tests use.
 r = redis_call
 
 
@@ -130,9 +148,42 @@ async def stage_job(
     return job
 
 
+class ManualWorker:
+    """Pull and finish jobs when the caller says so (the daemon runs ``workers.simulated=0``)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+
+    async def pull(self, model: str = "kokoro") -> Job | None:
+        return await pull(self.redis_url, model)
+
+    async def pull_wait(self, model: str = "kokoro") -> Job:
+        return await wait_until(lambda: self.pull(model), what=f"a {model} job to pull")
+
+    async def finish(self, job: Job, *, error: str | None = None) -> None:
+        """Push the job's result as a worker does; the daemon's hot path takes it from there."""
+        from daemon.workers.audio import wav_bytes
+
+        if error is None:
+            payload = result_json(job, wav_bytes(200), duration_ms=200, content_type="audio/wav")
+        else:
+            payload = result_json(job, error=error)
+        await push(self.redis_url, job, payload)
+
+
+async def queue_ids(redis_url: str, model: str = "kokoro") -> list[str]:
+    """The job ids waiting in ``model``'s queue, in order."""
+    return [m.decode() for m in await redis_call(redis_url, "ZRANGE", Keys.queue(model), 0, -1)]
+
+
+async def job_ids(redis_url: str) -> list[str]:
+    """The ids of every job the daemon holds (``tts:jobs``)."""
+    return [k.decode() for k in await redis_call(redis_url, "HKEYS", Keys.JOBS)]
+
+
 class EchoAdapter:
-    """A trivial adapter for ``tts-worker --adapter tests.worker_side:EchoAdapter``: the audio is
-    the text's bytes, so a test can check what came back."""
+    """A trivial adapter for ``tts-worker --adapter daemon.testing.worker:EchoAdapter``: the
+    audio is the text's bytes, so a test can check what came back."""
 
     async def synthesize(self, job: Job) -> Any:
         from daemon.workers.worker import Synthesized
