@@ -151,7 +151,10 @@ class FileAudioStore:
         self.root = Path(root)
         self.max_bytes = max_bytes  # 0: no cap
         self.pin_s = pin_days * 86400.0
+        # Writes, scans and evictions (the persister, purge) and the request path's lookups have
+        # limiters of their own: a slow batch of fsyncs never queues a synthesize behind it.
         self._limiter = trio.CapacityLimiter(threads)
+        self._read_limiter = trio.CapacityLimiter(threads)
         self.objects_dir = self.root / "objects"
         self.tmp_dir = self.root / "tmp"
         self.lock_path = self.root / "evict.lock"
@@ -174,10 +177,10 @@ class FileAudioStore:
         return await self._thread(self.put_many_sync, objects)
 
     async def get(self, variant_hash: str) -> AudioObject | None:
-        return await self._thread(self.get_sync, variant_hash)
+        return await self._read(self.get_sync, variant_hash)
 
     async def contains_many(self, hashes: Sequence[str]) -> list[bool]:
-        return await self._thread(self.contains_many_sync, hashes)
+        return await self._read(self.contains_many_sync, hashes)
 
     async def delete(self, variant_hash: str) -> bool:
         return await self._thread(self.delete_sync, variant_hash)
@@ -224,6 +227,13 @@ class FileAudioStore:
 
     async def _thread(self, fn: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def _read(self, fn: Any, *args: Any) -> Any:
+        # A read changes nothing but an access time: a caller whose deadline passes (a hung
+        # network filesystem) may abandon it rather than wait for the thread.
+        return await trio.to_thread.run_sync(
+            fn, *args, limiter=self._read_limiter, abandon_on_cancel=True
+        )
 
     # -- blocking implementation (worker threads) -----------------------------------------
 

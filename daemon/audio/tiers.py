@@ -10,12 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import attrs
+import trio
 
 from daemon.audio.store import AudioObject, AudioStore
+from daemon.ops.events import EventLog, Throttle
 from daemon.ops.metrics import Metrics
 from daemon.stores.redis import RedisStore
 
 __all__ = ["AudioTiers"]
+
+# The request path waits this long for the store at most (a lookup is a stat per block).
+STORE_DEADLINE_S = 1.0
 
 
 @attrs.define(eq=False)
@@ -24,6 +29,8 @@ class AudioTiers:
     store: AudioStore | None
     ttl_s: int
     metrics: Metrics
+    events: EventLog | None = None
+    _failures: Throttle = attrs.Factory(Throttle)
 
     async def fetch(self, variant_hash: str) -> tuple[bytes, str] | None:
         """(bytes, content type) from Redis, else from the store (then promoted), else None."""
@@ -41,6 +48,20 @@ class AudioTiers:
         return obj.data, obj.content_type
 
     async def promote_stored(self, hashes: Sequence[str]) -> int:
+        """:meth:`_promote_stored` within ``STORE_DEADLINE_S``; a store that fails or is too slow
+        (a full or hung disk) makes this a miss — the blocks are synthesized — never a failed
+        request. Logged at most once a minute."""
+        try:
+            with trio.fail_after(STORE_DEADLINE_S):
+                return await self._promote_stored(hashes)
+        except (OSError, ValueError, trio.TooSlowError) as exc:
+            if self.events is not None and self._failures.due() is not None:
+                self.events.error(
+                    "gateway", f"audio store lookup failed, synthesizing instead: {exc!r}"
+                )
+            return 0
+
+    async def _promote_stored(self, hashes: Sequence[str]) -> int:
         """Before a synthesize's ``enqueue.lua``: put the blocks that are in the store but not in
         Redis back into Redis, so that the script answers them ``cached``. Returns how many.
 

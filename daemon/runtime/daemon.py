@@ -329,6 +329,7 @@ class Daemon:
                                     self.audio_store,
                                     cfg.hot.audio_ttl_s,
                                     self.metrics,
+                                    self.events,
                                 ),
                             )
                             run_gateway = functools.partial(
