@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from daemon.contracts import Keys
 from daemon.runtime.daemon import Daemon, open_daemon
 from daemon.runtime.faults import InjectedFault
 from daemon.stores.redis import open_redis
-from daemon.testing import WsClient, add_user, make_config, redis_call, wait_until
+from daemon.testing import WsClient, add_user, make_config, redis_call, wait_until, write_config
 from tests.helpers import Events, usage_rows, usage_rows_at_least
 
 TEXTS = [f"Block number {i} of a durable document." for i in range(4)]
@@ -330,3 +331,73 @@ async def test_full_disk_backs_the_persister_off_and_never_the_hot_path(
             assert await fetch(daemon, again, "doc-2") == original
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+class Hold:
+    """A fault point that parks the persister at one point until the daemon stops."""
+
+    def __init__(self, point: str) -> None:
+        self.point = point
+
+    async def __call__(self, point: str) -> None:
+        if point == self.point:
+            await trio.sleep_forever()
+
+
+def _objects(root: Path) -> dict[str, int]:
+    """The store's objects: hash → inode (a rewrite would be a new inode: rename of a new file)."""
+    return {p.name: p.stat().st_ino for p in (root / "objects").glob("*/*")}
+
+
+@pytest.mark.slow
+async def test_persister_sigkilled_mid_batch_loses_nothing_and_writes_each_object_once(
+    tmp_path: Path, redis_url: str, pg_url: str
+) -> None:
+    """A real ``tts-daemon run`` SIGKILLed while its persister works through a backlog; another
+    daemon finishes it: every object in the store once, readable, the bytes that were served."""
+    audio = {"persist_batch": 4, "claim_idle_s": 1.0, "dir": str(tmp_path / "audio")}
+    cfg = make_config(tmp_path, audio=audio)
+    _, token = await add_user(pg_url, "reader", "plus")
+    texts = [f"Backlog block {i}, with enough words to make some audio." for i in range(60)]
+    # 1. A daemon whose persister is parked: everything finalized waits in tts:persist.
+    async with open_daemon(cfg, redis_url, pg_url, persist_fault=Hold("persist.read")) as d:
+        client = await synthesize(d, token, "doc", texts)
+        served = dict(zip(hashes(client, "doc"), await fetch(d, client, "doc"), strict=True))
+    assert int(await redis_call(redis_url, "XLEN", Keys.PERSIST)) == len(texts)
+    # 2. A daemon process persisting that backlog, SIGKILLed once the store has some of it.
+    config_file = write_config(
+        tmp_path / "daemon.toml",
+        tmp_path,
+        redis={"url": redis_url, "block_s": 0.2},
+        postgres={"url": pg_url},
+        audio=audio,
+        workers={"simulated": 0},
+    )
+    store_root = tmp_path / "audio"
+    with subprocess.Popen(
+        [sys.executable, "-m", "daemon", "run", "--config", str(config_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    ) as proc:
+        try:
+            await wait_until(lambda: len(_objects(store_root)) >= 1, timeout_s=60, interval_s=0.005)
+        finally:
+            proc.kill()
+    before = _objects(store_root)
+    assert len(before) >= 1
+    assert len(before) < len(texts)  # killed with the backlog in hand
+    # 3. Another daemon takes the killed one's pending entries over and finishes the backlog.
+    async with open_daemon(cfg, redis_url, pg_url) as d:
+        await wait_until(
+            lambda: _stream_empty(redis_url, Keys.PERSIST), timeout_s=60, what="backlog done"
+        )
+        after = _objects(store_root)
+        assert sorted(after) == sorted(served)  # nothing lost
+        # Written once: what the killed daemon had renamed into place was not written again.
+        assert {h: after[h] for h in before} == before
+        store = d.audio_store
+        assert store is not None
+        for h, data in served.items():
+            obj = await store.get(h)
+            assert obj is not None and obj.data == data
