@@ -1,7 +1,8 @@
-"""``tts-daemon``: run, migrate, user add, credit, audio purge (docs/operations.md).
+"""``tts-daemon``: run, migrate, user add, credit, report, audio purge (docs/operations.md).
 
 Exit status: 0 success; 1 a failure at run time (its reason on stderr); 2 a bad command line or
-configuration value (one line naming the key).
+configuration value (one line naming the key). ``report`` has its own: 0 green, 1 amber, 2 red
+(or the report could not be made).
 """
 
 from __future__ import annotations
@@ -74,7 +75,6 @@ async def serve_until_signalled(daemon: Daemon, *, name: str = "tts-daemon") -> 
 
             nursery.start_soon(watch_signals)
             await nursery.start(daemon.run)
-            assert daemon.addresses is not None
             print(
                 f"{name}: serving {daemon.addresses.ws_url} and {daemon.addresses.http_url}"
                 f" (events: {daemon.cfg.events_path})",
@@ -205,6 +205,19 @@ def cmd_audio_purge(cfg: Config, model: str, before_text: str | None) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """The report's own exit status: 0 green, 1 amber, 2 red — or 2 when it cannot be made."""
+    from daemon.ops import report
+
+    try:
+        return report.run(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:
+        print(f"report: RED — the report could not be made: {describe(exc)}", file=sys.stderr)
+        return 2
+
+
 # -- entry point -------------------------------------------------------------------------------
 
 
@@ -255,11 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument(
         "--before", metavar="DATE", help="only audio made before this ISO date/time (UTC)"
     )
+    from daemon.ops import report
+
+    report.add_arguments(
+        sub.add_parser(
+            "report", help="health report of the billing pipeline", description=report.DESCRIPTION
+        )
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        return cmd_report(args)
     try:
         cfg = load_config(config_path(args.config))
     except ConfigError as exc:

@@ -513,8 +513,10 @@ def test_batch_split_keeps_users_whole_on_one_connection_within_users_per_txn(
     batch = [rng.randint(1, users) for _ in range(200)]  # the users of 200 events
     counts = {u: batch.count(u) for u in set(batch)}
     consumer = BillingConsumer(
-        store=None,  # type: ignore[arg-type]
-        pg_url="",
+        pool=None,  # type: ignore[arg-type]
+        reader=None,  # type: ignore[arg-type]
+        redis=None,  # type: ignore[arg-type]
+        usage_types={},
         pg_cfg=PostgresConfig(billing_pool_size=pool),
         cfg=BillingConfig(users_per_txn=per_txn),
         events=None,  # type: ignore[arg-type]

@@ -174,8 +174,9 @@ async def test_finalizing_is_bounded_by_concurrency_and_grouped(
     daemon_ref: list[Daemon] = []
 
     async def observe(point: str) -> None:
-        if point == "finalize" and daemon_ref and daemon_ref[0].hot is not None:
-            peak["in_flight"] = max(peak["in_flight"], daemon_ref[0].hot.in_flight)
+        hot = daemon_ref[0].handle("hot") if daemon_ref else None
+        if point == "finalize" and hot is not None:
+            peak["in_flight"] = max(peak["in_flight"], hot.in_flight)
             await trio.sleep(0.02)  # a slow Redis: groups overlap
 
     cfg = make_config(

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -13,6 +14,7 @@ import trio
 from daemon.config import Config
 from daemon.contracts import Keys
 from daemon.runtime.daemon import Daemon, open_daemon
+from daemon.runtime.services import BuildServices, Deps, build_services
 from daemon.runtime.supervisor import ServiceSpec
 from daemon.testing.client import WsClient
 from daemon.testing.config import make_config
@@ -133,21 +135,22 @@ async def _scrape_when_billed(http_url: str, n: int) -> dict | None:
     return metrics if metrics[("tts_billing_events_total", ())] >= n else None
 
 
-class BreakableHot(Daemon):
-    """The real hot path, wrapped so that a test can make it fail."""
+def breakable_hot(break_hot: trio.Event) -> BuildServices:
+    """The daemon's services, with the real hot path wrapped so that a test can make it fail."""
 
-    def hot_service(self) -> ServiceSpec:
-        spec = super().hot_service()
-        self.break_hot = trio.Event()
+    def build(cfg: Config, deps: Deps) -> list[ServiceSpec]:
+        specs = build_services(cfg, deps)
+        (hot,) = [s for s in specs if s.name == "hot"]
 
-        async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async def run(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             async with trio.open_nursery() as nursery:
-                await nursery.start(spec.run)
-                task_status.started()
-                await self.break_hot.wait()
+                task_status.started(await nursery.start(hot.run))
+                await break_hot.wait()
                 raise RuntimeError("hot path broken by the test")
 
-        return ServiceSpec("hot", run)
+        return [attrs.evolve(s, run=run) if s is hot else s for s in specs]
+
+    return build
 
 
 async def test_healthz_is_503_while_the_hot_path_is_down(
@@ -155,12 +158,12 @@ async def test_healthz_is_503_while_the_hot_path_is_down(
 ) -> None:
     # A long backoff keeps the hot path down ("restarting") while the test looks.
     cfg = make_config(tmp_path, supervisor={"backoff_min_s": 30.0, "backoff_max_s": 30.0})
-    async with open_daemon(cfg, redis_url, pg_url, daemon_class=BreakableHot) as d:
-        assert d.addresses is not None and isinstance(d, BreakableHot)
+    break_hot = trio.Event()
+    async with open_daemon(cfg, redis_url, pg_url, services=breakable_hot(break_hot)) as d:
         async with httpx.AsyncClient(base_url=d.addresses.http_url) as http:
             ok = await http.get("/healthz")
             assert ok.status_code == 200 and ok.json()["status"] == "ok"
-            d.break_hot.set()
+            break_hot.set()
             down = await wait_until(lambda: _status(http, 503), what="/healthz to turn 503")
         body = down.json()
         assert body["status"] == "unavailable"
@@ -186,6 +189,39 @@ async def test_healthz_is_503_while_the_hot_path_is_down(
 async def _status(http: httpx.AsyncClient, code: int) -> httpx.Response | None:
     response = await http.get("/healthz")
     return response if response.status_code == code else None
+
+
+async def test_health_reads_the_billing_consumer_of_its_current_start(
+    tmp_path: Path, redis_url: str, pg_url: str
+) -> None:
+    """The billing service opens its pool afresh on every start and hands it over with
+    started(): after a crash, /healthz and the daemon's handle show the new start's pool, and
+    the events the crash left pending are billed by it."""
+    crashed = trio.Event()
+
+    async def crash_once(point: str) -> None:
+        if point == "billing.after_commit" and not crashed.is_set():
+            crashed.set()
+            raise RuntimeError("billing crashed by the test")
+
+    cfg = make_config(tmp_path)
+    async with open_daemon(cfg, redis_url, pg_url, billing_fault=crash_once) as d:
+        first = d.handle("billing")
+        assert first is not None and first.pool.size == cfg.postgres.billing_pool_size
+        _, token = await add_user(pg_url, "hana", "plus")
+        await _synthesize(d, token, "doc", TEXTS)
+        await wait_until(lambda: _billed(pg_url, len(TEXTS)), what="billed after the restart")
+        await wait_until(lambda: d.supervisor.state("billing") == "running", what="billing up")
+        second = d.handle("billing")
+        assert second is not None and second is not first and second.pool is not first.pool
+        assert d.supervisor.states["billing"].restarts == 1
+        async with httpx.AsyncClient(base_url=d.addresses.http_url) as http:
+            body = (await http.get("/healthz")).json()
+        billing_pool = body["pools"]["billing"]
+        assert billing_pool["size"] == cfg.postgres.billing_pool_size
+        assert isinstance(billing_pool["in_use"], int)  # null while billing is not running
+        assert body["services"]["billing"]["state"] == "running"
+    assert await pg_val(pg_url, "SELECT count(*) FROM usage_log") == len(TEXTS)
 
 
 async def test_a_daemon_that_cannot_start_says_why_in_the_events_log(
@@ -318,13 +354,12 @@ async def test_live_reconciliation_does_not_call_an_event_missing_when_its_log_l
             events=log,
             metrics=Metrics(),
             models=["kokoro"],
-            pool=pool,
         )
-        rec = await monitor.reconcile_once()
+        rec = await monitor.reconcile_once(pool)
         assert (rec.delta, rec.waiting, rec.complete) == (0, 250, True)
         # One of them really is gone: exactly that one is named, and an error says so.
         await store.execute("XDEL", Keys.BILLING, (await _first_entry(store)))
-        rec = await monitor.reconcile_once()
+        rec = await monitor.reconcile_once(pool)
         assert (rec.delta, rec.waiting) == (1, 249)
         assert rec.missing == [(ids[0], "lost: in neither")]
         (error,) = [e for e in seen if e["event"] == "error"]

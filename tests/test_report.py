@@ -9,9 +9,10 @@ from typing import Any
 
 import trio
 
-from daemon.config import load_config
+from daemon.config import Config, load_config
 from daemon.contracts import Keys
 from daemon.runtime.daemon import Daemon, open_daemon
+from daemon.runtime.services import Deps, build_services
 from daemon.runtime.supervisor import ServiceSpec
 from daemon.testing.client import WsClient
 from daemon.testing.stores import add_user, pg_val, redis_call
@@ -81,11 +82,9 @@ async def test_clean_run_is_green(tmp_path: Path, redis_url: str, pg_url: str) -
     assert alone.returncode == 0, alone.stdout.decode() + alone.stderr.decode()
 
 
-class NoBilling(Daemon):
-    """Billing stopped while synthesis goes on."""
-
-    def billing_service(self) -> ServiceSpec | None:
-        return None
+def no_billing(cfg: Config, deps: Deps) -> list[ServiceSpec]:
+    """Billing stopped while synthesis goes on: the daemon's services without the billing one."""
+    return [spec for spec in build_services(cfg, deps) if spec.name != "billing"]
 
 
 async def test_billing_stopped_while_synthesis_goes_on_is_red_and_names_what_is_missing(
@@ -93,7 +92,7 @@ async def test_billing_stopped_while_synthesis_goes_on_is_red_and_names_what_is_
 ) -> None:
     config = write_config(tmp_path, redis_url, pg_url, monitor={"liveness_grace_s": 0.0})
     cfg = load_config(config)
-    async with open_daemon(cfg, redis_url, pg_url, daemon_class=NoBilling) as d:
+    async with open_daemon(cfg, redis_url, pg_url, services=no_billing) as d:
         _, token = await add_user(pg_url, "bob", "plus")
         await _synthesize(d, token, "doc-1", TEXTS)
         await wait_until(

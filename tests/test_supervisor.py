@@ -193,3 +193,46 @@ async def test_non_critical_service_that_cannot_start_does_not_block_start_up(
         sup.stopping.set()
     assert attempts >= 3
     assert restarts(records, "billing")[0]["reason"] == "Boom: cannot connect"
+
+
+async def test_a_service_handle_is_what_its_current_start_reported_and_none_between_starts(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Health and metrics read ``Supervisor.handle``: each start's own handle while it runs,
+    nothing while the service waits to be restarted, nothing once it stopped."""
+    sup, _ = make_supervisor(tmp_path, backoff_min_s=10.0, backoff_max_s=10.0)
+    handles: list[object] = []
+    fail = trio.Event()
+
+    async def service(*, task_status: trio.TaskStatus[object]) -> None:
+        handle = object()
+        handles.append(handle)
+        task_status.started(handle)
+        await fail.wait()
+        raise Boom("down")
+
+    assert sup.handle("svc") is None  # not supervised here (yet)
+    async with trio.open_nursery() as nursery:
+        first = await nursery.start(
+            sup.supervise, ServiceSpec("svc", service, critical=False, fail_start_up=False)
+        )
+        assert first is handles[0] and sup.handle("svc") is handles[0]
+        fail.set()
+        await trio.sleep(1)  # failed, waiting out its 5..10 s backoff
+        assert sup.state("svc") == "restarting" and sup.handle("svc") is None
+        fail = trio.Event()
+        await trio.sleep(10)  # restarted: a fresh handle
+        assert sup.state("svc") == "running" and len(handles) == 2
+        assert sup.handle("svc") is handles[1]
+        sup.stopping.set()
+        nursery.cancel_scope.cancel()
+    assert sup.state("svc") == "stopped" and sup.handle("svc") is None
+
+
+def test_a_service_spec_names_a_stage_the_daemon_has() -> None:
+    async def run(*, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+
+    assert ServiceSpec("x", run).stage == "consumers"
+    with pytest.raises(ValueError, match="stage"):
+        ServiceSpec("x", run, stage="front")

@@ -4,8 +4,9 @@
 For each user count (default 5 and 500) a backlog of billing events (default 10,000:
 sentence-sized texts, a mix of kokoro and premium, users spread over every branch of the premium
 waterfall) is written to the real ``tts:billing`` stream of a fresh embedded Redis, and drained by
-the real :class:`~daemon.billing.consumer.BillingConsumer` — its own read loop, ``bill_entries``,
-its own pool of ``postgres.billing_pool_size`` (2) connections — into a fresh database:
+the real billing service (``daemon.billing.consumer.run_billing_consumer``) — its own read loop,
+``bill_entries``, its own pool of ``postgres.billing_pool_size`` (2) connections — into a fresh
+database (the baseline is the same service given another ``bill_users``):
 
 - **batched**: the consumer as shipped (drain-on-wake up to ``billing.max_batch``, the next batch
   read while the current one bills, users split over the two connections and grouped
@@ -48,8 +49,9 @@ if str(ROOT) not in sys.path:
 
 from daemon.billing.consumer import (  # noqa: E402
     BillingConsumer,
-    CommittedBatch,
-    PreparedBatch,
+    BillingSetup,
+    BillUsers,
+    run_billing_consumer,
 )
 from daemon.config import BillingConfig, PostgresConfig  # noqa: E402
 from daemon.contracts import BillingEvent, Keys  # noqa: E402
@@ -57,7 +59,7 @@ from daemon.embedded import EmbeddedServers  # noqa: E402
 from daemon.ops.events import EventLog  # noqa: E402
 from daemon.ops.metrics import Metrics  # noqa: E402
 from daemon.stores.pg import open_pg_pool  # noqa: E402
-from daemon.stores.redis import RedisStore, open_redis  # noqa: E402
+from daemon.stores.redis import BillingEntry, RedisStore, open_redis  # noqa: E402
 from daemon.testing.unbatched import bill_one  # noqa: E402
 
 WORDS = [
@@ -131,39 +133,37 @@ def make_events(n: int, user_ids: Sequence[int], rng: random.Random) -> list[Bil
     return events
 
 
-class UnbatchedConsumer(BillingConsumer):
-    """The baseline: the same consumer loop (reads, checks, acknowledgements), but every event
-    billed in a transaction of its own."""
+async def bill_unbatched(
+    consumer: BillingConsumer,
+    by_user: dict[int, list[tuple[BillingEntry, str]]],
+    failed: dict[int, str],
+) -> tuple[int, int, int]:
+    """The baseline's billing (given to the real consumer as its ``bill_users``): the same
+    consumer loop (reads, checks, acknowledgements), but every event billed in a transaction of
+    its own, as many at once as the pool has connections."""
+    # The checked JSON texts, parsed once more into events (the batched path sends the text).
+    events = [BillingEvent.from_json(text) for mine in by_user.values() for _, text in mine]
+    limiter = trio.CapacityLimiter(consumer.pg_cfg.billing_pool_size)
+    billed = 0
+    text_length = 0
 
-    async def commit_batch(self, batch: PreparedBatch) -> CommittedBatch:
-        assert self.pool is not None
-        t0 = time.perf_counter()
-        # The checked JSON texts, parsed once more into events (the batched path sends the text).
-        events = [
-            BillingEvent.from_json(text) for mine in batch.by_user.values() for _, text in mine
-        ]
-        limiter = trio.CapacityLimiter(self.pg_cfg.billing_pool_size)
-        billed = 0
-        text_length = 0
+    async def one(e: BillingEvent) -> None:
+        nonlocal billed, text_length
+        async with limiter:
+            dup, _ = await consumer.pool.run(
+                bill_one,
+                e,
+                consumer.usage_types[e.model],
+                acquire_timeout_s=consumer.pg_cfg.acquire_timeout_s,
+            )
+        if not dup:
+            billed += 1
+            text_length += e.text_length
 
-        async def one(e: BillingEvent) -> None:
-            nonlocal billed, text_length
-            async with limiter:
-                dup, _ = await self.pool.run(  # type: ignore[union-attr]
-                    bill_one,
-                    e,
-                    self.usage_types[e.model],
-                    acquire_timeout_s=self.pg_cfg.acquire_timeout_s,
-                )
-            if not dup:
-                billed += 1
-                text_length += e.text_length
-
-        async with trio.open_nursery() as nursery:
-            for e in events:
-                nursery.start_soon(one, e)
-        dups = len(events) - billed
-        return CommittedBatch(batch, {}, billed, dups, text_length, time.perf_counter() - t0)
+    async with trio.open_nursery() as nursery:
+        for e in events:
+            nursery.start_soon(one, e)
+    return billed, len(events) - billed, text_length
 
 
 # -- setup -------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ async def fill_stream(store: RedisStore, events: Sequence[BillingEvent]) -> None
 
 
 async def drain(
-    consumer_class: type[BillingConsumer],
+    bill_users: BillUsers | None,
     store: RedisStore,
     pg_url: str,
     backlog: int,
@@ -249,7 +249,8 @@ async def drain(
     billing_cfg: BillingConfig,
     log_dir: Path,
 ) -> tuple[float, int]:
-    """Run the consumer until ``backlog`` events are billed; (drain seconds, batches)."""
+    """Run the consumer (billing with ``bill_users``, None: its own) until ``backlog`` events
+    are billed; (drain seconds, batches)."""
     events = EventLog(log_dir / f"events-{uuid.uuid4().hex[:6]}.jsonl")
     done = trio.Event()
     seen = 0
@@ -263,7 +264,7 @@ async def drain(
 
     events.add_listener(count)
     stopping = trio.Event()
-    consumer = consumer_class(
+    setup = BillingSetup(
         store=store,
         pg_url=pg_url,
         pg_cfg=pg_cfg,
@@ -272,11 +273,14 @@ async def drain(
         metrics=Metrics(),
         consumer_name="bench",
         block_s=0.05,
+        bill_users=bill_users,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(events.run)
         async with trio.open_nursery() as inner:
-            await inner.start(functools.partial(consumer.run, stopping=stopping))
+            consumer = await inner.start(
+                functools.partial(run_billing_consumer, setup, stopping=stopping)
+            )
             t0 = time.perf_counter()
             with trio.fail_after(600):
                 await done.wait()
@@ -340,18 +344,18 @@ async def run_bench(args: argparse.Namespace, servers: EmbeddedServers, log_dir:
                 expected = expected_state(events, users)
                 result: dict[str, Any] = {"backlog": args.backlog, "users": users}
                 states = {}
-                modes: list[tuple[str, type[BillingConsumer], BillingConfig]] = [
-                    ("batched", BillingConsumer, billing_cfg),
-                    ("unbatched", UnbatchedConsumer, billing_cfg),
+                modes: list[tuple[str, BillUsers | None, BillingConfig]] = [
+                    ("batched", None, billing_cfg),
+                    ("unbatched", bill_unbatched, billing_cfg),
                 ]
                 if args.per_user_txn:
                     strict = attrs.evolve(billing_cfg, users_per_txn=1)
-                    modes.append(("per_user_txn", BillingConsumer, strict))
-                for mode, cls, mode_cfg in modes:
+                    modes.append(("per_user_txn", None, strict))
+                for mode, bill_users, mode_cfg in modes:
                     url = await fresh_db(base_url, f"bench_{mode}_{users}", users)
                     await fill_stream(store, events)
                     drain_s, batches = await drain(
-                        cls, store, url, len(events), pg_cfg, mode_cfg, log_dir
+                        bill_users, store, url, len(events), pg_cfg, mode_cfg, log_dir
                     )
                     if await store.billing_depth() != 0:
                         raise SystemExit(f"{mode}: the stream is not empty after the drain")

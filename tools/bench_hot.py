@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -61,9 +62,10 @@ import trio_asyncio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.cli import serve_until_signalled
-from daemon.config import HotConfig, load_config
+from daemon.config import Config, HotConfig, load_config
 from daemon.contracts import BillingEvent, ContractError, Job, Keys, Result
 from daemon.runtime.daemon import Daemon
+from daemon.runtime.services import Deps, build_services
 from daemon.runtime.supervisor import ServiceSpec
 from daemon.stores.redis import RedisStore, open_redis
 from daemon.testing.client import connect
@@ -141,23 +143,17 @@ async def run_baseline_hot(
             nursery.start_soon(handle_and_release, raw, token)
 
 
-class BaselineDaemon(Daemon):
-    def hot_service(self) -> ServiceSpec:
-        assert self.store is not None
-        run = trio_partial(
-            run_baseline_hot,
-            self.store,
-            self.cfg.hot,
-            block_s=self.cfg.redis.block_s,
-            stopping=self.consumers_stopping,
-        )
-        return ServiceSpec("hot", run)
-
-
-def trio_partial(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    import functools
-
-    return functools.partial(fn, *args, **kwargs)
+def baseline_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
+    """The daemon's services with the baseline result consumer in place of the hot path."""
+    run = functools.partial(
+        run_baseline_hot,
+        deps.store,
+        cfg.hot,
+        block_s=cfg.redis.block_s,
+        stopping=deps.stopping.consumers,
+    )
+    baseline = ServiceSpec("hot", run)
+    return [baseline if s.name == "hot" else s for s in build_services(cfg, deps)]
 
 
 # -- serving a daemon (the subprocess side) ----------------------------------------------------
@@ -165,8 +161,10 @@ def trio_partial(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 async def serve(kind: str, config_path: str) -> None:
     cfg = load_config(config_path)
-    cls = BaselineDaemon if kind == "baseline" else Daemon  # split, split_nopersist: configs
-    await serve_until_signalled(cls(cfg, cfg.redis.url, cfg.postgres.url), name=kind)
+    # split and split_nopersist differ by their configuration (audio.enabled)
+    services = baseline_services if kind == "baseline" else build_services
+    daemon = Daemon(cfg, cfg.redis.url, cfg.postgres.url, services=services)
+    await serve_until_signalled(daemon, name=kind)
 
 
 # -- the measuring side -----------------------------------------------------------------------
@@ -309,7 +307,7 @@ async def measure_floor(store: RedisStore, n: int, audio_bytes: int) -> dict[str
                 await mover.execute("PUBLISH", f"{Keys.NOTIFY_PREFIX}0", str(i))
 
         nursery.start_soon(
-            trio_partial(store.listen_notifications, deliver, ready=lambda: ready.set())
+            functools.partial(store.listen_notifications, deliver, ready=lambda: ready.set())
         )
         await ready.wait()
         nursery.start_soon(move)

@@ -7,11 +7,12 @@ engagement stats — in one transaction on the **request path's shared pool**, h
 while it waits for the row lock. Under a burst the pool runs dry and ``synthesize`` (whose usage
 check needs a connection of the same pool) waits.
 
-It lives under ``tools/`` and is never part of ``tts-daemon run``. It reuses the project's own
+It lives under ``tools/`` and is never part of ``tts-daemon run``: :func:`inline_services` is the
+service list a daemon is given to run it (docs/tts-flow.md, "Services"). It reuses the project's own
 ``record_usage`` and stores; the same ``billing.txn_delay_ms`` is applied inside each billing
 transaction, so both architectures pay the same per-commit cost. Unlike the system it models, a
-billing that times out waiting for a connection is retried, so that a run's reconciliation can
-still close at 0 and the comparison is about latency, not lost money.
+billing that times out waiting for a connection is retried, so that a run's reconciliation can still
+close at 0 and the comparison is about latency, not lost money.
 """
 
 from __future__ import annotations
@@ -23,32 +24,32 @@ import asyncpg
 import attrs
 import trio
 
-from daemon.config import BillingConfig, PostgresConfig
+from daemon.config import BillingConfig, Config, PostgresConfig
 from daemon.contracts import BillingEvent
 from daemon.hot.consumer import HotConsumer
-from daemon.runtime.daemon import Daemon
+from daemon.runtime.services import Deps, build_services, hot_consumer, hot_service
 from daemon.runtime.supervisor import ServiceSpec
 from daemon.stores.pg import PgPool
 from daemon.stores.redis import FinalizeArgs
 from daemon.testing.unbatched import bill_one
 
-__all__ = ["InlineDaemon", "InlineHotConsumer", "bill_one"]
+__all__ = ["InlineBilling", "bill_one", "inline_services"]
 
 
-@attrs.define
-class InlineHotConsumer(HotConsumer):
-    """A result consumer that bills inline, on the request pool (the pre-split design): each
-    result is stored and its listeners notified, then billed in the handler, which keeps its
-    concurrency slot — and a request-pool connection — until the bill commits."""
+@attrs.define(eq=False)
+class InlineBilling:
+    """The pre-split result handler's billing, given to the hot consumer as its group handler:
+    each result is stored and its listeners notified, then billed in the handler, which keeps
+    its concurrency slot — and a request-pool connection — until the bill commits."""
 
-    db: PgPool | None = None
-    pg_cfg: PostgresConfig = attrs.Factory(PostgresConfig)
-    billing_cfg: BillingConfig = attrs.Factory(BillingConfig)
+    db: PgPool
+    pg_cfg: PostgresConfig
+    billing_cfg: BillingConfig
     usage_types: dict[str, str] = attrs.Factory(dict)
     billing_retries: int = 0
 
-    async def handle(self, group: Sequence[Any]) -> None:
-        prepared = [self._prepare(c) for c in group]
+    async def handle(self, consumer: HotConsumer, group: Sequence[Any]) -> None:
+        prepared = [consumer._prepare(c) for c in group]
         bills: list[BillingEvent | None] = []
         for p in prepared:
             op = p.op
@@ -58,13 +59,12 @@ class InlineHotConsumer(HotConsumer):
                 p.op = attrs.evolve(op, billing_event="")
             else:
                 bills.append(None)
-        outcomes = await self._finalize(prepared)
+        outcomes = await consumer._finalize(prepared)
         for event, (outcome, _) in zip(bills, outcomes, strict=True):
             if event is not None and outcome == "finalized":
-                await self._bill(event)
+                await self._bill(consumer, event)
 
-    async def _bill(self, event: BillingEvent) -> None:
-        assert self.db is not None
+    async def _bill(self, consumer: HotConsumer, event: BillingEvent) -> None:
         usage_type = self.usage_types[event.model]
         while True:
             try:
@@ -78,35 +78,25 @@ class InlineHotConsumer(HotConsumer):
                 return
             except (TimeoutError, asyncpg.PostgresConnectionError, OSError) as exc:
                 self.billing_retries += 1
-                self.events.error("hot", f"inline billing failed, retrying: {exc!r}")
+                consumer.events.error("hot", f"inline billing failed, retrying: {exc!r}")
                 await trio.sleep(0.1)
 
 
-class InlineDaemon(Daemon):
-    """The daemon with the pre-split result handler: no billing consumer, billing inline."""
-
-    def hot_service(self) -> ServiceSpec:
-        assert self.store is not None and self.request_db is not None
-        consumer = InlineHotConsumer(
-            store=self.store,
-            # one task per result, as the handler of the pre-split design worked
-            cfg=attrs.evolve(self.cfg.hot, finalize_batch=1),
-            events=self.events,
-            metrics=self.metrics,
-            consumer_id=self.instance_id,
-            block_s=self.cfg.redis.block_s,
-            db=self.request_db,
-            pg_cfg=self.cfg.postgres,
-            billing_cfg=self.cfg.billing,
-        )
-        self.hot = consumer
-
-        async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            catalog = await self.request_db.catalog()  # type: ignore[union-attr]
-            consumer.usage_types = {m: i["usage_type"] for m, i in catalog.models.items()}
-            await consumer.run(stopping=self.consumers_stopping, task_status=task_status)
-
-        return ServiceSpec("hot", run)
-
-    def billing_service(self) -> ServiceSpec | None:
-        return None
+def inline_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
+    """The daemon with the pre-split result handler: no billing consumer, billing inline in a
+    hot consumer that runs one task per result (as the handler of the pre-split design did)."""
+    billing = InlineBilling(
+        db=deps.request_db,
+        pg_cfg=cfg.postgres,
+        billing_cfg=cfg.billing,
+        usage_types={m: i["usage_type"] for m, i in deps.catalog.models.items()},
+    )
+    consumer = hot_consumer(
+        cfg, deps, hot_cfg=attrs.evolve(cfg.hot, finalize_batch=1), handle_group=billing.handle
+    )
+    inline_hot = hot_service(cfg, deps, consumer)
+    return [
+        inline_hot if s.name == "hot" else s
+        for s in build_services(cfg, deps)
+        if s.name != "billing"
+    ]

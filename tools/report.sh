@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Health report of the billing pipeline (docs/metrics.md): tools/report.sh [--config PATH] [--json]
+# Health report of the billing pipeline (docs/metrics.md): `tts-daemon report`, runnable from a
+# checkout without the venv on PATH: tools/report.sh [--config PATH] [--json] ...
 # Exit status: 0 green, 1 amber (look soon), 2 red (act now, or the report could not be made).
 # Run it from the directory the daemon runs in (relative paths in the config are relative to it);
 # docs/operations.md explains every line of its output.
@@ -11,4 +12,4 @@ if [[ ! -x "$python" ]]; then
 fi
 # The package from this checkout, whichever Python runs it.
 export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"
-exec "$python" -m daemon.ops.report "$@"
+exec "$python" -m daemon report "$@"

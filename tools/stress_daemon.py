@@ -24,14 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daemon.cli import serve_until_signalled
 from daemon.config import load_config
 from daemon.runtime.daemon import Daemon
+from daemon.runtime.services import build_services
 from daemon.testing.figures import tap
-from tools.inline import InlineDaemon
+from tools.inline import inline_services
 
 
 async def _main(args: argparse.Namespace) -> None:
     cfg = load_config(args.config)
-    cls = InlineDaemon if args.arch == "inline" else Daemon
-    daemon = cls(cfg, args.redis_url, args.pg_url)
+    services = inline_services if args.arch == "inline" else build_services
+    daemon = Daemon(cfg, args.redis_url, args.pg_url, services=services)
     samples: list[tuple[float, float]] = []
     gateway_acks: list[tuple[float, float]] = []
     tap(daemon.metrics.request_pool_wait_seconds, lambda s: samples.append((time.time(), s)))

@@ -106,17 +106,20 @@ class Persister:
     _missing_log: Throttle = attrs.Factory(Throttle)
 
     async def run(
-        self, *, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        stopping: trio.Event,
+        task_status: trio.TaskStatus[Persister] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Persist until ``stopping``, then finish (or leave pending) the batch in hand.
-        ``started()`` once the store's directory is ready."""
+        ``started(self)`` (its handle: /healthz reads it) once the store's directory is ready."""
         await self.store.open()
         await self.store.stats()
         self._measure_store()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._maintenance_loop)
             self.state = "running"
-            task_status.started()
+            task_status.started(self)
             async with self.redis.dedicated() as reader:
                 await self._loop(reader, stopping)
             nursery.cancel_scope.cancel()

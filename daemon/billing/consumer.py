@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
@@ -37,7 +37,15 @@ from daemon.stores.ledger import ChunkResult, bill_chunks, events_array
 from daemon.stores.pg import PgPool, open_pg_pool
 from daemon.stores.redis import BillingEntry, RedisStore, billing_block_ms
 
-__all__ = ["BatchOutcome", "BillingConsumer", "CommittedBatch", "PreparedBatch"]
+__all__ = [
+    "BatchOutcome",
+    "BillUsers",
+    "BillingConsumer",
+    "BillingSetup",
+    "CommittedBatch",
+    "PreparedBatch",
+    "run_billing_consumer",
+]
 
 
 @attrs.frozen
@@ -76,9 +84,19 @@ class CommittedBatch:
     commit_s: float
 
 
-@attrs.define
-class BillingConsumer:
-    """One billing consumer; :meth:`run` is the (restartable) service."""
+# How a checked batch's users are billed: (consumer, events by user, failed users to fill) →
+# (billed, duplicates, characters billed). The consumer's own is lanes of batched transactions;
+# tools/bench_billing.py passes one transaction per event, its baseline.
+BillUsers = Callable[
+    ["BillingConsumer", dict[int, list[tuple[BillingEntry, str]]], dict[int, str]],
+    Awaitable[tuple[int, int, int]],
+]
+
+
+@attrs.frozen
+class BillingSetup:
+    """What a billing consumer is made of; :func:`run_billing_consumer` opens its connections
+    afresh on every start (a crash cannot leave a half-broken pool behind)."""
 
     store: RedisStore
     pg_url: str
@@ -89,43 +107,75 @@ class BillingConsumer:
     consumer_name: str
     block_s: float = 1.0
     fault: FaultPoint = no_fault
-    pool: PgPool | None = None
+    bill_users: BillUsers | None = None  # None: the consumer's own (batched lanes)
+
+
+async def run_billing_consumer(
+    setup: BillingSetup,
+    *,
+    stopping: trio.Event,
+    task_status: trio.TaskStatus[BillingConsumer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The (restartable) billing service: bill until ``stopping``; the batches in hand (read
+    ahead, being billed, waiting for their acknowledgement) are finished (committed and
+    acknowledged, or left pending).
+
+    ``started(consumer)`` once its pool is connected: the :class:`BillingConsumer` of this start,
+    with its pool and Redis connections. Errors end the service (the supervisor restarts it with
+    backoff); nothing is acknowledged that was not committed.
+    """
+    async with (
+        open_pg_pool(
+            setup.pg_url,
+            size=setup.pg_cfg.billing_pool_size,
+            min_size=setup.pg_cfg.billing_pool_size,
+            acquire_timeout_s=setup.pg_cfg.acquire_timeout_s,
+            command_timeout_s=setup.pg_cfg.command_timeout_s,
+        ) as pool,
+        setup.store.dedicated() as reader,
+        setup.store.dedicated() as writer,
+    ):
+        catalog = await pool.catalog()
+        consumer = BillingConsumer(
+            pool=pool,
+            reader=reader,
+            redis=writer,
+            usage_types={m: info["usage_type"] for m, info in catalog.models.items()},
+            pg_cfg=setup.pg_cfg,
+            cfg=setup.cfg,
+            events=setup.events,
+            metrics=setup.metrics,
+            consumer_name=setup.consumer_name,
+            block_s=setup.block_s,
+            fault=setup.fault,
+            bill_users=setup.bill_users,
+        )
+        task_status.started(consumer)
+        await consumer._loop(reader, stopping)
+
+
+@attrs.define(eq=False)
+class BillingConsumer:
+    """One start of the billing consumer, with the connections it opened
+    (:func:`run_billing_consumer` builds it)."""
+
+    pool: PgPool
     # The consumer's own Redis connections: one for reads (and dead letters of malformed
     # events), one for acknowledgements (and dead letters of users that cannot be billed), so an
     # acknowledgement never waits behind a blocking read. Billing shares no pool with the request
     # path, Postgres or Redis.
-    reader: RedisStore | None = None
-    redis: RedisStore | None = None
-    usage_types: dict[str, str] = attrs.Factory(dict)
+    reader: RedisStore
+    redis: RedisStore
+    usage_types: dict[str, str]
+    pg_cfg: PostgresConfig
+    cfg: BillingConfig
+    events: EventLog
+    metrics: Metrics
+    consumer_name: str
+    block_s: float = 1.0
+    fault: FaultPoint = no_fault
+    bill_users: BillUsers | None = None
     batches: int = 0
-
-    async def run(
-        self, *, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Bill until ``stopping``; the batches in hand (read ahead, being billed, waiting for
-        their acknowledgement) are finished (committed and acknowledged, or left pending).
-        ``started()`` once its pool is connected. Errors end the service (the supervisor restarts
-        it with backoff); nothing is acknowledged that was not committed.
-        """
-        async with (
-            open_pg_pool(
-                self.pg_url,
-                size=self.pg_cfg.billing_pool_size,
-                min_size=self.pg_cfg.billing_pool_size,
-                acquire_timeout_s=self.pg_cfg.acquire_timeout_s,
-                command_timeout_s=self.pg_cfg.command_timeout_s,
-            ) as pool,
-            self.store.dedicated() as reader,
-            self.store.dedicated() as writer,
-        ):
-            self.pool, self.reader, self.redis = pool, reader, writer
-            try:
-                catalog = await pool.catalog()
-                self.usage_types = {m: info["usage_type"] for m, info in catalog.models.items()}
-                task_status.started()
-                await self._loop(reader, stopping)
-            finally:
-                self.pool = self.reader = self.redis = None
 
     async def _loop(self, reader: RedisStore, stopping: trio.Event) -> None:
         block_ms = billing_block_ms(self.block_s)
@@ -199,7 +249,6 @@ class BillingConsumer:
     async def prepare_batch(self, entries: Sequence[BillingEntry]) -> PreparedBatch:
         """Check a batch: malformed entries are dead-lettered (on the reading connection), the
         others grouped by user, each user's in arrival order."""
-        assert self.reader is not None
         t0 = time.perf_counter()
         await self.fault("billing.before_batch")
         by_user: dict[int, list[tuple[BillingEntry, str]]] = {}
@@ -226,18 +275,19 @@ class BillingConsumer:
     async def commit_batch(self, batch: PreparedBatch) -> CommittedBatch:
         """Bill a checked batch: :meth:`_bill_users` — each connection of the pool bills its own
         users, in transactions of whole users, all in one crossing. Nothing is acknowledged."""
-        assert self.pool is not None
         t0 = time.perf_counter()
         failed: dict[int, str] = {}
         billed = dups = text_length = 0
         if batch.by_user:
-            billed, dups, text_length = await self._bill_users(batch.by_user, failed)
+            if self.bill_users is not None:
+                billed, dups, text_length = await self.bill_users(self, batch.by_user, failed)
+            else:
+                billed, dups, text_length = await self._bill_users(batch.by_user, failed)
         return CommittedBatch(batch, failed, billed, dups, text_length, time.perf_counter() - t0)
 
     async def finish_batch(self, committed: CommittedBatch) -> BatchOutcome:
         """After the batch's transactions committed: dead-letter the events of users that could
         not be billed, acknowledge the others, log ``billing_processed``."""
-        assert self.redis is not None
         t0 = time.perf_counter()
         batch = committed.batch
         by_user = batch.by_user
@@ -346,7 +396,6 @@ class BillingConsumer:
         lanes: list[list[list[int]]],
         by_user: dict[int, list[tuple[BillingEntry, str]]],
     ) -> list[list[ChunkResult | Exception]]:
-        assert self.pool is not None
         payload = [
             [events_array([text for u in users for _, text in by_user[u]]) for users in lane]
             for lane in lanes

@@ -27,7 +27,7 @@ another consumer once this one's heartbeat expires.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
@@ -47,7 +47,7 @@ from daemon.stores.redis import (
     is_redis_unavailable,
 )
 
-__all__ = ["HotConsumer", "run_hot_consumer"]
+__all__ = ["GroupHandler", "HotConsumer", "run_hot_consumer"]
 
 
 @attrs.define(eq=False)  # hashable by identity: it is its own limiter token
@@ -63,9 +63,14 @@ class _Prepared:
     result: Result | None  # None when dead-lettered
 
 
-@attrs.define
+# How a group of claimed results is finalized: the consumer's own :meth:`HotConsumer.handle`
+# unless another is given (tools/inline.py passes the pre-split shape, billing in the handler).
+GroupHandler = Callable[["HotConsumer", Sequence["_Claimed"]], Awaitable[None]]
+
+
+@attrs.define(eq=False)
 class HotConsumer:
-    """State of one hot consumer; :meth:`run` is the service."""
+    """State of one hot consumer; :meth:`run` is the service, and the handle it reports."""
 
     store: RedisStore
     cfg: HotConfig
@@ -79,16 +84,20 @@ class HotConsumer:
     priority: RequestFirst = attrs.Factory(RequestFirst)
     # Stored audio waits in Redis (no TTL) for the persister (daemon/audio/persister.py).
     persist: bool = False
+    handle_group: GroupHandler | None = None
     in_flight: int = 0  # results being finalized now
     handled: int = 0  # results done with (finalized, duplicate, gone or dead-lettered)
 
     async def run(
-        self, *, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        stopping: trio.Event,
+        task_status: trio.TaskStatus[HotConsumer] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Consume results until ``stopping`` is set, then finish the results in hand.
 
-        ``started()`` once registered and reading. Redis outages are waited out with backoff; any
-        other error ends the service (the supervisor restarts it; claimed results survive).
+        ``started(self)`` once registered and reading. Redis outages are waited out with backoff;
+        any other error ends the service (the supervisor restarts it; claimed results survive).
         """
         await self._start_up()
         send, receive = trio.open_memory_channel[_Claimed](self.cfg.concurrency)
@@ -97,7 +106,7 @@ class HotConsumer:
             outer.start_soon(self._heartbeat_loop)
             async with trio.open_nursery() as handlers:
                 handlers.start_soon(self._dispatch, receive, limiter, handlers)
-                task_status.started()
+                task_status.started(self)
                 async with self.store.dedicated() as reader:
                     await self._read_loop(reader, send, stopping)
             outer.cancel_scope.cancel()
@@ -202,7 +211,10 @@ class HotConsumer:
     ) -> None:
         self.in_flight += len(group)
         try:
-            await self.handle(group)
+            if self.handle_group is not None:
+                await self.handle_group(self, group)
+            else:
+                await self.handle(group)
         finally:
             self.in_flight -= len(group)
             for item in group:
@@ -349,7 +361,7 @@ async def run_hot_consumer(
     consumer: HotConsumer,
     *,
     stopping: trio.Event,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[HotConsumer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Service entry point: see :meth:`HotConsumer.run`."""
     await consumer.run(stopping=stopping, task_status=task_status)

@@ -7,7 +7,8 @@ network at run time: the machine may be offline.
 Routes (all GET/HEAD, on the HTTP port next to ``/healthz`` and ``/metrics``):
 
 - ``/dashboard`` — the page;
-- ``/dashboard/data`` — the JSON it polls every two seconds (``Daemon.dashboard_data()``);
+- ``/dashboard/data`` — the JSON it polls every two seconds (:meth:`Dashboard.data`: the
+  statistics, plus the services, pools and connections the daemon's :class:`Health` reads);
 - ``/dashboard/static/NAME`` — a file of ``static/`` (names are checked; no paths).
 """
 
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
+
+from daemon.ops.health import Health
 
 __all__ = ["Dashboard"]
 
@@ -32,14 +34,34 @@ _TYPES = {
 
 
 class Dashboard:
-    """Serves the dashboard's routes; ``data()`` builds the page's JSON."""
+    """Serves the dashboard's routes; :meth:`data` builds the page's JSON."""
 
-    def __init__(self, data: Callable[[], Awaitable[dict[str, Any]]]) -> None:
-        self.data = data
+    def __init__(self, health: Health) -> None:
+        self.health = health
         self._files: dict[str, tuple[bytes, str]] = {}
 
+    async def data(self) -> dict[str, Any]:
+        """The JSON ``/dashboard`` polls: the statistics, plus the services and pools now."""
+        health = self.health
+        data = health.stats.snapshot()
+        data["instance"] = health.instance_id
+        data["services"] = health.services()
+        data["pools"] = health.pools()
+        data["connections"] = health.connections()
+        data["events"] = {"written": health.events.written, "dropped": health.events.dropped}
+        data["audio"] = await health.audio()
+        return data
+
     async def __call__(self, path: str) -> tuple[bytes, str] | None:
-        """(body, content type) for a dashboard path; ``None`` for any other path."""
+        """(body, content type) for a dashboard path; ``None`` for any other path. A failure is
+        logged (at most once a minute) and raised: the HTTP layer answers 500."""
+        try:
+            return await self._route(path)
+        except Exception as exc:
+            self.health.log_failure("dashboard failed", exc)
+            raise
+
+    async def _route(self, path: str) -> tuple[bytes, str] | None:
         if path in ("/dashboard", "/dashboard/"):
             return self.file("dashboard.html")
         if path == "/dashboard/data":

@@ -6,9 +6,14 @@ test process without colliding.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Metrics"]
+if TYPE_CHECKING:
+    from daemon.ops.health import Health
+
+__all__ = ["Metrics", "refresh_metrics"]
 
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SLOW = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -152,3 +157,20 @@ class Metrics:
             ["path"],
             registry=r,
         )
+
+
+async def refresh_metrics(metrics: Metrics, health: Health) -> None:
+    """Before a ``/metrics`` scrape: the gauges read from the running daemon (queue depth, pool
+    use), and a restart counter for every supervised service."""
+    depth = await health.billing_depth()
+    if depth is not None:
+        metrics.billing_queue_depth.set(depth)
+    pools = health.pools()
+    metrics.request_pool_in_use.set(pools["request"]["in_use"])
+    if pools["billing"]["in_use"] is not None:
+        metrics.billing_pool_in_use.set(pools["billing"]["in_use"])
+    # Every supervised service has its restart counter from the start (0), so that a scrape
+    # shows tts_service_restarts_total{service=...} before the first restart.
+    for name in health.supervisor.states:
+        metrics.service_restarts.labels(name)
+    await health.audio()  # the persist backlog and lag gauges, read fresh

@@ -1,4 +1,5 @@
-"""``tools/report.sh``: the health report of the billing pipeline (docs/metrics.md).
+"""``tts-daemon report`` (and ``tools/report.sh``): the health report of the billing pipeline
+(docs/metrics.md).
 
 Reads the events log (every rotated file), Redis and Postgres, prints what an operator or a
 monitoring agent needs, and exits 0 (green), 1 (amber: look soon) or 2 (red: act now — or the
@@ -8,8 +9,8 @@ report could not be made). docs/operations.md says what to do for each finding.
   throughput while busy and over the period the log covers.
 - The reconciliation delta, exact: every ``job_id`` the log has as synthesized (and queued for
   billing), looked up in ``usage_log`` and in the ``tts:billing`` stream in the order
-  ``daemon.ops.monitor`` explains, so a daemon billing while the report runs cannot fool it. The
-  missing ones are named, with the reason when the billing dead-letter list has them.
+  ``daemon/ops/reconcile.py`` explains, so a daemon billing while the report runs cannot fool
+  it. The missing ones are named, with the reason when the billing dead-letter list has them.
 - Liveness: synthesis in the last ``monitor.liveness_window_s`` but no ``billing_processed`` → red.
 - The billing queue: depth and the age of the oldest waiting event (``monitor.lag_*``).
 - Dead-letter lists, restarts and errors from the log, and ``/healthz`` of a daemon running with
@@ -42,7 +43,7 @@ import trio_asyncio
 from daemon.config import DEFAULT_CONFIG, Config, ConfigError, config_path, load_config
 from daemon.contracts import MODELS, Keys
 from daemon.ops.events import describe, rotation_names, utc_iso
-from daemon.ops.monitor import (
+from daemon.ops.reconcile import (
     billed_among,
     dead_letter_counts,
     dead_lettered_events,
@@ -52,7 +53,7 @@ from daemon.ops.monitor import (
 )
 from daemon.ops.stats import Finding, assess, liveness_failed, percentile, round_ms, worst
 
-__all__ = ["LogScan", "main", "read_log"]
+__all__ = ["LogScan", "add_arguments", "main", "read_log", "run"]
 
 EXIT = {"green": 0, "amber": 1, "red": 2}
 
@@ -453,11 +454,8 @@ def _age(seconds: float | None) -> str:
 # -- entry point -----------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tools/report.sh",
-        description="Health report of the billing pipeline: exit 0 green, 1 amber, 2 red.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The report's options (``tts-daemon report`` and ``python -m daemon.ops.report``)."""
     p.add_argument(
         "--config", metavar="PATH", help=f"TOML configuration (default {DEFAULT_CONFIG})"
     )
@@ -479,8 +477,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+DESCRIPTION = "Health report of the billing pipeline: exit 0 green, 1 amber, 2 red."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="tts-daemon report", description=DESCRIPTION))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Make the report for parsed ``args``, print it; the exit status (0, 1 or 2)."""
     try:
         cfg = load_config(config_path(args.config))
     except ConfigError as exc:
@@ -506,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(render(report, max_missing=args.max_missing))
     return EXIT[report["grade"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

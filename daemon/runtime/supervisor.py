@@ -24,9 +24,13 @@ from daemon.ops.events import EventLog, describe
 from daemon.ops.metrics import Metrics
 from daemon.runtime.backoff import Backoff, IntensityWindow
 
-__all__ = ["ServiceEscalation", "ServiceSpec", "ServiceState", "Supervisor"]
+__all__ = ["STAGES", "ServiceEscalation", "ServiceSpec", "ServiceState", "Supervisor"]
 
 ServiceRun = Callable[..., Awaitable[Any]]
+
+# The daemon's nurseries, outermost first: services start in this order and stop in reverse —
+# the gateway first, then the simulated workers, then the consumers (docs/tts-flow.md).
+STAGES = ("consumers", "workers", "gateway")
 
 
 class ServiceEscalation(Exception):
@@ -35,12 +39,18 @@ class ServiceEscalation(Exception):
 
 @attrs.frozen
 class ServiceSpec:
+    """One supervised service. ``run(*, task_status)`` calls ``task_status.started(handle)``
+    once its resources are up; the handle (its pool, reader, state…) is what health and metrics
+    read, through :meth:`Supervisor.handle`, while that start of the service runs."""
+
     name: str
     run: ServiceRun  # async def run(*, task_status) -> None
     critical: bool = True
     # A service that fails before its first start: critical ones fail the daemon's start-up;
     # the others count it as a crash and keep retrying while the daemon starts without them.
     fail_start_up: bool = True
+    # The daemon's nursery it runs in (STAGES); its stop signal is bound into ``run``.
+    stage: str = attrs.field(default="consumers", validator=attrs.validators.in_(STAGES))
 
 
 @attrs.define
@@ -50,6 +60,8 @@ class ServiceState:
     restarts: int = 0
     last_error: str | None = None
     since: float = 0.0
+    # What the running start of the service handed to started(); None while it is not running.
+    handle: Any = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +83,12 @@ class Supervisor:
         s = self.states.get(name)
         return s.state if s else "stopped"
 
+    def handle(self, name: str) -> Any:
+        """The handle the service ``name`` reported at its current start; None while it is not
+        running (starting, restarting, stopped, or not supervised here)."""
+        s = self.states.get(name)
+        return s.handle if s else None
+
     async def supervise(
         self, spec: ServiceSpec, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -89,13 +107,16 @@ class Supervisor:
                 st.state = "starting"
                 running_since: float | None = None
                 try:
-                    async with trio.open_nursery() as nursery:
-                        value = await nursery.start(spec.run)
-                        running_since = trio.current_time()
-                        st.state, st.since = "running", running_since
-                        if not reported:
-                            reported = True
-                            task_status.started(value)
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            value = await nursery.start(spec.run)
+                            running_since = trio.current_time()
+                            st.state, st.since, st.handle = "running", running_since, value
+                            if not reported:
+                                reported = True
+                                task_status.started(value)
+                    finally:
+                        st.handle = None
                     if self.stopping.is_set():
                         return
                     reason = "service returned while the daemon was running"

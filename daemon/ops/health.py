@@ -1,0 +1,122 @@
+"""``GET /healthz`` and what ``/metrics`` and the dashboard read of the running daemon.
+
+Everything here is read from the supervisor: each service's state, and the handle its current
+start reported (``task_status.started(handle)``: the billing consumer with its pool, the monitor,
+the gateway with its connections). A service that is not running has no handle and shows as such
+(``in_use: null``); nothing here holds a service's resources or waits for one to exist.
+docs/metrics.md describes the fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import trio
+
+from daemon.config import Config
+from daemon.ops.events import EventLog, Throttle, describe
+from daemon.ops.stats import OpsStats
+from daemon.runtime.supervisor import Supervisor
+from daemon.stores.pg import PgPool
+from daemon.stores.redis import RedisStore
+
+__all__ = ["Health"]
+
+# Services that must run for the daemon to be healthy (200), else /healthz answers 503.
+REQUIRED = ("gateway", "hot")
+
+
+@attrs.define(eq=False)
+class Health:
+    """The daemon's live view: /healthz, pool use, queue depth, connections."""
+
+    cfg: Config
+    instance_id: str
+    supervisor: Supervisor
+    events: EventLog
+    stats: OpsStats
+    store: RedisStore
+    request_db: PgPool
+    # Set at the first stage of a shutdown: unhealthy from then on (load balancers move away).
+    gateway_stopping: trio.Event
+    # The durable audio store is on: /healthz reports the persister's view of it.
+    audio_enabled: bool = False
+    _failure_log: Throttle = attrs.Factory(Throttle)
+
+    def services(self) -> dict[str, dict[str, Any]]:
+        return {name: st.as_dict() for name, st in self.supervisor.states.items()}
+
+    def connections(self) -> int:
+        """Open WebSocket connections (0 while the gateway is not running)."""
+        gateway = self.supervisor.handle("gateway")
+        return gateway.gateway.connection_count if gateway is not None else 0
+
+    def pools(self) -> dict[str, Any]:
+        """Each Postgres pool's size and connections in use (``None``: its service is down)."""
+        out: dict[str, Any] = {
+            "request": {"size": self.request_db.size, "in_use": self.request_db.in_use()}
+        }
+        billing = self.supervisor.handle("billing")
+        out["billing"] = {
+            "size": self.cfg.postgres.billing_pool_size,
+            "in_use": billing.pool.in_use() if billing is not None else None,
+        }
+        if "monitor" in self.supervisor.states:
+            monitor = self.supervisor.handle("monitor")
+            pool = monitor.pool if monitor is not None else None
+            out["monitor"] = {"size": 1, "in_use": pool.in_use() if pool is not None else None}
+        return out
+
+    async def audio(self) -> dict[str, Any] | None:
+        """The durable audio store and its persister (None when ``audio.enabled`` is off); the
+        backlog is read fresh. While the persister is not running: its supervisor state only."""
+        if not self.audio_enabled:
+            return None
+        persister = self.supervisor.handle("persister")
+        if persister is None:
+            return {"state": self.supervisor.state("persister")}
+        try:
+            await persister.refresh_backlog()
+        except Exception as exc:
+            self.log_failure("persist backlog unavailable", exc)
+        return persister.as_dict()
+
+    async def billing_depth(self) -> int | None:
+        try:
+            with trio.fail_after(1.0):
+                return await self.store.billing_depth()
+        except Exception as exc:
+            self.log_failure("billing queue depth unavailable", exc)
+            return None
+
+    def log_failure(self, what: str, exc: BaseException) -> None:
+        """An ``error`` event for a failure of an observability call, at most once a minute per
+        kind: a scraper polling every second must not flood the log."""
+        if self._failure_log.due(what) is not None:
+            self.events.error("http", f"{what}: {describe(exc)}")
+
+    async def healthz(self) -> tuple[dict[str, Any], bool]:
+        """``GET /healthz``: each service's state, ``billing_queue_depth`` and pool use; healthy
+        (200) when the gateway and the hot path run, else 503."""
+        healthy = (
+            all(self.supervisor.state(name) == "running" for name in REQUIRED)
+            and not self.gateway_stopping.is_set()
+        )
+        report = {
+            "status": "ok" if healthy else "unavailable",
+            "instance": self.instance_id,
+            "services": self.services(),
+            "billing_queue_depth": await self.billing_depth(),
+            "pools": self.pools(),
+            "connections": self.connections(),
+            "reconciliation_delta": self.stats.reconciliation.delta,
+            "audio": await self.audio(),
+            "events": {
+                "written": self.events.written,
+                "dropped": self.events.dropped,
+                "write_errors": self.events.write_errors,
+                "path": str(self.cfg.events_path),
+            },
+        }
+        return report, healthy
