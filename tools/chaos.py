@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.embedded import EmbeddedPostgres, EmbeddedRedis, read_secret
 from daemon.embedded.process import _free_port
+from tools.chaos_audio import AudioChaos
 from tools.figures import pct
 from tools.stress import in_thread, make_texts, pg_query, redis_cmd
 from tools.stress import setup_database as _setup_database
@@ -69,6 +70,8 @@ FAULT_KINDS = (
     "redis_crash",
     "postgres_outage",
     "worker_kill",
+    "persister_faults",
+    "disk_full",
 )
 SCENARIOS: dict[str, tuple[str, ...]] = {
     "daemon-kill": ("daemon_kill",),
@@ -78,6 +81,8 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "redis-crash": ("redis_crash",),
     "postgres": ("postgres_outage",),
     "worker-kill": ("worker_kill",),
+    "persister": ("persister_faults", "daemon_kill"),
+    "disk-full": ("disk_full",),
     "two-daemons": ("daemon_kill",),
     "mixed": FAULT_KINDS,
 }
@@ -109,6 +114,9 @@ class Params:
     # Probability that a billing batch fails after its commit, before its ack (redelivered: the
     # duplicates path); a quarter of it fails batches before anything is billed.
     billing_fault_rate: float = 0.5
+    persister_fault_s: float = 5.0  # how long the persister is made to crash (tools/chaos_audio.py)
+    persister_fault_rate: float = 0.5  # per batch, at persist.written (a fifth of it at .read)
+    disk_full_s: float = 4.0  # how long the audio store's filesystem stays full
     stall_s: float = 8.0  # a client asks again for a block with no news for this long
     ack_timeout_s: float = 15.0  # a request with no reply for this long: the connection is given up
     recover_timeout_s: float = 60.0
@@ -606,6 +614,7 @@ class Chaos:
         self._held_at_kill: list[str] = []
         self._fsync_log = work / "aof-fsync.log"
         self._fsync_shim: Path | None = None
+        self.audio = AudioChaos(work)
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -682,6 +691,7 @@ shutdown_timeout_s = 8.0
 [log]
 events_path = {json.dumps(str(slot.events))}
 """
+                + self.audio.config_toml(p.claim_idle_s)
             )
             self.slots.append(slot)
 
@@ -964,6 +974,26 @@ events_path = {json.dumps(str(slot.events))}
         detail = {"jobs_held": len(held)}
         return FaultRecord("worker_kill", f"worker {proc.pid}", at, lifted, detail=detail)
 
+    async def fault_persister_faults(self) -> FaultRecord:
+        rate = self.p.persister_fault_rate
+        at = self._t()
+        await trio.Path(self.faults_file).write_text(
+            f"persist.read={rate / 5:g}\npersist.written={rate:g}\n"
+        )
+        await trio.sleep(self.p.persister_fault_s)
+        await trio.Path(self.faults_file).write_text("")
+        lifted = self._t()
+        return FaultRecord("persister_faults", "persister", at, lifted, detail={"rate": rate})
+
+    async def fault_disk_full(self) -> FaultRecord:
+        at = self._t()
+        detail = await in_thread(self.audio.fill)
+        if "skipped" not in detail:
+            await trio.sleep(self.p.disk_full_s)
+            await in_thread(self.audio.make_room)
+        lifted = self._t()
+        return FaultRecord("disk_full", "audio store", at, lifted, detail=detail)
+
     async def schedule(self) -> None:
         """Faults one after another during the load, each recovered from before the next. A
         fault is never cut short by the end of the load: the load lasts until it has healed."""
@@ -988,6 +1018,7 @@ events_path = {json.dumps(str(slot.events))}
     async def run(self) -> dict[str, Any]:
         p = self.p
         await self.start_servers()
+        await in_thread(self.audio.set_up)
         try:
             if "redis_crash" in p.kinds:
                 await in_thread(self._arm_fsync_log)
@@ -996,6 +1027,7 @@ events_path = {json.dumps(str(slot.events))}
             with trio.CancelScope(shield=True):
                 await self.cleanup()
                 await self.stop_servers()
+                await in_thread(self.audio.tear_down)
 
     async def _run_started(self) -> dict[str, Any]:
         p = self.p
@@ -1068,7 +1100,7 @@ events_path = {json.dumps(str(slot.events))}
             while True:
                 state = await in_thread(self._redis_state)
                 if not any(state[k] for k in ("billing_depth", "billing_pending", "results",
-                                              "claimed")):  # fmt: skip
+                                              "claimed", "persist_depth")):  # fmt: skip
                     return True, trio.current_time() - t0
                 await trio.sleep(0.25)
         return False, trio.current_time() - t0
@@ -1084,6 +1116,7 @@ events_path = {json.dumps(str(slot.events))}
             except redis.ResponseError:
                 pending = 0
             return {
+                "persist_depth": int(client.xlen("tts:persist")),
                 "billing_depth": int(client.xlen("tts:billing")),
                 "billing_pending": pending,
                 "results": int(client.llen("tts:results")),
@@ -1160,6 +1193,10 @@ events_path = {json.dumps(str(slot.events))}
         redis_loss = self._loss_window()
         billed_ids = {r["event_id"] for r in rows}
         held_unbilled = [j for j in self._held_at_kill if j not in billed_ids]
+        delivered_texts = [b.text for b in blocks if b.status == "cached"]
+        audio = await in_thread(
+            self.audio.verdict, self.work / "secrets" / "variant_hmac.key", delivered_texts
+        )
         billed_once = (
             c["delivered_unbilled"] == 0 and c["double_billed"] == 0 and c["wrong_amount"] == 0
         )
@@ -1176,6 +1213,11 @@ events_path = {json.dumps(str(slot.events))}
             "sigterm_exit_0_within_10s": all(x["ok"] for x in self.sigterm_exits),
             "no_request_unanswered": self.stats.ack_timeouts == 0,
             "faults_injected": len(self.records) > 0 or p.load_s < p.first_fault_s,
+            # Durable audio (tools/chaos_audio.py): nothing left to persist, every delivered
+            # block's audio in the store, every stored object whole.
+            "persist_drained": state["persist_depth"] == 0,
+            "every_delivered_block_in_store": audio["delivered_not_in_store"] == 0,
+            "every_stored_object_readable": audio["unreadable_objects"] == 0,
         }
         if self._held_at_kill:
             verified["jobs_of_killed_workers_billed"] = not held_unbilled
@@ -1189,6 +1231,8 @@ events_path = {json.dumps(str(slot.events))}
                 # design: what that cost is reported in loss_window, not counted as a failure.
                 del verified["every_delivered_block_billed_once"]
                 del verified["events_log_reconciles"]
+                # (the lost second may hold finalized audio not yet persisted: reported only)
+                del verified["every_delivered_block_in_store"]
                 verified["wrong_amounts_none"] = c["wrong_amount"] == 0
                 # …and the loss shows where a person looks: every delivered block left unbilled
                 # is in the reconciliation delta of the events log (tools/report.sh). A SIGKILLed
@@ -1237,6 +1281,7 @@ events_path = {json.dumps(str(slot.events))}
             "clients_drain_s": round(self.clients_drain_s, 3),
             "pipeline_drain_s": round(self.pipeline_drain_s, 3),
             "redis_end": state,
+            "audio": audio,
             "events_log_unbilled": events_unbilled,
             "daemon_starts": {s.name: s.starts for s in self.slots},
             "verified": verified,

@@ -172,7 +172,7 @@ class Persister:
     async def persist(self, entries: Sequence[PersistEntry], stopping: trio.Event) -> None:
         """Persist one batch; retried (with backoff) until the store and Redis have taken it,
         or the daemon stops (then it stays pending for the next start)."""
-        store_outage = Outage("persister", self.events, min_s=0.5, max_s=30.0)
+        store_outage = Outage("persister", self.events, min_s=0.5, max_s=10.0)
         redis_outage = Outage("persister", self.events)
         while True:
             await self.priority.bulk_turn()
