@@ -27,6 +27,7 @@ __all__ = [
     "LogConfig",
     "ModelsConfig",
     "MonitorConfig",
+    "PlansConfig",
     "PostgresConfig",
     "RedisConfig",
     "SupervisorConfig",
@@ -233,6 +234,17 @@ class MonitorConfig:
 
 
 @attrs.frozen
+class PlansConfig:
+    # Fair scheduling's share per plan (docs/workers.md, "Scheduling"): a user on a plan of weight
+    # 2 gets twice the synthesized characters of a weight-1 user while both have jobs waiting.
+    # Plans not named here weigh 1.
+    weights: dict[str, float] = attrs.field(factory=dict)
+
+    def weight(self, plan: str | None) -> float:
+        return self.weights.get(plan or "", 1.0)
+
+
+@attrs.frozen
 class Config:
     data: DataConfig = DataConfig()
     gateway: GatewayConfig = GatewayConfig()
@@ -252,6 +264,8 @@ class Config:
         if self.audio.dir:
             return Path(self.audio.dir)
         return self.data.dir / "audio"
+
+    plans: PlansConfig = PlansConfig()
 
     @property
     def events_path(self) -> Path:
@@ -280,6 +294,7 @@ _SECTIONS: dict[str, type] = {
     "monitor": MonitorConfig,
     "audio": AudioConfig,
     "models": ModelsConfig,
+    "plans": PlansConfig,
 }
 
 # Extra rules beyond the type: (predicate, what is wrong).
@@ -363,6 +378,15 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: must be a non-empty string (a path), got {value!r}")
         return Path(value)
+    if annotation == "dict[str, float]":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a table of numbers, got {value!r}")
+        out = {}
+        for name, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0.01 <= v <= 1000:
+                raise ConfigError(f"{key}.{name}: must be a number 0.01..1000, got {v!r}")
+            out[name] = float(v)
+        return out
     if annotation == "tuple[str, ...]":
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{key}: must be a list of non-empty strings, got {value!r}")

@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from daemon.contracts import MODELS, BillingEvent
+from daemon.contracts.events import Event
 from daemon.testing.stores import pg_fetch
 
 __all__ = ["Events", "billing_event", "usage_rows", "usage_rows_at_least"]
@@ -38,17 +39,16 @@ def billing_event(
 
 
 class Events:
-    """Every event a daemon emits, as it emits it."""
+    """Every event a daemon emits, as it emits it (typed: ``daemon.contracts.events``)."""
 
     def __init__(self, daemon: Any) -> None:
-        self.all: list[dict[str, Any]] = []
+        self.all: list[Event] = []
         daemon.events.add_listener(self.all.append)
 
-    def named(self, name: str, **match: Any) -> list[dict[str, Any]]:
+    def named(self, kind: str, **match: Any) -> list[Any]:
+        """The events of ``kind`` whose fields (an error's context too) equal ``match``."""
         return [
-            e
-            for e in self.all
-            if e["event"] == name and all(e.get(k) == v for k, v in match.items())
+            e for e in self.all if e.kind == kind and all(e.get(k) == v for k, v in match.items())
         ]
 
 

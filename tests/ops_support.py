@@ -10,30 +10,52 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon.contracts.events import Event, SynthesisComplete
+from daemon.ops.events import read_events as read_log
 from daemon.testing import config as harness_config
 
 __all__ = [
     "BillingGate",
     "events_of",
+    "log_records",
     "read_events",
     "scrape",
+    "synthesis_event",
     "write_config",
 ]
 
 
-def read_events(path: Path) -> list[dict[str, Any]]:
-    """Every event in an events log file (and its rotations), oldest first."""
-    from daemon.ops.events import log_files
-
-    out = []
-    for p in log_files(path, 10):
-        for line in p.read_text().splitlines():
-            out.append(json.loads(line))
-    return out
+def read_events(path: Path) -> list[Event]:
+    """Every event in an events log file (and its rotations), oldest first, typed."""
+    return list(read_log(path, backups=10))
 
 
-def events_of(path: Path, name: str) -> list[dict[str, Any]]:
-    return [e for e in read_events(path) if e["event"] == name]
+def events_of(path: Path, kind: str) -> list[Any]:
+    """The events of one ``kind`` (``"synthesis_complete"``…) in the log, typed."""
+    return [e for e in read_events(path) if e.kind == kind]
+
+
+def synthesis_event(job_id: str, **changes: Any) -> SynthesisComplete:
+    """A ``synthesis_complete`` as the hot path would log it, for feeding statistics."""
+    fields: dict[str, Any] = {
+        "job_id": job_id,
+        "variant_hash": "v" * 64,
+        "user_id": 1,
+        "model": "kokoro",
+        "voice": "af_heart",
+        "text_length": 10,
+        "queue_wait_ms": 1.0,
+        "worker_ms": 1.0,
+        "finalize_ms": 1.0,
+        "cache_store_ms": 1.0,
+        "notify_ms": 1.0,
+    }
+    return SynthesisComplete(**(fields | changes))
+
+
+def log_records(path: Path) -> list[dict[str, Any]]:
+    """Every line of the live log file as parsed JSON: the on-disk format itself."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 async def scrape(http_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

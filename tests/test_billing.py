@@ -1,16 +1,23 @@
 """The ledger on a real Postgres: record_usage, the set-based tts_bill_events, the waterfall.
 
 Every scenario is checked against a step-by-step model of docs/billing.md written here in Python,
-independently of the SQL: one event at a time, plan → rollover → purchased → debt.
+independently of the SQL: one event at a time, plan → rollover → purchased → debt. The model
+(``Model``) is the executable specification of ``daemon/billing/ledger.sql``. The end of the file
+checks how that SQL is laid out: one definition per function, migrations for the schema only, and
+a database migrated by the older layout (functions in migrations) migrating to it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
+import tomllib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -26,7 +33,7 @@ from daemon.stores.ledger import (
     events_array,
     record_usage,
 )
-from daemon.stores.pg import _init_connection
+from daemon.stores.pg import FUNCTION_FILES, _init_connection, open_pg_pool
 from daemon.testing.stores import add_user, pg_fetch, pg_val
 from daemon.testing.unbatched import bill_one
 from tests.helpers import billing_event
@@ -551,3 +558,233 @@ async def test_sql_amount_rounds_like_usage_amount(pg_url: str) -> None:
         [m for _, m in cases],
     )
     assert [r["a"] for r in rows] == [usage_amount(c, m) for c, m in cases]
+
+
+# -- usage types come from the models table --------------------------------------------------------
+
+
+async def test_usage_types_are_the_ones_the_models_table_bills(pg_url: str) -> None:
+    user_id, _ = await add_user(pg_url, "tess", "plus")
+
+    async def go(pool: asyncpg.Pool) -> list[str]:
+        errors = []
+        async with pool.acquire() as conn:
+
+            async def bill_5(usage_type: str) -> None:
+                try:
+                    await record_usage(user_id, usage_type, 5, uuid.uuid4().hex, conn, commit=True)
+                except asyncpg.exceptions.InvalidParameterValueError as exc:
+                    errors.append(str(exc))
+
+            await bill_5("nonsense")
+            # no model bills premium_voice any more: it is no usage type
+            await conn.execute("DELETE FROM voices WHERE model = 'premium'")
+            await conn.execute("DELETE FROM models WHERE name = 'premium'")
+            await bill_5("premium_voice")
+            await bill_5("server_kokoro")
+        return errors
+
+    assert await with_pool(pg_url, go) == [
+        "unknown usage type nonsense",
+        "unknown usage type premium_voice",
+    ]
+    assert await pg_val(pg_url, "SELECT count(*) FROM usage_log") == 1
+
+
+# -- the SQL's layout: one definition per function, migrations for the schema ----------------------
+
+_CREATE_FUNCTION = re.compile(r"\bCREATE\s+(OR\s+REPLACE\s+)?FUNCTION\s+([\w.\"]+)", re.IGNORECASE)
+BEFORE_LEDGER = Path(__file__).parent / "data" / "migrations_before_ledger"
+
+
+def _sql_files() -> Iterator[tuple[str, str]]:
+    """(where, text) of every SQL file ``migrate`` applies: the migrations, then the functions."""
+    for f in sorted(resources.files("daemon.migrations").iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".sql"):
+            yield f"migrations/{f.name}", f.read_text()
+    for package, name in FUNCTION_FILES:
+        yield f"{package}/{name}", resources.files(package).joinpath(name).read_text()
+
+
+def _functions(text: str) -> list[tuple[str, bool]]:
+    """(name, or_replace) of every function the SQL text creates, comments left out."""
+    code = re.sub(r"--[^\n]*", "", text)
+    return [(m[2].lower(), bool(m[1])) for m in _CREATE_FUNCTION.finditer(code)]
+
+
+def test_every_sql_function_has_one_definition_outside_the_migrations() -> None:
+    defined: dict[str, list[str]] = {}
+    for where, text in _sql_files():
+        for name, or_replace in _functions(text):
+            defined.setdefault(name, []).append(where)
+            # re-applied on every migrate: only CREATE OR REPLACE can run twice
+            assert or_replace, f"{where}: CREATE FUNCTION {name} without OR REPLACE"
+    assert {"tts_bill_events", "tts_bill_batch", "tts_record_usage"} <= set(defined)
+    assert {name: where for name, where in defined.items() if len(where) > 1} == {}
+    in_migrations = {n: w for n, w in defined.items() if w[0].startswith("migrations/")}
+    assert in_migrations == {}, "versioned migrations hold the schema only"
+    # the check itself: the older layout had a function defined three times
+    old = [n for f in sorted(BEFORE_LEDGER.glob("*.sql")) for n, _ in _functions(f.read_text())]
+    assert old.count("tts_record_usage") == 2 and old.count("tts_bill_events") == 2
+
+
+def test_package_data_ships_every_sql_and_lua_file() -> None:
+    import daemon
+
+    root = Path(daemon.__file__).parent
+    pyproject = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["daemon"]
+    shipped = {p for pattern in patterns for p in root.glob(pattern)}
+    needed = {p for p in root.rglob("*") if p.suffix in {".sql", ".lua"}}
+    assert {p for _, name in FUNCTION_FILES for p in needed if p.name == name}
+    assert sorted(str(p.relative_to(root)) for p in needed - shipped) == []
+
+
+async def migrate(url: str) -> list[str]:
+    """``tts-daemon migrate`` on ``url`` (the store's public API, in a thread of its own, as a
+    daemon starting); the versions applied."""
+
+    async def go() -> list[str]:
+        import trio_asyncio
+
+        async with trio_asyncio.open_loop(), open_pg_pool(url, size=1, min_size=1) as db:
+            return await db.migrate()
+
+    return await trio.to_thread.run_sync(trio.run, go)
+
+
+@pytest.fixture
+async def empty_pg_url(servers: Any) -> Any:
+    """A database with nothing in it: not even the schema."""
+    base, _, _ = servers.postgres.url.rpartition("/")
+    name = f"e_{uuid.uuid4().hex[:12]}"
+    await pg_fetch(servers.postgres.url, f'CREATE DATABASE "{name}"')
+    yield f"{base}/{name}"
+    await pg_fetch(servers.postgres.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _layout(url: str) -> dict[str, Any]:
+    """What a migrated database is made of: columns, indexes, constraints, functions."""
+    columns = await pg_fetch(
+        url,
+        "SELECT table_name, column_name, data_type, is_nullable, column_default"
+        "  FROM information_schema.columns WHERE table_schema = 'public'"
+        " ORDER BY table_name, column_name",
+    )
+    indexes = await pg_fetch(
+        url, "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY indexdef"
+    )
+    constraints = await pg_fetch(
+        url,
+        "SELECT conrelid::regclass::text AS t, pg_get_constraintdef(oid) AS c FROM pg_constraint"
+        " WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2",
+    )
+    functions = await pg_fetch(
+        url,
+        "SELECT p.proname, pg_get_functiondef(p.oid) AS def FROM pg_proc p"
+        " WHERE p.pronamespace = 'public'::regnamespace ORDER BY 1, 2",
+    )
+    return {
+        "columns": columns,
+        "indexes": indexes,
+        "constraints": constraints,
+        "functions": functions,
+    }
+
+
+@pytest.mark.parametrize(
+    "old_versions",
+    [("0001_init",), ("0001_init", "0002_bill_events", "0003_bill_batch")],
+    ids=["0001", "0001-0003"],
+)
+async def test_a_database_of_the_older_layout_migrates_and_bills_as_specified(
+    empty_pg_url: str, pg_url: str, old_versions: tuple[str, ...]
+) -> None:
+    """A database migrated when the functions lived in the migrations (the files, byte for
+    byte, under tests/data/): ``migrate`` applies no version, leaves the old rows in
+    schema_migrations, replaces every function with ledger.sql's, and ends with the same schema
+    as a fresh database (pg_url). The events billed before and after bill as the model says."""
+    url = empty_pg_url
+    rng = random.Random(12)
+
+    async def old_migrate(pool: asyncpg.Pool) -> None:  # the runner those databases had
+        async with pool.acquire() as conn:
+            await conn.execute(
+                "CREATE TABLE schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for version in old_versions:
+                async with conn.transaction():
+                    await conn.execute((BEFORE_LEDGER / f"{version}.sql").read_text())
+                    await conn.execute("INSERT INTO schema_migrations VALUES ($1)", version)
+
+    await with_pool(url, old_migrate)
+    setup = [
+        ("old-plus", "plus", {"rollover": 300, "purchased": 500, "premium_used": 99_500}),
+        ("old-basic", "basic", {"rollover": -20, "purchased": 700, "premium_used": 0}),
+        ("old-free", "free", {"rollover": 0, "purchased": 0, "premium_used": 0}),
+    ]
+    ids = await add_users(url, setup)
+    models = {
+        u: Model(PLANS[plan], **start) for u, (_, plan, start) in zip(ids, setup, strict=True)
+    }
+
+    def some_events(n: int) -> list[PreparedEvent]:
+        return [
+            event(rng.choice(ids), rng.choice(["premium", "kokoro"]), rng.randint(1, 400))
+            for _ in range(n)
+        ]
+
+    before = some_events(20)
+
+    async def bill_before(pool: asyncpg.Pool) -> None:  # with the old functions
+        async with pool.acquire() as conn:
+            for p in before:
+                await record_usage(
+                    p.event.user_id, p.usage_type, p.amount, p.event.event_id, conn, commit=True
+                )
+
+    await with_pool(url, bill_before)
+    expected = {p.event.event_id: models[p.event.user_id].bill(p) for p in before}
+
+    assert await migrate(url) == []
+    assert await migrate(url) == []  # and again: ledger.sql runs any number of times
+    versions = await pg_fetch(url, "SELECT version FROM schema_migrations ORDER BY version")
+    assert tuple(r["version"] for r in versions) == old_versions
+    assert await _layout(url) == await _layout(pg_url)
+
+    # billed after: new events, and the ones billed before again (duplicates: no-ops)
+    after = some_events(40) + rng.sample(before, 5)
+    rng.shuffle(after)
+    outcome = await with_pool(url, lambda pool: bill_group(pool, after))
+    assert set(outcome.duplicates) == {p.event.event_id for p in before} & {
+        p.event.event_id for p in after
+    }
+    for p in after:
+        if p.event.event_id not in expected:
+            expected[p.event.event_id] = models[p.event.user_id].bill(p)
+    rows = await logged(url, list(expected))
+    assert {e: breakdown(d) for e, d in rows.items()} == expected
+    for user_id, model in models.items():
+        assert await state(url, user_id) == model.state(), user_id
+
+
+@pytest.mark.timeout(120)
+async def test_daemons_migrating_at_once_do_not_race(empty_pg_url: str) -> None:
+    """Four migrations at once on an empty database (four daemons starting together): each
+    version is applied once, and ``schema_migrations`` and the functions are created one migrator
+    after the other (two sessions creating one of them at once: a unique violation in the
+    catalog)."""
+
+    async def one(results: list[list[str]]) -> None:
+        results.append(await migrate(empty_pg_url))
+
+    for _ in range(2):  # the empty database, then re-applying ledger.sql alone
+        results: list[list[str]] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(one, results)
+        assert len(results) == 4
+        assert sorted(v for r in results for v in r) in ([], ["0001_init"])
+    versions = await pg_fetch(empty_pg_url, "SELECT version FROM schema_migrations")
+    assert [r["version"] for r in versions] == ["0001_init"]

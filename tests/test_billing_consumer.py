@@ -50,8 +50,8 @@ async def xadd(redis_url: str, payloads: list[str | BillingEvent | dict[str, str
     await trio.to_thread.run_sync(go)
 
 
-def record_events(daemon: Daemon) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = []
+def record_events(daemon: Daemon) -> list[Any]:
+    records: list[Any] = []
     daemon.events.add_listener(records.append)
     return records
 
@@ -100,16 +100,16 @@ async def test_duplicates_in_one_batch_and_across_batches_are_billed_once(
     a, b = billing_event(user_id, "premium", 50), billing_event(user_id, "kokoro", 20)
     await xadd(redis_url, [a, a, b])
     await wait_billed(pg_url, redis_url, 2)
-    first = [r for r in records if r["event"] == "billing_processed"]
-    assert sum(r["events_count"] for r in first) == 3
-    assert sum(r["duplicates"] for r in first) == 1
-    assert sum(r["text_length"] for r in first) == 70  # characters billed, the duplicate not
+    first = [r for r in records if r.kind == "billing_processed"]
+    assert sum(r.events_count for r in first) == 3
+    assert sum(r.duplicates for r in first) == 1
+    assert sum(r.text_length for r in first) == 70  # characters billed, the duplicate not
     before = await pg_fetch(pg_url, "SELECT * FROM usage_periods")
     stats = await pg_fetch(pg_url, "SELECT * FROM user_voice_stats ORDER BY model")
 
     await xadd(redis_url, [b, a])  # redelivered later, in another batch
     await wait_until(
-        lambda: sum(r["events_count"] for r in records if r["event"] == "billing_processed") == 5,
+        lambda: sum(r.events_count for r in records if r.kind == "billing_processed") == 5,
         what="the redelivery processed",
     )
     await wait_billed(pg_url, redis_url, 2)
@@ -119,8 +119,8 @@ async def test_duplicates_in_one_batch_and_across_batches_are_billed_once(
     assert (
         before[0]["premium_voice_characters"] == 100 and before[0]["server_kokoro_characters"] == 20
     )
-    last = [r for r in records if r["event"] == "billing_processed"][-1]
-    assert last["billed"] == 0 and last["duplicates"] == 2 and last["text_length"] == 0
+    last = [r for r in records if r.kind == "billing_processed"][-1]
+    assert last.billed == 0 and last.duplicates == 2 and last.text_length == 0
 
 
 # -- poison ----------------------------------------------------------------------------------------
@@ -176,8 +176,8 @@ async def test_poison_events_are_dead_lettered_and_the_events_around_them_billed
     assert any("no 'event' field" in r for r in reasons)
     assert any("user 987654 has no subscription" in r for r in reasons)
     assert all(d["entry_id"] and d["consumer"] == daemon.instance_id for d in dead)
-    errors = [r for r in records if r["event"] == "error" and r["service"] == "billing"]
-    assert len(errors) == 10 and all("dead-lettered" in e["message"] for e in errors)
+    errors = [r for r in records if r.kind == "error" and r.service == "billing"]
+    assert len(errors) == 10 and all("dead-lettered" in e.message for e in errors)
     assert daemon.supervisor.states["billing"].restarts == 0
 
 
@@ -201,9 +201,9 @@ async def test_a_user_that_cannot_be_billed_is_found_in_a_shared_transaction(
     dead = [json.loads(x) for x in await redis_call(redis_url, "LRANGE", Keys.BILLING_DEAD, 0, -1)]
     assert len(dead) == 3
     assert all("user 987001 has no subscription" in d["reason"] for d in dead)
-    batches = [r for r in records if r["event"] == "billing_processed"]
-    assert sum(b["billed"] for b in batches) == len(events)
-    assert sum(b["dead_lettered"] for b in batches) == 3
+    batches = [r for r in records if r.kind == "billing_processed"]
+    assert sum(b.billed for b in batches) == len(events)
+    assert sum(b.dead_lettered for b in batches) == 3
     assert daemon.supervisor.states["billing"].restarts == 0
 
 
@@ -273,8 +273,8 @@ async def test_crash_loop_mid_batch_loses_nothing_bills_nothing_twice_and_servin
         down: list[tuple[float, float]] = []
         daemon.events.add_listener(
             lambda e: (
-                down.append((trio.current_time(), trio.current_time() + e["backoff_s"]))
-                if e["event"] == "service_restarted"
+                down.append((trio.current_time(), trio.current_time() + e.backoff_s))
+                if e.kind == "service_restarted"
                 else None
             )
         )
@@ -309,14 +309,14 @@ async def test_crash_loop_mid_batch_loses_nothing_bills_nothing_twice_and_servin
         await wait_billed(pg_url, redis_url, blocks, timeout_s=40)
         for user_id, chars in expected.items():
             assert await kokoro_used(pg_url, user_id) == chars
-        restarted = [r for r in records if r["event"] == "service_restarted"]
-        assert {r["service"] for r in restarted} == {"billing"}
+        restarted = [r for r in records if r.kind == "service_restarted"]
+        assert {r.service for r in restarted} == {"billing"}
         assert len(restarted) >= 4
-        assert all(0.2 <= r["backoff_s"] <= 1.0 for r in restarted)
+        assert all(0.2 <= r.backoff_s <= 1.0 for r in restarted)
         assert daemon.supervisor.states["gateway"].restarts == 0
         assert daemon.supervisor.states["hot"].restarts == 0
         assert served_while_billing_down >= 1
-        dups = sum(r["duplicates"] for r in records if r["event"] == "billing_processed")
+        dups = sum(r.duplicates for r in records if r.kind == "billing_processed")
         assert dups >= 1  # a committed transaction's events were redelivered, and not re-billed
 
 
@@ -367,7 +367,7 @@ async def test_two_daemons_bill_every_event_once_when_one_dies_mid_batch(
             a_scope.cancel()  # abruptly: no drain, its batch stays pending in the group
             await xadd(redis_url, events[250:])
             await wait_billed(pg_url, redis_url, len(events), timeout_s=40)
-            claimed = sum(r["count"] for r in records if r["event"] == "billing_claimed")
+            claimed = sum(r.count for r in records if r.kind == "billing_claimed")
             assert claimed >= 1
     for user_id, _ in users:
         expected = sum(e.text_length for e in events if e.user_id == user_id)
@@ -433,7 +433,7 @@ async def test_concurrent_credits_and_premium_billing_lose_no_update(
                 await xadd(redis_url, events[i : i + 10])
                 await trio.sleep(0.03)
         await wait_billed(pg_url, redis_url, len(events))
-        batches = [r for r in records if r["event"] == "billing_processed"]
+        batches = [r for r in records if r.kind == "billing_processed"]
         assert len(batches) >= 5  # billing ran in many transactions, interleaved with payments
 
     sub = (await pg_fetch(pg_url, "SELECT * FROM subscriptions WHERE user_id = $1", user_id))[0]

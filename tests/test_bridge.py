@@ -39,7 +39,7 @@ async def test_an_unhandled_asyncio_error_is_logged_and_the_daemon_keeps_serving
     user_id, token = await add_user(pg_url, "nina", "plus")
     async with open_daemon(cfg, redis_url, pg_url, billing_fault=fault) as daemon:
         errors: list[dict] = []
-        daemon.events.add_listener(lambda e: errors.append(e) if e["event"] == "error" else None)
+        daemon.events.add_listener(lambda e: errors.append(e) if e.kind == "error" else None)
         assert daemon.addresses is not None
         async with WsClient.connect(daemon.addresses.ws_url, token) as client:
             await client.synthesize("doc", ["First block, which wakes billing."])
@@ -47,7 +47,7 @@ async def test_an_unhandled_asyncio_error_is_logged_and_the_daemon_keeps_serving
             with trio.fail_after(20):
                 await raised.wait()
             await wait_until(
-                lambda: [e for e in errors if e["service"] == "asyncio"], what="the error event"
+                lambda: [e for e in errors if e.service == "asyncio"], what="the error event"
             )
             # Still serving, and still billing, after the error.
             await client.synthesize("doc", {1: "Second block, after the error."})
@@ -55,8 +55,8 @@ async def test_an_unhandled_asyncio_error_is_logged_and_the_daemon_keeps_serving
         await wait_until(
             lambda: _billed(pg_url, user_id, 2), what="both blocks billed", timeout_s=30
         )
-        (event,) = [e for e in errors if e["service"] == "asyncio"]
-        assert "ConnectionError: unexpected connection_lost() call" in event["exception"]
+        (event,) = [e for e in errors if e.service == "asyncio"]
+        assert "ConnectionError: unexpected connection_lost() call" in event.context["exception"]
         assert daemon.supervisor.state("gateway") == "running"
         assert daemon.supervisor.state("hot") == "running"
 

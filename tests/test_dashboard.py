@@ -55,10 +55,10 @@ async def _dead_letter_one(d: Daemon, gate: BillingGate, pg_url: str, name: str)
 
     def logged() -> list[dict]:
         path = d.cfg.events_path
-        return [e for e in events_of(path, "synthesis_complete") if e["user_id"] == user_id]
+        return [e for e in events_of(path, "synthesis_complete") if e.user_id == user_id]
 
     (event,) = await wait_until(logged, what=f"{name}'s synthesis in the log")
-    return event["job_id"]
+    return event.job_id
 
 
 async def _page_state(page: Page) -> dict:

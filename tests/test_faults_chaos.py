@@ -1,4 +1,4 @@
-"""Each fault scenario of tools/chaos.py at a small scale: lose nothing, bill nothing twice.
+"""Each fault scenario of tools/chaos at a small scale: lose nothing, bill nothing twice.
 
 Every test runs real ``tts-daemon run`` processes, ``tts-worker`` processes and WebSocket users
 against a Redis and a Postgres this module owns (started once, restarted by the faults; a fresh
@@ -7,7 +7,8 @@ every block asked for reached a terminal status, every delivered block has exact
 ``usage_log`` row with the right amount, nothing else is billed, the subscription counters agree
 with the log, and every process the run started is gone afterwards.
 
-The long mixed run, with its figures, is ``tools/chaos.py --scenario mixed`` (docs/reliability.md).
+The long mixed run, with its figures, is ``python -m tools.chaos --scenario mixed``
+(docs/reliability.md).
 """
 
 from __future__ import annotations

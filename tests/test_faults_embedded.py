@@ -1,6 +1,6 @@
 """Restarting an embedded server in place: everyone configured with its URL must reach it again.
 
-Found by tools/chaos.py: Redis killed with clients connected came back on another port, because
+Found by tools/chaos: Redis killed with clients connected came back on another port, because
 the server-side ends of those connections sit in TIME_WAIT and the "is the old port free?" probe
 bound without SO_REUSEADDR (which both servers set on their own listeners). Every daemon holding
 the old URL then retried forever against a port nobody listened on.

@@ -1,6 +1,6 @@
 """What the gateway tells a client while Postgres is down or restarting.
 
-tools/chaos.py (scenario ``postgres``) saw a few requests answered ``internal error`` — the
+tools/chaos (scenario ``postgres``) saw a few requests answered ``internal error`` — the
 wording of a bug — while Postgres was starting up again: asyncpg's "the database system is
 starting up" and "terminating connection due to administrator command" were not recognised as an
 outage. The client retries either way; the message should say what is going on.

@@ -1,7 +1,7 @@
 """Redis restarts under a running daemon and a running worker: they ride it out, nothing restarts.
 
 Each test has a Redis of its own (AOF, ``appendfsync always``) so that it can kill and restart it
-without touching the session's servers. Found by tools/chaos.py: a Redis restart crashed the
+without touching the session's servers. Found by tools/chaos: a Redis restart crashed the
 gateway service — a critical one: every client connection dropped, and a handful of restarts within
 a minute would have stopped the daemon — and killed ``tts-worker`` processes outright.
 """
@@ -123,7 +123,7 @@ async def test_a_claim_whose_reply_redis_never_sent_is_finalized_after_the_outag
 ) -> None:
     """Redis can execute the hot consumer's BLMOVE (and write it to the AOF) and die before its
     reply leaves: the result is then in the consumer's claimed list but not in its hands, and its
-    heartbeat says it is alive, so nobody else gives it back. Seen by tools/chaos.py: the block
+    heartbeat says it is alive, so nobody else gives it back. Seen by tools/chaos: the block
     was never delivered nor billed while that daemon lived."""
     cfg = make_config(tmp_path, workers={"simulated": 0})
     user_id, token = await add_user(pg_url, "orphan", "plus")

@@ -765,8 +765,8 @@ async def test_statuses_dropped_by_a_full_fan_out_are_recovered_exactly_once(
     n = 24
     async with open_daemon(cfg, redis_url, pg_url) as daemon:
         assert daemon.gateway is not None
-        errors: list[dict[str, Any]] = []
-        daemon.events.add_listener(lambda e: errors.append(e) if e["event"] == "error" else None)
+        errors: list[Any] = []
+        daemon.events.add_listener(lambda e: errors.append(e) if e.kind == "error" else None)
         async with WsClient.connect(ws_url(daemon), token) as client:
             for burst in range(5):
                 doc = f"doc{burst}"
@@ -798,4 +798,4 @@ async def test_statuses_dropped_by_a_full_fan_out_are_recovered_exactly_once(
         assert daemon.addresses is not None
         dropped = (await scrape(daemon.addresses.http_url))[("tts_notifications_dropped_total", ())]
         assert dropped == daemon.gateway.notifications_dropped
-        assert any("notification channel full" in e["message"] for e in errors)
+        assert any("notification channel full" in e.message for e in errors)

@@ -137,7 +137,7 @@ async def test_empty_audio_is_skipped_and_not_billed(
     billed = [r["event_id"] for r in await usage_rows(pg_url) if r["event_id"] != sentinel]
     assert billed == [by_idx[1].job_id]
     skipped = events.named("synthesis_complete", job_id=by_idx[0].job_id)
-    assert skipped and skipped[0]["status"] == "skipped" and skipped[0]["billed"] is False
+    assert skipped and skipped[0].status == "skipped" and skipped[0].billed is False
 
 
 async def test_worker_error_is_a_recoverable_error_status(
@@ -164,7 +164,7 @@ async def test_worker_error_is_a_recoverable_error_status(
         await wait_until(lambda: usage_rows_at_least(pg_url, 1), what="the successful job billed")
     assert [r["event_id"] for r in await usage_rows(pg_url)] == [again.job_id]
     errors = [e for e in events.named("error", service="hot") if e.get("job_id") == job.job_id]
-    assert errors and "CUDA out of memory" in errors[0]["message"]
+    assert errors and "CUDA out of memory" in errors[0].message
 
 
 GARBAGE = [
@@ -204,7 +204,7 @@ async def test_undecodable_results_are_dead_lettered_and_the_consumer_carries_on
         assert why in reasons
     assert "audio_base64: not base64" in reasons and "user_id" in reasons
     logged = events.named("error", service="hot")
-    assert sum("dead-lettered" in e["message"] for e in logged) == len(bad)
+    assert sum("dead-lettered" in e.message for e in logged) == len(bad)
     assert quiet.supervisor.state("hot") == "running"
     assert quiet.supervisor.states["hot"].restarts == 0
     assert await leftovers(redis_url) == NOTHING_LEFT
@@ -227,15 +227,15 @@ async def test_synthesis_complete_carries_the_spec_timings(
         await push(redis_url, job, result_json(job, queue_wait_ms=12.5, processing_time_ms=340.0))
         await client.until(lambda _: 0 in client.terminal())
         (event,) = await wait_until(lambda: events.named("synthesis_complete"), what="event")
-    assert event["job_id"] == job.job_id and event["variant_hash"] == job.variant_hash
-    assert event["user_id"] == user_id
-    assert (event["model"], event["voice"]) == ("premium", "ava")
-    assert event["text_length"] == len("Timed.")
-    assert event["queue_wait_ms"] == 12.5 and event["worker_ms"] == 340.0
+    assert event.job_id == job.job_id and event.variant_hash == job.variant_hash
+    assert event.user_id == user_id
+    assert (event.model, event.voice) == ("premium", "ava")
+    assert event.text_length == len("Timed.")
+    assert event.queue_wait_ms == 12.5 and event.worker_ms == 340.0
     for field in ("finalize_ms", "cache_store_ms", "notify_ms"):
-        assert isinstance(event[field], float) and event[field] >= 0
-    assert event["cache_store_ms"] <= event["finalize_ms"]
-    assert event["notified"] == 1 and event["billed"] is True
+        assert isinstance(getattr(event, field), float) and getattr(event, field) >= 0
+    assert event.cache_store_ms <= event.finalize_ms
+    assert event.notified == 1 and event.billed is True
 
 
 def _variants(job: Job, audio: bytes) -> list[tuple[str, str]]:

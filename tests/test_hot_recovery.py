@@ -101,8 +101,8 @@ async def test_consumer_crashing_between_claim_and_finalize_loses_nothing_bills_
     assert len(restarts) == 2, "both injected crashes restarted the consumer"
     assert sorted(row["event_id"] for row in rows) == sorted(j.job_id for j in jobs)
     assert len([r for r in await usage_rows(pg_url) if r["event_id"] != sentinel]) == n
-    completes = [e for e in events.named("synthesis_complete") if e["job_id"] != sentinel]
-    assert sorted(e["job_id"] for e in completes) == sorted(j.job_id for j in jobs)
+    completes = [e for e in events.named("synthesis_complete") if e.job_id != sentinel]
+    assert sorted(e.job_id for e in completes) == sorted(j.job_id for j in jobs)
     assert await leftovers(redis_url) == NOTHING_LEFT
 
 
@@ -155,7 +155,7 @@ async def test_results_held_by_a_consumer_that_died_are_finalized_by_another(
         assert {f["status"] for f in client.terminal("doc").values()} == {"cached"}
         recovered = events.named("results_recovered")
         second.request_stop()
-    assert sum(e["count"] for e in recovered) == n
+    assert sum(e.count for e in recovered) == n
     assert sorted(row["event_id"] for row in rows) == sorted(j.job_id for j in jobs)
     assert await leftovers(redis_url) == NOTHING_LEFT
 
@@ -193,7 +193,7 @@ async def test_finalizing_is_bounded_by_concurrency_and_grouped(
             jobs = await pull_n(redis_url, n)
             await burst(redis_url, [(j, result_json(j)) for j in jobs])
             await client.until(lambda _: len(client.terminal("doc")) == n)
-    groups = [e["group"] for e in events.named("synthesis_complete")]
+    groups = [e.group for e in events.named("synthesis_complete")]
     assert len(groups) == n
     assert max(groups) == 2, "a burst is finalized in groups of finalize_batch"
     assert cfg.hot.finalize_batch < peak["in_flight"] <= cfg.hot.concurrency, (

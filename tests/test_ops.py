@@ -20,7 +20,7 @@ from daemon.testing.client import WsClient
 from daemon.testing.config import make_config
 from daemon.testing.stores import add_user, pg_fetch, pg_val
 from daemon.testing.waiting import wait_until
-from tests.ops_support import BillingGate, events_of, read_events, scrape
+from tests.ops_support import BillingGate, events_of, log_records, scrape, synthesis_event
 
 TEXTS = ["Hello there.", "Second block, a little longer.", "And a third one to finish."]
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -59,10 +59,10 @@ async def test_pinned_events_are_logged_with_their_fields(daemon: Daemon, pg_url
     await wait_until(lambda: _billed(pg_url, 3), what="three billed events")
     path = daemon.cfg.events_path
     await wait_until(
-        lambda: sum(e["events_count"] for e in events_of(path, "billing_processed")) >= 3,
+        lambda: sum(e.events_count for e in events_of(path, "billing_processed")) >= 3,
         what="billing_processed events in the log",
     )
-    records = read_events(path)
+    records = log_records(path)  # the on-disk format, as outside programs read it
     for record in records:
         assert list(record)[:2] == ["ts", "event"]
         assert TS.match(record["ts"]), record["ts"]
@@ -178,12 +178,13 @@ async def test_healthz_is_503_while_the_hot_path_is_down(
         path = cfg.events_path
         await wait_until(lambda: events_of(path, "service_restarted"), what="service_restarted")
     (restarted,) = events_of(path, "service_restarted")
-    assert list(restarted)[:6] == ["ts", "event", "service", "attempt", "backoff_s", "reason"]
-    assert restarted["service"] == "hot" and restarted["attempt"] == 1
-    assert 15.0 <= restarted["backoff_s"] <= 30.0
-    assert "hot path broken by the test" in restarted["reason"]
-    errors = [e for e in events_of(path, "error") if e["service"] == "hot"]
-    assert errors and "hot path broken by the test" in errors[0]["message"]
+    (line,) = [r for r in log_records(path) if r["event"] == "service_restarted"]
+    assert list(line)[:6] == ["ts", "event", "service", "attempt", "backoff_s", "reason"]
+    assert restarted.service == "hot" and restarted.attempt == 1
+    assert 15.0 <= restarted.backoff_s <= 30.0
+    assert "hot path broken by the test" in restarted.reason
+    errors = [e for e in events_of(path, "error") if e.service == "hot"]
+    assert errors and "hot path broken by the test" in errors[0].message
 
 
 async def _status(http: httpx.AsyncClient, code: int) -> httpx.Response | None:
@@ -233,8 +234,8 @@ async def test_a_daemon_that_cannot_start_says_why_in_the_events_log(
         async with open_daemon(cfg, redis_url, closed_port):
             pass
     assert caught.group_contains(OSError, depth=None)
-    (error,) = [e for e in events_of(cfg.events_path, "error") if e["service"] == "daemon"]
-    assert "daemon stopped by a failure" in error["message"] and error["fatal"] is True
+    (error,) = [e for e in events_of(cfg.events_path, "error") if e.service == "daemon"]
+    assert "daemon stopped by a failure" in error.message and error.context["fatal"] is True
 
 
 async def test_live_reconciliation_names_events_that_were_never_billed(
@@ -264,9 +265,9 @@ async def test_live_reconciliation_names_events_that_were_never_billed(
 
         data = (await _get_json(d.addresses.http_url, "/dashboard/data"))["reconciliation"]
         bob_jobs = {
-            e["job_id"]
+            e.job_id
             for e in events_of(cfg.events_path, "synthesis_complete")
-            if e["user_id"] == bob_id
+            if e.user_id == bob_id
         }
         assert data["delta"] == 2 and data["grade"] == "amber"
         assert {m["job_id"] for m in data["missing"]} == bob_jobs
@@ -275,11 +276,11 @@ async def test_live_reconciliation_names_events_that_were_never_billed(
         assert metrics[("tts_billing_reconciliation_delta", ())] == 2
         assert metrics[("tts_dead_letter_depth", (("queue", "tts:billing:dead"),))] == 2
         await wait_until(
-            lambda: [e for e in events_of(cfg.events_path, "error") if e["service"] == "monitor"],
+            lambda: [e for e in events_of(cfg.events_path, "error") if e.service == "monitor"],
             what="the monitor's error event",
         )
-    (monitor_error,) = [e for e in events_of(cfg.events_path, "error") if e["service"] == "monitor"]
-    assert set(monitor_error["job_ids"]) == bob_jobs and monitor_error["delta"] == 2
+    (monitor_error,) = [e for e in events_of(cfg.events_path, "error") if e.service == "monitor"]
+    assert set(monitor_error.context["job_ids"]) == bob_jobs and monitor_error.context["delta"] == 2
 
 
 async def _get_json(http_url: str, path: str) -> Any:
@@ -341,9 +342,9 @@ async def test_live_reconciliation_does_not_call_an_event_missing_when_its_log_l
         late = time.time() + 120.0  # the lines were "logged" two minutes after the XADDs
         stats = OpsStats(MonitorConfig(), Metrics(), clock=lambda: late)
         for job_id in ids:
-            stats.on_event({"event": "synthesis_complete", "job_id": job_id, "finalize_ms": 1.0})
+            stats.on_event(synthesis_event(job_id, finalize_ms=1.0))
         log = EventLog(tmp_path / "events.jsonl")
-        seen: list[dict] = []
+        seen: list[Any] = []
         log.add_listener(seen.append)
         monitor = Monitor(
             store=store,
@@ -362,8 +363,8 @@ async def test_live_reconciliation_does_not_call_an_event_missing_when_its_log_l
         rec = await monitor.reconcile_once(pool)
         assert (rec.delta, rec.waiting) == (1, 249)
         assert rec.missing == [(ids[0], "lost: in neither")]
-        (error,) = [e for e in seen if e["event"] == "error"]
-        assert error["service"] == "monitor" and error["job_ids"] == [ids[0]]
+        (error,) = [e for e in seen if e.kind == "error"]
+        assert error.service == "monitor" and error.context["job_ids"] == [ids[0]]
 
 
 async def _first_entry(store: Any) -> bytes:

@@ -8,6 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
 from daemon.config import MonitorConfig
+from daemon.contracts.events import BillingProcessed
 from daemon.ops.metrics import Metrics
 from daemon.ops.stats import (
     OpsStats,
@@ -19,6 +20,7 @@ from daemon.ops.stats import (
     percentile,
     worst,
 )
+from tests.ops_support import synthesis_event
 
 
 def test_histogram_quantile_interpolates_like_prometheus_between_two_snapshots() -> None:
@@ -114,15 +116,13 @@ def test_stats_follow_the_events_and_bound_what_they_track() -> None:
         clock=lambda: clock[0],
     )
     for i in range(150):
-        stats.on_event(
-            {"event": "synthesis_complete", "job_id": f"j{i}", "finalize_ms": 2.0, "billed": True}
-        )
-    stats.on_event({"event": "synthesis_complete", "job_id": "free", "billed": False})
+        stats.on_event(synthesis_event(f"j{i}", finalize_ms=2.0, billed=True))
+    stats.on_event(synthesis_event("free", billed=False))
     assert stats.synthesized == 151
     assert len(stats.pending) == 100 and stats.untracked == 50
     assert "j149" in stats.pending and "j0" not in stats.pending and "free" not in stats.pending
     stats.on_event(
-        {"event": "billing_processed", "events_count": 5, "billed": 4, "duration_ms": 12.5}
+        BillingProcessed(events_count=5, billed=4, duration_ms=12.5, users_count=1, text_length=50)
     )
     stats.confirm_billed(["j149", "j148"])
     assert "j149" not in stats.pending

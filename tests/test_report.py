@@ -11,13 +11,14 @@ import trio
 
 from daemon.config import Config, load_config
 from daemon.contracts import Keys
+from daemon.contracts.events import BillingProcessed, Error, Event
 from daemon.runtime.daemon import Daemon, open_daemon
 from daemon.runtime.services import Deps, build_services
 from daemon.runtime.supervisor import ServiceSpec
 from daemon.testing.client import WsClient
 from daemon.testing.stores import add_user, pg_val, redis_call
 from daemon.testing.waiting import wait_until
-from tests.ops_support import events_of, write_config
+from tests.ops_support import events_of, synthesis_event, write_config
 
 REPORT = Path(__file__).resolve().parent.parent / "tools" / "report.sh"
 TEXTS = ["Hello there.", "Second block, a little longer.", "And a third one.", "A fourth."]
@@ -51,7 +52,7 @@ async def test_clean_run_is_green(tmp_path: Path, redis_url: str, pg_url: str) -
         await _synthesize(d, token, "doc-2", [*TEXTS[:2], "Something new."])
         await wait_until(
             lambda: (
-                sum(b["events_count"] for b in events_of(cfg.events_path, "billing_processed")) >= 5
+                sum(b.events_count for b in events_of(cfg.events_path, "billing_processed")) >= 5
             ),
             what="five events billed and logged",
         )
@@ -145,7 +146,7 @@ async def test_dead_letters_make_it_amber_and_missing_events_are_named_with_the_
     assert report["dead_letters"][Keys.BILLING_DEAD] == 2
     missing = report["reconciliation"]["missing_job_ids"]
     assert {m["job_id"] for m in missing} == {
-        e["job_id"] for e in events_of(cfg.events_path, "synthesis_complete")
+        e.job_id for e in events_of(cfg.events_path, "synthesis_complete")
     }
     assert all(m["reason"].startswith("dead-lettered: ") for m in missing)
     assert all("no subscription" in m["reason"] for m in missing)
@@ -166,18 +167,19 @@ def test_the_log_is_read_across_every_rotated_file_oldest_first(tmp_path: Path) 
 
     path = tmp_path / "events.jsonl"
 
-    def line(event: str, **fields: Any) -> str:
-        return json.dumps({"ts": "2026-01-01T00:00:00.000Z", "event": event, **fields}) + "\n"
+    def line(event: Event) -> str:
+        record = {"ts": "2026-01-01T00:00:00.000Z", "event": event.kind, **event.fields()}
+        return json.dumps(record) + "\n"
 
-    path.with_name("events.jsonl.2").write_text(line("synthesis_complete", job_id="a", billed=True))
+    path.with_name("events.jsonl.2").write_text(line(synthesis_event("a", billed=True)))
     path.with_name("events.jsonl.1").write_text(
-        line("billing_processed", events_count=1, users_count=1, duration_ms=2.0, text_length=5)
+        line(BillingProcessed(events_count=1, users_count=1, duration_ms=2.0, text_length=5))
     )
     path.write_text(
-        line("synthesis_complete", job_id="b", billed=True)
+        line(synthesis_event("b", billed=True))
         + "not json\n"
-        + line("synthesis_complete", job_id="c", billed=False)
-        + line("error", service="events", message="3 events dropped", dropped=3)
+        + line(synthesis_event("c", billed=False))
+        + line(Error(service="events", message="3 events dropped", context={"dropped": 3}))
     )
     scan = read_log(rotation_names(path, 5))
     assert [p.name for p in scan.files] == ["events.jsonl.2", "events.jsonl.1", "events.jsonl"]

@@ -27,15 +27,15 @@ class Boom(RuntimeError):
     pass
 
 
-def make_supervisor(tmp_path: Path, **cfg: Any) -> tuple[Supervisor, list[dict[str, Any]]]:
+def make_supervisor(tmp_path: Path, **cfg: Any) -> tuple[Supervisor, list[Any]]:
     events = EventLog(tmp_path / "events.jsonl")
-    records: list[dict[str, Any]] = []
+    records: list[Any] = []
     events.add_listener(records.append)
     return Supervisor(SupervisorConfig(**cfg), events, Metrics()), records
 
 
-def restarts(records: list[dict[str, Any]], service: str = "svc") -> list[dict[str, Any]]:
-    return [r for r in records if r["event"] == "service_restarted" and r["service"] == service]
+def restarts(records: list[Any], service: str = "svc") -> list[Any]:
+    return [r for r in records if r.kind == "service_restarted" and r.service == service]
 
 
 class Flaky:
@@ -97,10 +97,10 @@ async def test_failing_service_is_restarted_with_growing_delays_and_events(
         assert max(1.0, 0.75 * base) <= gap <= min(60.0, 1.25 * base) + 1e-6, (attempt, gaps)
     assert gaps[-1] >= 45.0  # capped at 60 s (with jitter), reached by the 7th restart
     events = restarts(records)
-    assert [e["attempt"] for e in events[:9]] == list(range(1, 10))
-    assert [e["backoff_s"] for e in events[:9]] == pytest.approx(gaps, abs=0.002)
-    assert all(e["reason"] == f"Boom: start {i} failed" for i, e in enumerate(events[:9]))
-    errors = [r for r in records if r["event"] == "error" and r["service"] == "svc"]
+    assert [e.attempt for e in events[:9]] == list(range(1, 10))
+    assert [e.backoff_s for e in events[:9]] == pytest.approx(gaps, abs=0.002)
+    assert all(e.reason == f"Boom: start {i} failed" for i, e in enumerate(events[:9]))
+    errors = [r for r in records if r.kind == "error" and r.service == "svc"]
     assert len(errors) >= 9
     assert sup.metrics.service_restarts.labels("svc")._value.get() >= 9
 
@@ -118,7 +118,7 @@ async def test_backoff_resets_after_a_healthy_stretch(
         while len(flaky.starts) < 7:
             await trio.sleep(0.5)
         sup.stopping.set()
-    delays = [e["backoff_s"] for e in restarts(records)]
+    delays = [e.backoff_s for e in restarts(records)]
     assert 6.0 <= delays[3] <= 10.0  # the fourth consecutive failure waited ~8 s
     assert 1.0 <= delays[4] <= 1.25  # after the 31 s healthy run: back to ~1 s
     assert 1.5 <= delays[5] <= 2.5
@@ -192,7 +192,7 @@ async def test_non_critical_service_that_cannot_start_does_not_block_start_up(
         await trio.sleep(10)
         sup.stopping.set()
     assert attempts >= 3
-    assert restarts(records, "billing")[0]["reason"] == "Boom: cannot connect"
+    assert restarts(records, "billing")[0].reason == "Boom: cannot connect"
 
 
 async def test_a_service_handle_is_what_its_current_start_reported_and_none_between_starts(

@@ -453,5 +453,5 @@ async def test_a_job_that_keeps_timing_out_goes_to_the_dlq_and_its_client_hears(
         for key in (Keys.queue("kokoro"), Keys.processing("kokoro")):
             assert await r(redis_url, "ZSCORE", key, job.job_id) is None
         assert await r(redis_url, "HGET", Keys.JOBS, job.job_id) is None
-        assert any("DLQ" in e["message"] for e in events.named("error", service="scanner"))
+        assert any("DLQ" in e.message for e in events.named("error", service="scanner"))
         assert await usage_rows(pg_url) == []

@@ -55,6 +55,7 @@ from daemon.billing.consumer import (  # noqa: E402
 )
 from daemon.config import BillingConfig, PostgresConfig  # noqa: E402
 from daemon.contracts import BillingEvent, Keys  # noqa: E402
+from daemon.contracts.events import BillingProcessed, Event  # noqa: E402
 from daemon.embedded import EmbeddedServers  # noqa: E402
 from daemon.ops.events import EventLog  # noqa: E402
 from daemon.ops.metrics import Metrics  # noqa: E402
@@ -255,10 +256,10 @@ async def drain(
     done = trio.Event()
     seen = 0
 
-    def count(record: dict[str, Any]) -> None:
+    def count(event: Event) -> None:
         nonlocal seen
-        if record["event"] == "billing_processed":
-            seen += record["events_count"]
+        if isinstance(event, BillingProcessed):
+            seen += event.events_count
             if seen >= backlog:
                 done.set()
 

@@ -26,6 +26,7 @@ import trio
 
 from daemon.config import BillingConfig, Config, PostgresConfig
 from daemon.contracts import BillingEvent
+from daemon.contracts.events import Error
 from daemon.hot.consumer import HotConsumer
 from daemon.runtime.services import Deps, build_services, hot_consumer, hot_service
 from daemon.runtime.supervisor import ServiceSpec
@@ -78,7 +79,9 @@ class InlineBilling:
                 return
             except (TimeoutError, asyncpg.PostgresConnectionError, OSError) as exc:
                 self.billing_retries += 1
-                consumer.events.error("hot", f"inline billing failed, retrying: {exc!r}")
+                consumer.events.emit(
+                    Error(service="hot", message=f"inline billing failed, retrying: {exc!r}")
+                )
                 await trio.sleep(0.1)
 
 

@@ -16,6 +16,8 @@ and the reconciliation delta (synthesized, neither billed nor queued) is 0.
 
     tools/stress.py                       # split only, defaults
     tools/stress.py --compare --json stress.json --plot stress.png
+    tools/stress.py --scenario noisy --json noisy.json   # one user floods, readers read along
+                                                         # (fair against FIFO: tools/noisy.py)
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ from trio_websocket import ConnectionClosed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from daemon.contracts.events import SynthesisComplete
 from daemon.embedded import EmbeddedServers
+from daemon.ops.events import read_events
 from daemon.testing.client import WsClient, connect
 from daemon.testing.config import write_config
 from daemon.testing.figures import pct
@@ -543,14 +547,11 @@ async def _summarize(
     billed_ids = {r["event_id"] for r in rows}
     synthesized, completes = set(), []
     wall_t0 = time.time() - (time.perf_counter() - load_t0)
-    events_path = run_dir / "events.jsonl"
-    events_file = trio.Path(events_path)
-    events_text = await events_file.read_text() if await events_file.exists() else ""
-    for line in events_text.splitlines():
-        ev = json.loads(line)
-        if ev.get("event") == "synthesis_complete" and ev.get("billed", True):
-            synthesized.add(ev["job_id"])
-            completes.append(_iso_to_epoch(ev["ts"]) - wall_t0)
+    events = await trio.to_thread.run_sync(lambda: list(read_events(run_dir / "events.jsonl")))
+    for ev in events:
+        if isinstance(ev, SynthesisComplete) and ev.billed and ev.ts is not None:
+            synthesized.add(ev.job_id)
+            completes.append(ev.ts - wall_t0)
     queued = await in_thread(_stream_event_ids, redis_url)
     delta = len(synthesized - billed_ids - queued)
     times = sorted(float(r["t"]) for r in rows)
@@ -610,12 +611,6 @@ async def _summarize(
         },
     }
     return result
-
-
-def _iso_to_epoch(ts: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
 def _stream_event_ids(redis_url: str) -> set[str]:
@@ -770,6 +765,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Params]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["--scenario", "noisy"]:
+        from tools.noisy import main as noisy_main
+
+        return noisy_main(argv[2:])
     args, p = parse_args(argv)
     archs = ARCHS if args.compare else (args.arch,)
     work = Path(tempfile.mkdtemp(prefix="tts-stress-"))

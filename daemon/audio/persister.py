@@ -32,6 +32,7 @@ import trio
 
 from daemon.audio.store import AudioObject, FileAudioStore, StoreFull, valid_hash
 from daemon.config import AudioConfig
+from daemon.contracts.events import AudioEvicted, AudioPersistClaimed, AudioPersisted, Error
 from daemon.ops.events import EventLog, Throttle
 from daemon.ops.metrics import Metrics
 from daemon.runtime.faults import FaultPoint, no_fault
@@ -148,7 +149,7 @@ class Persister:
                     )
                     if entries:
                         self.events.emit(
-                            "audio_persist_claimed", service="persister", count=len(entries)
+                            AudioPersistClaimed(service="persister", count=len(entries))
                         )
                     else:
                         continue
@@ -205,17 +206,18 @@ class Persister:
             try:
                 result = await self.store.evict()
             except OSError as exc:
-                self.events.error("persister", f"evicting from the audio store failed: {exc}")
+                self._error(f"evicting from the audio store failed: {exc}")
                 return
             if result.evicted:
                 self.metrics.audio_store_evictions.inc(result.evicted)
                 self.events.emit(
-                    "audio_evicted",
-                    service="persister",
-                    count=result.evicted,
-                    freed_bytes=result.freed_bytes,
-                    remaining_bytes=result.remaining_bytes,
-                    pinned=result.skipped_pinned,
+                    AudioEvicted(
+                        service="persister",
+                        count=result.evicted,
+                        freed_bytes=result.freed_bytes,
+                        remaining_bytes=result.remaining_bytes,
+                        pinned=result.skipped_pinned,
+                    )
                 )
         self._measure_store()
 
@@ -227,9 +229,7 @@ class Persister:
         wanted = sorted({i.variant_hash for i in items if i.variant_hash is not None})
         unreadable = sum(1 for i in items if i.variant_hash is None)
         if unreadable:
-            self.events.error(
-                "persister", f"{unreadable} unreadable persist entries dropped", count=unreadable
-            )
+            self._error(f"{unreadable} unreadable persist entries dropped", count=unreadable)
         present = dict(zip(wanted, await _on_disk(self.store.contains_many(wanted)), strict=True))
         to_fetch = [h for h in wanted if not present[h]]
         raw: dict[str, list[bytes]] = {}
@@ -250,8 +250,7 @@ class Persister:
         if missing:
             self.metrics.audio_persisted.labels("missing").inc(len(missing))
             # Not silent: audio that was never persisted must be visible (docs/operations.md).
-            self.events.error(
-                "persister",
+            self._error(
                 f"{len(missing)} finalized audio gone from Redis before it was persisted"
                 " (deleted or purged): not in the durable store",
                 count=len(missing),
@@ -259,8 +258,7 @@ class Persister:
             )
         if damaged:
             self.metrics.audio_persisted.labels("damaged").inc(len(damaged))
-            self.events.error(
-                "persister",
+            self._error(
                 f"{len(damaged)} cached audio could not be decoded: not persisted",
                 count=len(damaged),
                 variant_hashes=damaged[:20],
@@ -270,13 +268,14 @@ class Persister:
             [(i.entry_id, i.variant_hash) for i in items], ttl_s=self.ttl_s
         )
         self.events.emit(
-            "audio_persisted",
-            service="persister",
-            entries=len(items),
-            written=n_written,
-            existing=n_existing,
-            missing=len(missing),
-            damaged=len(damaged),
+            AudioPersisted(
+                service="persister",
+                entries=len(items),
+                written=n_written,
+                existing=n_existing,
+                missing=len(missing),
+                damaged=len(damaged),
+            )
         )
         return n_written
 
@@ -319,7 +318,7 @@ class Persister:
             try:
                 await self.store.flush_reads()
             except OSError as exc:
-                self.events.error("persister", f"marking audio read failed: {exc}")
+                self._error(f"marking audio read failed: {exc}")
             if trio.current_time() >= next_scan:
                 next_scan = trio.current_time() + self.cfg.scan_interval_s
                 try:
@@ -329,7 +328,7 @@ class Persister:
                         result = await self.store.evict()
                         self.metrics.audio_store_evictions.inc(result.evicted)
                 except OSError as exc:
-                    self.events.error("persister", f"measuring the audio store failed: {exc}")
+                    self._error(f"measuring the audio store failed: {exc}")
             await trio.sleep(1.0)
 
     async def refresh_backlog(self) -> None:
@@ -346,6 +345,9 @@ class Persister:
     def _measure_store(self) -> None:
         self.metrics.audio_store_bytes.set(self.store.known_bytes)
         self.metrics.audio_store_objects.set(self.store.known_objects)
+
+    def _error(self, message: str, **context: object) -> None:
+        self.events.emit(Error(service="persister", message=message, context=context))
 
     def as_dict(self) -> dict[str, object]:
         return {

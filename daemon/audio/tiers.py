@@ -13,6 +13,7 @@ import attrs
 import trio
 
 from daemon.audio.store import AudioObject, AudioStore
+from daemon.contracts.events import Error
 from daemon.ops.events import EventLog, Throttle
 from daemon.ops.metrics import Metrics
 from daemon.stores.redis import RedisStore
@@ -56,8 +57,11 @@ class AudioTiers:
                 return await self._promote_stored(hashes)
         except (OSError, ValueError, trio.TooSlowError) as exc:
             if self.events is not None and self._failures.due() is not None:
-                self.events.error(
-                    "gateway", f"audio store lookup failed, synthesizing instead: {exc!r}"
+                self.events.emit(
+                    Error(
+                        service="gateway",
+                        message=f"audio store lookup failed, synthesizing instead: {exc!r}",
+                    )
                 )
             return 0
 

@@ -1,21 +1,10 @@
 """The cold path: the billing consumer. Its own Postgres pool; nothing of the request path.
 
-The billing queue is a Redis stream with a consumer group (docs/tts-flow.md says why): an event
-is read with XREADGROUP, stays pending while it is billed, and is acknowledged (XACK + XDEL) only
-after the transaction that bills it has committed. A consumer that dies leaves its events pending;
-on restart it re-reads its own pending events first, and events of a consumer that never comes back
-are claimed (XAUTOCLAIM) by another after ``billing.claim_idle_s``. Redelivery is harmless:
-``usage_log.event_id`` makes a second billing a no-op.
-
-Per batch (drain-on-wake, up to ``billing.max_batch``): the events are checked without building
-objects (malformed ones are dead-lettered) and grouped by user; the users are split into one lane
-per pool connection, each lane billed in transactions of whole users, at most
-``billing.users_per_txn`` each, every transaction one ``tts_bill_batch`` call on the events' JSON
-(rules, stats and the variants' metadata in SQL), both lanes in one crossing; then the batch is
-acknowledged (on the consumer's own Redis connection) and ``billing_processed`` logged. The next
-batch is read and checked, and the previous one acknowledged, while the current one is billed
-(one batch ahead and one behind at most).
-docs/billing.md says why each choice.
+Drains the ``tts:billing`` stream (a consumer group: an event stays pending until the transaction
+that bills it commits, so a crash redelivers and ``usage_log.event_id`` makes that a no-op) in
+batches: malformed events dead-lettered, the rest billed in transactions of whole users, one
+``tts_bill_batch`` call each (daemon/billing/ledger.sql), then acknowledged. Reading ahead, billing
+and acknowledging overlap by one batch. docs/billing.md says why each choice.
 """
 
 from __future__ import annotations
@@ -30,6 +19,7 @@ import trio
 
 from daemon.config import BillingConfig, PostgresConfig
 from daemon.contracts import ContractError, billing_event_fields
+from daemon.contracts.events import BillingClaimed, BillingProcessed, Error
 from daemon.ops.events import EventLog
 from daemon.ops.metrics import Metrics
 from daemon.runtime.faults import FaultPoint, no_fault
@@ -218,7 +208,7 @@ class BillingConsumer:
                     count=self.cfg.max_batch,
                 )
                 if stale:
-                    self.events.emit("billing_claimed", service="billing", count=len(stale))
+                    self.events.emit(BillingClaimed(service="billing", count=len(stale)))
                     await send.send(await self.prepare_batch(stale))
                     continue
             entries = await reader.read_billing(
@@ -314,14 +304,15 @@ class BillingConsumer:
         self.metrics.billing_duplicates.inc(dups)
         self.metrics.billing_batch_seconds.observe(duration_ms / 1000)
         self.events.emit(
-            "billing_processed",
-            events_count=batch.events_count,
-            users_count=users,
-            duration_ms=round(duration_ms, 3),
-            text_length=text_length,
-            billed=billed,
-            duplicates=dups,
-            dead_lettered=dead,
+            BillingProcessed(
+                events_count=batch.events_count,
+                users_count=users,
+                duration_ms=round(duration_ms, 3),
+                text_length=text_length,
+                billed=billed,
+                duplicates=dups,
+                dead_lettered=dead,
+            )
         )
         return BatchOutcome(batch.events_count, users, billed, dups, dead, text_length, duration_ms)
 
@@ -425,9 +416,10 @@ class BillingConsumer:
         )
         await redis.dead_letter_billing(entry.entry_id, record)
         self.metrics.billing_dead_letters.inc()
-        self.events.error(
-            "billing",
-            f"billing event dead-lettered: {reason}",
-            entry_id=entry.entry_id.decode(),
-            reason=reason,
+        self.events.emit(
+            Error(
+                service="billing",
+                message=f"billing event dead-lettered: {reason}",
+                context={"entry_id": entry.entry_id.decode(), "reason": reason},
+            )
         )

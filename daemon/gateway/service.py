@@ -17,7 +17,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -29,6 +29,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 from daemon.audio.tiers import AudioTiers
 from daemon.config import GatewayConfig
 from daemon.contracts import Job, usage_amount
+from daemon.contracts.events import Error
 from daemon.gateway.auth import TokenCache, plausible_token, token_from_request
 from daemon.gateway.connection import CLOSE_GOING_AWAY, CLOSE_TOO_BIG, Connection, PendingKey
 from daemon.gateway.hashing import VariantHasher
@@ -89,6 +90,8 @@ class Gateway:
     dashboard: Callable[[str], Awaitable[tuple[bytes, str] | None]] | None = None
     # Redis, then the durable audio store (None: Redis only).
     audio: AudioTiers | None = None
+    # Fair scheduling's weight per plan name ([plans] weights); plans not named weigh 1.
+    plan_weights: Mapping[str, float] = attrs.Factory(dict)
     by_user: dict[int, set[Connection]] = attrs.Factory(dict)
     by_conn: dict[str, Connection] = attrs.Factory(dict)
     # Connections open or being authenticated (a slot is taken before the token lookup).
@@ -107,6 +110,9 @@ class Gateway:
     _notify_send: trio.MemorySendChannel[tuple[int, bytes]] | None = None
     _unsynced_drops: int = 0
     _drops_log: Throttle = attrs.Factory(Throttle)
+
+    def _error(self, message: str, **context: Any) -> None:
+        self.events.emit(Error(service="gateway", message=message, context=context))
 
     def __attrs_post_init__(self) -> None:
         self.tokens = TokenCache(self.db)
@@ -274,8 +280,7 @@ class Gateway:
     def _log_drops(self) -> None:
         if self._drops_log.due() is None:
             return
-        self.events.error(
-            "gateway",
+        self._error(
             f"notification channel full (gateway.notify_buffer = {self.cfg.notify_buffer}):"
             f" {self._unsynced_drops} statuses dropped; re-reading the open waits from Redis",
             dropped_total=self.notifications_dropped,
@@ -291,7 +296,7 @@ class Gateway:
                 await self.resync()
             except Exception as exc:
                 if not is_redis_unavailable(exc):
-                    self.events.error("gateway", f"resync after reconnecting failed: {exc!r}")
+                    self._error(f"resync after reconnecting failed: {exc!r}")
                     return
                 await outage.failed(exc, "Redis (resync)")
                 continue
@@ -364,7 +369,7 @@ class Gateway:
             if not isinstance(block_idx, int) or not isinstance(status, str):
                 raise TypeError("block_idx or status of the wrong type")
         except (ValueError, KeyError, TypeError) as exc:
-            self.events.error("gateway", f"malformed notification: {exc}", data=data[:200])
+            self._error(f"malformed notification: {exc}", data=data[:200])
             return
         conn = self.by_conn.get(conn_id) if isinstance(conn_id, str) else None
         if conn is None or conn.user_id != user_id:
@@ -389,7 +394,7 @@ class Gateway:
         except ConnectionClosed:
             pass
         except Exception as exc:
-            self.events.error("gateway", f"connection failed: {type(exc).__name__}: {exc}")
+            self._error(f"connection failed: {type(exc).__name__}: {exc}")
 
     async def _serve_request(self, request: WebSocketRequest) -> None:
         path = request.path
@@ -431,7 +436,7 @@ class Gateway:
                     async with self._auth_limiter:
                         user, waited = await self.tokens.lookup(token)
             except Exception as exc:
-                self.events.error("gateway", f"token lookup failed: {type(exc).__name__}: {exc}")
+                self._error(f"token lookup failed: {type(exc).__name__}: {exc}")
                 await request.reject(503, body=b"authentication unavailable, try again\n")
                 return None
             if waited:
@@ -488,8 +493,7 @@ class Gateway:
                     user_id=conn.user_id, conn_id=conn.conn_id, blocks=blocks, only_queued=False
                 )
             except Exception as exc:
-                self.events.error(
-                    "gateway",
+                self._error(
                     f"could not drop a closed connection's waits: {exc}",
                     user_id=conn.user_id,
                 )
@@ -534,9 +538,7 @@ class Gateway:
                 )
                 conn.push(error_frame("internal", message_text))
                 self.metrics.requests.labels("internal").inc()
-                self.events.error(
-                    "gateway", f"request failed: {type(exc).__name__}: {exc}", user_id=conn.user_id
-                )
+                self._error(f"request failed: {type(exc).__name__}: {exc}", user_id=conn.user_id)
 
     async def _synthesize(self, conn: Connection, req: Synthesize) -> None:
         """Validate against the catalog and limits, read the budget (request pool), run
@@ -614,6 +616,7 @@ class Gateway:
                     rate_limit=self.cfg.rate_limit_blocks_per_min,
                     blocks=blocks,
                     wait=pool_wait,
+                    plan_weights=self.plan_weights,
                 )
             except BaseException as exc:
                 # No reply: the client hears an error for the request as a whole, so nothing it
@@ -683,9 +686,7 @@ class Gateway:
         except Exception as exc:
             # The request itself succeeded; its client must not hear an error for it. If Redis
             # is gone again, the resync after the next subscription covers these blocks.
-            self.events.error(
-                "gateway", f"re-checking a request's blocks failed: {exc!r}", user_id=conn.user_id
-            )
+            self._error(f"re-checking a request's blocks failed: {exc!r}", user_id=conn.user_id)
 
     def _rate_limited(self, n: int, retry_after_s: float) -> ProtocolError:
         limit = self.cfg.rate_limit_blocks_per_min
@@ -710,6 +711,7 @@ class Gateway:
                 user_id=conn.user_id,
                 conn_id=conn.conn_id,
                 blocks=[(doc, idx, h, model) for (doc, idx, h), model in candidates],
+                cursor=req.block_idx,
             )
             for i in positions:
                 key = candidates[i][0]

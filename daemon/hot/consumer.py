@@ -1,27 +1,10 @@
 """The hot path: worker results → audio cache → listeners → billing queue. No Postgres at all.
 
-Order of operations (docs/tts-flow.md has the crash analysis, docs/workers.md the figures):
-
-1. **Claim.** The reader takes results from ``tts:results`` into this consumer's claimed set,
-   drain-on-wake: one round trip pipelines a ``BLMOVE`` (blocks server side only when nothing is
-   waiting) with ``claim.lua``, which takes that result and up to ``hot.read_batch - 1`` more.
-   ``claim.lua`` parses each result *in Redis* and hands back a small metadata document: the
-   audio (~80 KB of base64 per five-second block) never travels to the daemon and back. A result
-   is never only in this process's memory.
-2. **Hand over.** Claimed results go over a bounded memory channel to a dispatcher that groups
-   what is waiting (up to ``hot.finalize_batch``) and starts a handler task per group; at most
-   ``hot.concurrency`` results are being finalized at once (a ``CapacityLimiter``).
-3. **Finalize.** A handler checks each result against the worker contract and finalizes the whole
-   group in one ``finalize.lua`` call — one round trip, atomic — that for each result claims the
-   job (a second result for it, or a result for a variant finalized since, is a duplicate), stores
-   the audio with a TTL (renaming the claimed item: no copy), appends the billing event, publishes
-   the status to every waiter and drops the result from the claimed set. An unreadable result is
-   moved to ``tts:results:dead`` instead, with its reason, in the same call.
-
-So a result costs one share of a claim round trip and one share of a finalize round trip — about
-two round trips for a lone result, far fewer per result under a burst. A crash before step 3
-leaves the result claimed; it is given back to ``tts:results`` when this consumer restarts, or by
-another consumer once this one's heartbeat expires.
+A reader claims results from ``tts:results`` in batches (``claim.lua``: the audio stays in Redis),
+handlers finalize each group in one atomic ``finalize.lua`` call (audio stored, billing event
+appended, waiters notified), at most ``hot.concurrency`` at once. A result is never only in this
+process's memory: a crash leaves it claimed, given back on restart or by another consumer once
+this one's heartbeat expires. docs/tts-flow.md has the steps and the crash analysis.
 """
 
 from __future__ import annotations
@@ -33,7 +16,15 @@ import attrs
 import trio
 
 from daemon.config import HotConfig
-from daemon.contracts import BillingEvent, ContractError, Result
+from daemon.contracts import BillingEvent, ContractError, Keys, Result
+from daemon.contracts.events import (
+    Error,
+    GenericEvent,
+    ResultDuplicate,
+    ResultGone,
+    ResultsRecovered,
+    SynthesisComplete,
+)
 from daemon.ops.events import EventLog
 from daemon.ops.metrics import Metrics
 from daemon.runtime.faults import FaultPoint, no_fault
@@ -48,6 +39,12 @@ from daemon.stores.redis import (
 )
 
 __all__ = ["GroupHandler", "HotConsumer", "run_hot_consumer"]
+
+# finalize.lua's outcomes other than "finalized" and "dead", as events
+_NOT_FINALIZED: dict[str, type[ResultDuplicate] | type[ResultGone]] = {
+    "duplicate": ResultDuplicate,
+    "gone": ResultGone,
+}
 
 
 @attrs.define(eq=False)  # hashable by identity: it is its own limiter token
@@ -142,7 +139,7 @@ class HotConsumer:
         outage.ok()
         if recovered:
             self.events.emit(
-                "results_recovered", service="hot", count=recovered, consumer=self.consumer_id
+                ResultsRecovered(service="hot", count=recovered, consumer=self.consumer_id)
             )
 
     async def _read_loop(
@@ -303,57 +300,68 @@ class HotConsumer:
         if isinstance(op, DeadLetter):
             self.metrics.hot_results.labels("dead_letter").inc()
             if outcome == "dead":
-                self.events.error(
-                    "hot",
-                    f"undecodable result dead-lettered: {op.reason}",
-                    reason=op.reason,
-                    dead_letter_key="tts:results:dead",
+                self.events.emit(
+                    Error(
+                        service="hot",
+                        message=f"undecodable result dead-lettered: {op.reason}",
+                        context={"reason": op.reason, "dead_letter_key": Keys.RESULTS_DEAD},
+                    )
                 )
             return
         assert r is not None
         if outcome != "finalized":
             self.metrics.hot_results.labels(outcome).inc()
+            fields = {
+                "service": "hot",
+                "job_id": r.job_id,
+                "variant_hash": r.variant_hash,
+                "worker_id": r.worker_id,
+            }
+            not_finalized = _NOT_FINALIZED.get(outcome)
             self.events.emit(
-                f"result_{outcome}",
-                service="hot",
-                job_id=r.job_id,
-                variant_hash=r.variant_hash,
-                worker_id=r.worker_id,
+                not_finalized(**fields)
+                if not_finalized is not None
+                else GenericEvent(kind=f"result_{outcome}", data=fields)
             )
             return
         self.metrics.hot_results.labels(op.kind).inc()
         finalize_ms = (done - p.claimed.claimed_at) * 1000
         self.metrics.hot_finalize_seconds.observe(finalize_ms / 1000)
         if op.kind == "error":
-            self.events.error(
-                "hot",
-                f"worker reported an error: {r.error}",
-                job_id=r.job_id,
-                variant_hash=r.variant_hash,
-                worker_id=r.worker_id,
-                notified=notified,
+            self.events.emit(
+                Error(
+                    service="hot",
+                    message=f"worker reported an error: {r.error}",
+                    context={
+                        "job_id": r.job_id,
+                        "variant_hash": r.variant_hash,
+                        "worker_id": r.worker_id,
+                        "notified": notified,
+                    },
+                )
             )
             return
         self.events.emit(
-            "synthesis_complete",
-            job_id=r.job_id,
-            variant_hash=r.variant_hash,
-            user_id=r.user_id,
-            model=r.model,
-            voice=r.voice,
-            text_length=r.text_length,
-            queue_wait_ms=round(r.queue_wait_ms, 3),
-            worker_ms=round(r.processing_time_ms, 3),
-            # Claimed → finalized. Store, billing hand-off and notifications are one atomic
-            # script, so cache_store_ms is the round trip of the pipeline that ran it, and
-            # notify_ms (claimed → notifications published) equals finalize_ms.
-            finalize_ms=round(finalize_ms, 3),
-            cache_store_ms=round(store_ms, 3),
-            notify_ms=round(finalize_ms, 3),
-            status=op.kind,
-            notified=notified,
-            billed=op.kind == "audio",
-            group=group,
+            SynthesisComplete(
+                job_id=r.job_id,
+                variant_hash=r.variant_hash,
+                user_id=r.user_id,
+                model=r.model,
+                voice=r.voice,
+                text_length=r.text_length,
+                queue_wait_ms=round(r.queue_wait_ms, 3),
+                worker_ms=round(r.processing_time_ms, 3),
+                # Claimed → finalized. Store, billing hand-off and notifications are one atomic
+                # script, so cache_store_ms is the round trip of the pipeline that ran it, and
+                # notify_ms (claimed → notifications published) equals finalize_ms.
+                finalize_ms=round(finalize_ms, 3),
+                cache_store_ms=round(store_ms, 3),
+                notify_ms=round(finalize_ms, 3),
+                status=op.kind,
+                notified=notified,
+                billed=op.kind == "audio",
+                group=group,
+            )
         )
 
 

@@ -50,6 +50,7 @@ class Dashboard:
         data["connections"] = health.connections()
         data["events"] = {"written": health.events.written, "dropped": health.events.dropped}
         data["audio"] = await health.audio()
+        data["queues"] = await health.queue_stats()
         return data
 
     async def __call__(self, path: str) -> tuple[bytes, str] | None:

@@ -1,6 +1,7 @@
 """The events log (docs/metrics.md): one JSON object per line, ``ts`` and ``event`` first.
 
-Producers call :meth:`EventLog.emit`, which never blocks: it puts the event on a bounded memory
+Producers call :meth:`EventLog.emit` with an event of ``daemon.contracts.events`` (one class per
+kind: the log's contract), which never blocks: it puts the event on a bounded memory
 channel, and one writer task (:meth:`EventLog.run`) appends batches to the file from a worker
 thread, rotating by size (``events.jsonl`` → ``.1`` … ``.N``). If the channel is full the event is
 dropped and counted (``dropped``) rather than stalling the hot path; the count is itself logged.
@@ -12,9 +13,10 @@ whole, with ``O_APPEND``: ``tail -F`` (capital F: it follows the name across rot
 complete JSON objects, and so does a second daemon appending to the same file.
 
 In-process consumers (the dashboard's statistics) register with :meth:`EventLog.add_listener`
-instead of re-reading the file. A listener runs inside :meth:`emit` — on the hot path — so it must
-be quick and must not block; one that raises is reported once as an ``error`` event and never
-breaks the emitter.
+instead of re-reading the file; everything else reads it with :func:`read_events`, the one reader
+(rotations, a line cut short, kinds from a newer daemon). A listener runs inside :meth:`emit` — on
+the hot path — so it must be quick and must not block; one that raises is reported once as an
+``error`` event and never breaks the emitter.
 """
 
 from __future__ import annotations
@@ -24,14 +26,30 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import attrs
 import trio
 
-__all__ = ["EventLog", "Throttle", "describe", "log_files", "rotation_names", "utc_iso"]
+from daemon.contracts.events import Error, Event, event_from_record
+
+__all__ = [
+    "EventLog",
+    "ReadTally",
+    "Throttle",
+    "describe",
+    "log_files",
+    "parse_ts",
+    "read_events",
+    "read_files",
+    "rotation_names",
+    "utc_iso",
+]
+
+Listener = Callable[[Event], None]
 
 
 def utc_iso(ts: float | None = None) -> str:
@@ -73,6 +91,11 @@ class Throttle:
         self._held.pop(kind, None)
 
 
+def _line(event: Event) -> str:
+    record = {"ts": utc_iso(event.ts), "event": event.kind, **event.fields()}
+    return json.dumps(record, default=_default, separators=(",", ":"), ensure_ascii=False)
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode(errors="replace")
@@ -95,19 +118,21 @@ class EventLog:
         self.written = 0
         self.write_errors = 0
         self._finished = trio.Event()
-        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._listeners: list[Listener] = []
         self._broken_listeners: set[int] = set()
 
-    def add_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
-        """``fn(record: dict)`` is called for each emitted event (dashboard, tests). It runs
-        inside :meth:`emit`, so it must not block; it must not change ``record`` either."""
+    def add_listener(self, fn: Listener) -> None:
+        """``fn(event)`` is called for each emitted event, its ``ts`` stamped (dashboard, tests).
+        It runs inside :meth:`emit`, so it must not block."""
         self._listeners.append(fn)
 
-    def emit(self, event: str, /, **fields: Any) -> None:
-        """Log ``event`` with ``fields``; never blocks, never raises for a full buffer."""
-        record = {"ts": utc_iso(), "event": event, **fields}
-        self._notify(record)
-        line = json.dumps(record, default=_default, separators=(",", ":"), ensure_ascii=False)
+    def emit(self, event: Event, /) -> None:
+        """Log ``event`` (stamped with the time now unless it has a ``ts``); never blocks, never
+        raises for a full buffer."""
+        if event.ts is None:
+            event = attrs.evolve(event, ts=time.time())
+        self._notify(event)
+        line = _line(event)
         try:
             self._send.send_nowait(line)
         except trio.WouldBlock:
@@ -116,9 +141,6 @@ class EventLog:
             # After shutdown (a late emit): write through, so nothing a person should see is lost.
             self._write([line])
 
-    def error(self, service: str, message: str, /, **context: Any) -> None:
-        self.emit("error", service=service, message=message, **context)
-
     def _listener_failed(self, fn: Callable[..., Any], exc: Exception) -> None:
         # Reported once per listener: a listener that fails on every event must not double the
         # log's volume (lesson 4), and must not take the emitter (the hot path) down with it.
@@ -126,7 +148,12 @@ class EventLog:
             return
         self._broken_listeners.add(id(fn))
         name = getattr(fn, "__qualname__", repr(fn))
-        self.error("events", f"event listener {name} failed: {type(exc).__name__}: {exc}")
+        self.emit(
+            Error(
+                service="events",
+                message=f"event listener {name} failed: {type(exc).__name__}: {exc}",
+            )
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer task. Runs until the log is closed by :meth:`close`; then drains."""
@@ -166,20 +193,19 @@ class EventLog:
 
     def _drop_report(self, n: int) -> str:
         # Straight into the batch (the channel is what overflowed), and to the listeners.
-        record = {
-            "ts": utc_iso(),
-            "event": "error",
-            "service": "events",
-            "message": f"{n} events dropped: the log writer fell behind",
-            "dropped": n,
-        }
-        self._notify(record)
-        return json.dumps(record, separators=(",", ":"))
+        event = Error(
+            ts=time.time(),
+            service="events",
+            message=f"{n} events dropped: the log writer fell behind",
+            context={"dropped": n},
+        )
+        self._notify(event)
+        return _line(event)
 
-    def _notify(self, record: dict[str, Any]) -> None:
+    def _notify(self, event: Event) -> None:
         for fn in self._listeners:
             try:
-                fn(record)
+                fn(event)
             except Exception as exc:
                 self._listener_failed(fn, exc)
 
@@ -243,3 +269,100 @@ def log_files(path: Path, backups: int) -> list[Path]:
     """The files of an events log at ``path`` with ``backups`` rotations that exist, oldest
     first."""
     return [p for p in rotation_names(path, backups) if p.exists()]
+
+
+# -- the one reader -------------------------------------------------------------------------
+
+
+@attrs.define
+class ReadTally:
+    """What :func:`read_files` went through: the files it read, lines, and lines it skipped
+    (not JSON, no ``event``, no valid ``ts``: a line cut short by a crash, for one)."""
+
+    files: list[Path] = attrs.Factory(list)
+    lines: int = 0
+    bad_lines: int = 0
+
+
+def parse_ts(value: Any) -> float | None:
+    """A line's ``ts`` (ISO 8601) as unix time; None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+def read_events(path: Path, *, backups: int = 5, tally: ReadTally | None = None) -> Iterator[Event]:
+    """Every event of the log at ``path`` and its rotated files (``log.backups`` of them),
+    oldest first, as the classes of ``daemon.contracts.events`` (a kind this version does not
+    know as ``GenericEvent``). Lines that are not events are skipped (counted in ``tally``)."""
+    return read_files(rotation_names(path, backups), tally=tally)
+
+
+def read_files(paths: Iterable[Path], *, tally: ReadTally | None = None) -> Iterator[Event]:
+    """The events of log files in the order given (oldest first: :func:`rotation_names`);
+    names that do not exist are skipped. The files are opened together, so that a rotation
+    while they are read cannot make one be read twice or missed."""
+    tally = ReadTally() if tally is None else tally
+    handles = _open_consistently(list(paths))
+    try:
+        for path, handle in handles:
+            tally.files.append(path)
+            for raw in handle:
+                tally.lines += 1
+                event = _parse(raw)
+                if event is None:
+                    tally.bad_lines += 1
+                else:
+                    yield event
+    finally:
+        for _, handle in handles:
+            handle.close()
+
+
+def _parse(raw: bytes) -> Event | None:
+    try:
+        record = json.loads(raw)
+    except ValueError:  # a line cut short (no newline: the writer died mid-line), not UTF-8
+        return None
+    if not isinstance(record, dict):
+        return None
+    kind, ts = record.get("event"), parse_ts(record.get("ts"))
+    if not isinstance(kind, str) or ts is None:
+        return None
+    return event_from_record(kind, record, ts=ts)
+
+
+def _open_consistently(paths: Sequence[Path]) -> list[tuple[Path, IO[bytes]]]:
+    """Open every file of a log so that a rotation in between cannot make us read one file
+    twice or miss one: open all, then check that each name still has the inode we opened;
+    if not (rotated meanwhile), try again."""
+    handles: list[tuple[Path, IO[bytes]]] = []
+    for attempt in range(5):
+        handles = []
+        try:
+            for p in paths:
+                try:
+                    handles.append((p, open(p, "rb")))  # noqa: SIM115 (closed by the caller)
+                except FileNotFoundError:
+                    continue
+            same = all(os.fstat(f.fileno()).st_ino == _inode(p) for p, f in handles)
+        except BaseException:
+            for _, f in handles:
+                f.close()
+            raise
+        if same or attempt == 4:  # rotating all the time: read what we have
+            return handles
+        for _, f in handles:
+            f.close()
+        time.sleep(0.05)
+    return handles
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None

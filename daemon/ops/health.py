@@ -15,6 +15,7 @@ import attrs
 import trio
 
 from daemon.config import Config
+from daemon.contracts.events import Error
 from daemon.ops.events import EventLog, Throttle, describe
 from daemon.ops.stats import OpsStats
 from daemon.runtime.supervisor import Supervisor
@@ -42,6 +43,8 @@ class Health:
     gateway_stopping: trio.Event
     # The durable audio store is on: /healthz reports the persister's view of it.
     audio_enabled: bool = False
+    # The catalog's models: the synthesis queues /metrics and the dashboard report on.
+    models: tuple[str, ...] = ()
     _failure_log: Throttle = attrs.Factory(Throttle)
 
     def services(self) -> dict[str, dict[str, Any]]:
@@ -90,11 +93,22 @@ class Health:
             self.log_failure("billing queue depth unavailable", exc)
             return None
 
+    async def queue_stats(self) -> dict[str, dict[str, float]]:
+        """Per model: jobs waiting, the oldest one's age, users waiting (empty if Redis is away)."""
+        if not self.models:
+            return {}
+        try:
+            with trio.fail_after(1.0):
+                return await self.store.queue_stats(self.models)
+        except Exception as exc:
+            self.log_failure("synthesis queue stats unavailable", exc)
+            return {}
+
     def log_failure(self, what: str, exc: BaseException) -> None:
         """An ``error`` event for a failure of an observability call, at most once a minute per
         kind: a scraper polling every second must not flood the log."""
         if self._failure_log.due(what) is not None:
-            self.events.error("http", f"{what}: {describe(exc)}")
+            self.events.emit(Error(service="http", message=f"{what}: {describe(exc)}"))
 
     async def healthz(self) -> tuple[dict[str, Any], bool]:
         """``GET /healthz``: each service's state, ``billing_queue_depth`` and pool use; healthy

@@ -25,6 +25,22 @@ class Metrics:
         self.billing_queue_depth = Gauge(
             "tts_billing_queue_depth", "Billing events produced and not yet billed", registry=r
         )
+        # The synthesis queue per model (what an autoscaler of workers reads).
+        self.queue_depth = Gauge(
+            "tts_queue_depth", "Jobs waiting for a worker", ["model"], registry=r
+        )
+        self.queue_oldest_age_seconds = Gauge(
+            "tts_queue_oldest_age_seconds",
+            "Age of the oldest job waiting for a worker (0 when none waits)",
+            ["model"],
+            registry=r,
+        )
+        self.queue_users_waiting = Gauge(
+            "tts_queue_users_waiting",
+            "Users with jobs waiting (fair scheduling shares the workers among them)",
+            ["model"],
+            registry=r,
+        )
         self.billing_events = Counter(
             "tts_billing_events", "Billing events billed (duplicates excluded)", registry=r
         )
@@ -174,3 +190,7 @@ async def refresh_metrics(metrics: Metrics, health: Health) -> None:
     for name in health.supervisor.states:
         metrics.service_restarts.labels(name)
     await health.audio()  # the persist backlog and lag gauges, read fresh
+    for model, q in (await health.queue_stats()).items():
+        metrics.queue_depth.labels(model).set(q["depth"])
+        metrics.queue_oldest_age_seconds.labels(model).set(q["oldest_age_s"])
+        metrics.queue_users_waiting.labels(model).set(q["users"])

@@ -3,22 +3,12 @@
 The reconciliation itself (what the delta is, and the order that cannot be fooled by a daemon
 billing meanwhile) is ``daemon/ops/reconcile.py``, shared with ``tts-daemon report``.
 
-The monitor samples the dashboard's time series every ``monitor.sample_s`` and runs
-the live reconciliation every ``monitor.interval_s`` over this daemon's syntheses of the last
-``monitor.window_s`` (at most ``monitor.max_tracked`` of them; the stream scan reads at most
-``monitor.max_scan`` entries a round, from the time of the oldest one on). It owns a Postgres pool
-of one connection — never the request pool, never the billing pool — and runs in the daemon's
-process off the hot path: its work is chunked with checkpoints in between, so it cannot hold the
-event loop for long, and a round that took T waits at least 9 T before the next, so it never
-takes more than about a tenth of the process (measured here with billing stopped and 50,000
-events waiting: a 4.3 s round, event-loop stalls of 13 ms p99 and 26 ms at most; with billing
-healthy a round looks up only the last seconds' syntheses and takes milliseconds). It is
-supervised and not critical: if it fails, the supervisor restarts it with backoff while
-everything else serves.
-
-It logs an ``error`` when the delta finds events it had not reported yet (naming them), when
-liveness fails and when the oldest waiting billing event crosses ``monitor.lag_red_s``; and a
-``recovered`` event when the latter two end.
+The monitor samples the dashboard's time series and runs the live reconciliation over this
+daemon's recent syntheses, on a Postgres pool of its own, off the hot path: chunked work, and a
+round that took T waits at least 9 T, so it takes about a tenth of the process at most
+(docs/benchmarks.md has a measured round). Not critical: the supervisor restarts it while
+everything else serves. It logs an ``error`` for newly missing events, failed liveness and billing
+lag past ``monitor.lag_red_s``, and ``recovered`` when the latter two end.
 """
 
 from __future__ import annotations
@@ -30,6 +20,7 @@ import attrs
 import trio
 
 from daemon.config import MonitorConfig, PostgresConfig
+from daemon.contracts.events import Error, Recovered
 from daemon.ops.events import EventLog
 from daemon.ops.metrics import Metrics
 from daemon.ops.reconcile import (
@@ -212,35 +203,42 @@ class Monitor:
         new = [(j, r) for j, r in missing if j not in self._reported_missing]
         if new:
             self._reported_missing.update(j for j, _ in new)
-            self.events.error(
-                "monitor",
-                f"reconciliation: {len(new)} synthesized event(s) neither billed nor waiting "
-                f"(delta {rec.delta})",
-                delta=rec.delta,
-                job_ids=[j for j, _ in new[:50]],
-                reasons=sorted({r for _, r in new})[:10],
+            self.events.emit(
+                Error(
+                    service="monitor",
+                    message=f"reconciliation: {len(new)} synthesized event(s) neither billed nor "
+                    f"waiting (delta {rec.delta})",
+                    context={
+                        "delta": rec.delta,
+                        "job_ids": [j for j, _ in new[:50]],
+                        "reasons": sorted({r for _, r in new})[:10],
+                    },
+                )
             )
         live_red = self.stats.liveness_failed(time.time())
         if live_red != self._live_red:
             self._live_red = live_red
             if live_red:
-                self.events.error(
-                    "monitor",
-                    f"liveness: synthesis in the last {self.cfg.liveness_window_s:g} s but no "
-                    "billing_processed",
-                    queue_depth=rec.depth,
+                self.events.emit(
+                    Error(
+                        service="monitor",
+                        message=f"liveness: synthesis in the last {self.cfg.liveness_window_s:g} s"
+                        " but no billing_processed",
+                        context={"queue_depth": rec.depth},
+                    )
                 )
             else:
-                self.events.emit("recovered", service="monitor", what="liveness")
+                self.events.emit(Recovered(service="monitor", what="liveness"))
         lag_red = grade_lag(rec.lag_s, self.cfg) == "red"
         if lag_red != self._lag_red:
             self._lag_red = lag_red
             if lag_red:
-                self.events.error(
-                    "monitor",
-                    f"billing lag: the oldest waiting event is {rec.lag_s:.0f} s old",
-                    queue_depth=rec.depth,
-                    lag_s=round(rec.lag_s or 0.0, 3),
+                self.events.emit(
+                    Error(
+                        service="monitor",
+                        message=f"billing lag: the oldest waiting event is {rec.lag_s:.0f} s old",
+                        context={"queue_depth": rec.depth, "lag_s": round(rec.lag_s or 0.0, 3)},
+                    )
                 )
             else:
-                self.events.emit("recovered", service="monitor", what="billing lag")
+                self.events.emit(Recovered(service="monitor", what="billing lag"))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import ssl
 import sys
 import time
@@ -42,7 +41,14 @@ import trio_asyncio
 
 from daemon.config import DEFAULT_CONFIG, Config, ConfigError, config_path, load_config
 from daemon.contracts import MODELS, Keys
-from daemon.ops.events import describe, rotation_names, utc_iso
+from daemon.contracts.events import (
+    BillingProcessed,
+    Error,
+    Event,
+    ServiceRestarted,
+    SynthesisComplete,
+)
+from daemon.ops.events import ReadTally, describe, read_files, rotation_names, utc_iso
 from daemon.ops.reconcile import (
     billed_among,
     dead_letter_counts,
@@ -80,105 +86,51 @@ class LogScan:
     dropped: list[tuple[float, int]] = attrs.Factory(list)
 
 
-def _ts(value: Any) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        return None
-
-
-def _open_consistently(paths: Sequence[Path]) -> list[tuple[Path, Any]]:
-    """Open every file of a log so that a rotation in between cannot make us read one file
-    twice or miss one: open all, then check that each name still has the inode we opened;
-    if not (rotated meanwhile), try again."""
-    for _ in range(5):
-        handles = []
-        try:
-            for p in paths:
-                try:
-                    handles.append((p, open(p, "rb")))  # noqa: SIM115 (closed by the caller)
-                except FileNotFoundError:
-                    continue
-            same = all(os.fstat(f.fileno()).st_ino == _inode(p) for p, f in handles)
-        except BaseException:
-            for _, f in handles:
-                f.close()
-            raise
-        if same:
-            return handles
-        for _, f in handles:
-            f.close()
-        time.sleep(0.05)
-    return handles
-
-
-def _inode(path: Path) -> int | None:
-    try:
-        return path.stat().st_ino
-    except FileNotFoundError:
-        return None
-
-
 def read_log(paths: Iterable[Path], *, since: float | None = None) -> LogScan:
     """Read events log files in the order given (oldest first: ``rotation_names``); names that
     do not exist are skipped. ``since``: ignore events older than this unix time."""
     scan = LogScan()
-    for handle_path, handle in _open_consistently(list(paths)):
-        scan.files.append(handle_path)
-        with handle:
-            for raw in handle:
-                scan.lines += 1
-                try:
-                    record = json.loads(raw)
-                    ts = _ts(record["ts"])
-                    event = record["event"]
-                except (ValueError, KeyError, TypeError):
-                    scan.bad_lines += 1
-                    continue
-                if ts is None:
-                    scan.bad_lines += 1
-                    continue
-                if since is not None and ts < since:
-                    continue
-                scan.first_ts = ts if scan.first_ts is None else min(scan.first_ts, ts)
-                scan.last_ts = ts if scan.last_ts is None else max(scan.last_ts, ts)
-                _take(scan, event, ts, record)
+    tally = ReadTally(files=scan.files)
+    for event in read_files(paths, tally=tally):
+        ts = event.ts
+        assert ts is not None  # the reader skips lines without one
+        if since is not None and ts < since:
+            continue
+        scan.first_ts = ts if scan.first_ts is None else min(scan.first_ts, ts)
+        scan.last_ts = ts if scan.last_ts is None else max(scan.last_ts, ts)
+        _take(scan, event, ts)
+    scan.lines, scan.bad_lines = tally.lines, tally.bad_lines
     return scan
 
 
-def _take(scan: LogScan, event: str, ts: float, r: dict[str, Any]) -> None:
-    if event == "synthesis_complete":
-        if r.get("billed", True) and isinstance(r.get("job_id"), str):
-            scan.synthesized[r["job_id"]] = (
-                ts,
-                r.get("user_id"),
-                r.get("model"),
-                r.get("text_length"),
-            )
+def _take(scan: LogScan, e: Event, ts: float) -> None:
+    if isinstance(e, SynthesisComplete):
+        if e.billed:
+            scan.synthesized[e.job_id] = (ts, e.user_id, e.model, e.text_length)
         else:
             scan.unbilled_syntheses += 1
-    elif event == "billing_processed":
-        n = int(r.get("events_count") or 0)
+    elif isinstance(e, BillingProcessed):
         scan.batches.append(
             (
                 ts,
-                n,
-                float(r.get("duration_ms") or 0.0),
-                int(r.get("users_count") or 0),
-                int(r.get("text_length") or 0),
-                int(r.get("billed", n) or 0),
-                int(r.get("duplicates") or 0),
-                int(r.get("dead_lettered") or 0),
+                e.events_count,
+                e.duration_ms,
+                e.users_count,
+                e.text_length,
+                e.billed,
+                e.duplicates,
+                e.dead_lettered,
             )
         )
-    elif event == "service_restarted":
-        scan.restarts.append({"ts": ts, **{k: r.get(k) for k in ("service", "attempt", "reason")}})
-    elif event == "error":
-        scan.errors.append({"ts": ts, "service": r.get("service"), "message": r.get("message")})
-        if r.get("service") == "events" and r.get("dropped"):
-            scan.dropped.append((ts, int(r["dropped"])))
+    elif isinstance(e, ServiceRestarted):
+        scan.restarts.append(
+            {"ts": ts, "service": e.service, "attempt": e.attempt, "reason": e.reason}
+        )
+    elif isinstance(e, Error):
+        scan.errors.append({"ts": ts, "service": e.service, "message": e.message})
+        dropped = e.context.get("dropped")
+        if e.service == "events" and isinstance(dropped, int) and dropped:
+            scan.dropped.append((ts, dropped))
 
 
 # -- Redis and Postgres ----------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """What the dashboard shows, and the grading the dashboard and ``tools/report.sh`` share.
 
-:class:`OpsStats` is fed in-process: the events log calls :meth:`OpsStats.on_event` for every
-event (a listener: cheap, never blocking — it runs inside ``emit`` on the hot path), and the
-monitor service calls :meth:`OpsStats.sample` every ``monitor.sample_s`` to record a point of each
-time series (latency quantiles from the Prometheus histograms, rates, queue depth). Everything is
-held in bounded deques sized from ``monitor.window_s``.
+:class:`OpsStats` is fed in-process: the events log calls :meth:`OpsStats.on_event` with every
+event, typed by ``daemon.contracts.events`` (a listener: cheap, never blocking — it runs inside
+``emit`` on the hot path), and the monitor service calls :meth:`OpsStats.sample` every
+``monitor.sample_s`` to record a point of each time series (latency quantiles from the Prometheus
+histograms, rates, queue depth). Everything is held in bounded deques sized from
+``monitor.window_s``.
 
 Exact figures come from the events themselves (finalize time per result, duration and size per
 billing batch); request-path latencies (ack, request-pool wait) are estimated from the histograms'
@@ -25,6 +26,13 @@ from typing import Any
 import attrs
 
 from daemon.config import MonitorConfig
+from daemon.contracts.events import (
+    BillingProcessed,
+    Error,
+    Event,
+    ServiceRestarted,
+    SynthesisComplete,
+)
 from daemon.ops.metrics import Metrics
 
 __all__ = [
@@ -258,53 +266,45 @@ class OpsStats:
 
     # -- the listener (hot path: O(1), no I/O) -------------------------------------------------
 
-    def on_event(self, record: dict[str, Any]) -> None:
-        event = record.get("event")
+    def on_event(self, event: Event) -> None:
         now = self.clock()
-        if event == "synthesis_complete":
+        if isinstance(event, SynthesisComplete):
             self.synthesized += 1
             self.last_synthesis_ts = now
-            finalize_ms = float(record.get("finalize_ms") or 0.0)
-            self.finalize.append((now, finalize_ms))
-            if record.get("billed", True):
-                self._track(str(record.get("job_id")), now, finalize_ms)
-        elif event == "billing_processed":
-            events_count = int(record.get("events_count") or 0)
-            billed = int(record.get("billed", events_count) or 0)
+            self.finalize.append((now, event.finalize_ms))
+            if event.billed:
+                self._track(event.job_id, now, event.finalize_ms)
+        elif isinstance(event, BillingProcessed):
             self.batch_count += 1
-            self.billed_events += billed
+            self.billed_events += event.billed
             self.last_billing_ts = now
             self.batches.append(
                 (
                     now,
-                    events_count,
-                    float(record.get("duration_ms") or 0.0),
-                    int(record.get("users_count") or 0),
-                    int(record.get("text_length") or 0),
-                    billed,
+                    event.events_count,
+                    event.duration_ms,
+                    event.users_count,
+                    event.text_length,
+                    event.billed,
                 )
             )
-        elif event == "error":
+        elif isinstance(event, Error):
             self.error_count += 1
-            service = str(record.get("service", "?"))
-            self.metrics.errors.labels(service).inc()
-            if record.get("service") == "events" and record.get("dropped"):
-                self.metrics.events_dropped.inc(int(record["dropped"]))
+            self.metrics.errors.labels(event.service).inc()
+            dropped = event.context.get("dropped")
+            if event.service == "events" and isinstance(dropped, int) and dropped:
+                self.metrics.events_dropped.inc(dropped)
             self.errors.append(
-                {
-                    "ts": now,
-                    "service": service,
-                    "message": str(record.get("message", ""))[:300],
-                }
+                {"ts": now, "service": event.service, "message": event.message[:300]}
             )
-        elif event == "service_restarted":
+        elif isinstance(event, ServiceRestarted):
             self.restarts.append(
                 {
                     "ts": now,
-                    "service": str(record.get("service", "?")),
-                    "attempt": record.get("attempt"),
-                    "backoff_s": record.get("backoff_s"),
-                    "reason": str(record.get("reason", ""))[:300],
+                    "service": event.service,
+                    "attempt": event.attempt,
+                    "backoff_s": event.backoff_s,
+                    "reason": event.reason[:300],
                 }
             )
 

@@ -32,6 +32,7 @@ import trio
 from daemon.audio.persister import Persister
 from daemon.audio.store import FileAudioStore
 from daemon.config import Config
+from daemon.contracts.events import DaemonStarted, DaemonStopped, Error
 from daemon.gateway.hashing import VariantHasher
 from daemon.gateway.service import Gateway, GatewayAddresses
 from daemon.ops.dashboard import Dashboard
@@ -141,7 +142,9 @@ class Daemon:
         gateway accepts connections. Raises if a critical service cannot start."""
         with self._abort_scope:
             bridge = open_bridge(
-                lambda message, detail: self.events.error("asyncio", message, **detail)
+                lambda message, detail: self.events.emit(
+                    Error(service="asyncio", message=message, context=detail)
+                )
             )
             async with bridge, trio.open_nursery() as infra:
                 await infra.start(self.events.run)
@@ -150,8 +153,12 @@ class Daemon:
                 except Exception as exc:
                     # Start-up failed or a critical service escalated: whoever tails the log
                     # must see why the daemon is gone, not only its stderr.
-                    self.events.error(
-                        "daemon", f"daemon stopped by a failure: {describe(exc)}", fatal=True
+                    self.events.emit(
+                        Error(
+                            service="daemon",
+                            message=f"daemon stopped by a failure: {describe(exc)}",
+                            context={"fatal": True},
+                        )
                     )
                     raise
                 finally:
@@ -203,6 +210,7 @@ class Daemon:
                 request_db=db,
                 gateway_stopping=self.stopping.gateway,
                 audio_enabled=self.audio_store is not None,
+                models=tuple(sorted(catalog.models)),
             )
             deps = Deps(
                 instance_id=self.instance_id,
@@ -230,7 +238,7 @@ class Daemon:
             if len(set(names)) != len(names):
                 raise ValueError(f"service names must be unique: {names}")
             await self._run_stages(specs, task_status, applied)
-            self.events.emit("daemon_stopped", instance=self.instance_id)
+            self.events.emit(DaemonStopped(instance=self.instance_id))
 
     async def _run_stages(
         self, specs: list[ServiceSpec], task_status: trio.TaskStatus[Daemon], applied: list[str]
@@ -250,11 +258,12 @@ class Daemon:
                         for spec in staged["gateway"]:
                             await front.start(sup.supervise, spec)
                         self.events.emit(
-                            "daemon_started",
-                            instance=self.instance_id,
-                            ws_url=self.addresses.ws_url,
-                            http_url=self.addresses.http_url,
-                            migrations_applied=applied,
+                            DaemonStarted(
+                                instance=self.instance_id,
+                                ws_url=self.addresses.ws_url,
+                                http_url=self.addresses.http_url,
+                                migrations_applied=applied,
+                            )
                         )
                         task_status.started(self)
                         await self._stop_requested.wait()

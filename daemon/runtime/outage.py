@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import trio
 
+from daemon.contracts.events import Error, Recovered
 from daemon.ops.events import EventLog, Throttle
 from daemon.runtime.backoff import Backoff
 
@@ -43,10 +44,12 @@ class Outage:
         if self._started_at is None:
             self._started_at = now
         if self._log.due() is not None:
-            self.events.error(
-                self.service,
-                f"{what} unavailable: {type(exc).__name__}: {exc}",
-                failures=self.failures,
+            self.events.emit(
+                Error(
+                    service=self.service,
+                    message=f"{what} unavailable: {type(exc).__name__}: {exc}",
+                    context={"failures": self.failures},
+                )
             )
         await trio.sleep(self.backoff.next_delay(0.0))
 
@@ -56,7 +59,7 @@ class Outage:
             return
         down_s = trio.current_time() - self._started_at
         self.events.emit(
-            "recovered", service=self.service, down_s=round(down_s, 3), failures=self.failures
+            Recovered(service=self.service, down_s=round(down_s, 3), failures=self.failures)
         )
         self._started_at = None
         self._log.reset()

@@ -267,6 +267,7 @@ def gateway_service(cfg: Config, deps: Deps) -> ServiceSpec:
         audio=AudioTiers(
             deps.store, deps.audio_store, cfg.hot.audio_ttl_s, deps.metrics, deps.events
         ),
+        plan_weights=cfg.plans.weights,
     )
 
     async def run(

@@ -20,6 +20,7 @@ import attrs
 import trio
 
 from daemon.config import SupervisorConfig
+from daemon.contracts.events import Error, ServiceRestarted
 from daemon.ops.events import EventLog, describe
 from daemon.ops.metrics import Metrics
 from daemon.runtime.backoff import Backoff, IntensityWindow
@@ -123,7 +124,12 @@ class Supervisor:
                 except Exception as exc:
                     if self.stopping.is_set():
                         # Failing while shutting down: say so, do not restart.
-                        self.events.error(spec.name, f"failed during shutdown: {describe(exc)}")
+                        self.events.emit(
+                            Error(
+                                service=spec.name,
+                                message=f"failed during shutdown: {describe(exc)}",
+                            )
+                        )
                         return
                     if not reported and spec.fail_start_up:
                         st.state = "failed"
@@ -133,7 +139,7 @@ class Supervisor:
                     traceback.print_exception(exc, file=sys.stderr)
                 now = trio.current_time()
                 st.last_error = reason
-                self.events.error(spec.name, f"service failed: {reason}")
+                self.events.emit(Error(service=spec.name, message=f"service failed: {reason}"))
                 window.record(now)
                 if spec.critical and window.exceeded():
                     st.state = "failed"
@@ -147,11 +153,12 @@ class Supervisor:
                 st.restarts += 1
                 st.state = "restarting"
                 self.events.emit(
-                    "service_restarted",
-                    service=spec.name,
-                    attempt=st.restarts,
-                    backoff_s=round(delay, 3),
-                    reason=reason,
+                    ServiceRestarted(
+                        service=spec.name,
+                        attempt=st.restarts,
+                        backoff_s=round(delay, 3),
+                        reason=reason,
+                    )
                 )
                 self.metrics.service_restarts.labels(spec.name).inc()
                 if not reported:

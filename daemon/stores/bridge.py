@@ -1,27 +1,17 @@
 """The one asyncio loop of a long-running process: an exception handler of its own, and a main loop
 that runs the callbacks that are ready back to back instead of one per Trio scheduling round.
 
-**Errors.** trio-asyncio's default handler re-raises every error asyncio reports as "unhandled" — a
-callback that raised, a future whose exception nobody retrieved — into the loop's nursery, which
-ends the whole ``open_loop()`` block. In a daemon that is every service at once: an asyncpg
-protocol callback complaining about a connection the server dropped (seen: ``ConnectionError:
-unexpected connection_lost() call`` while Postgres was stopped) would take the gateway and the hot
-path down with the billing consumer that owned the connection. The errors themselves are already
-handled where it matters (the unit of work that used the connection failed and its service
-recovers), so here they are reported — once, then at most once a minute per kind, with a count —
-and the loop goes on.
+**Errors.** trio-asyncio's default handler re-raises every error asyncio reports as "unhandled"
+into the loop's nursery, which in a daemon ends every service at once — the gateway and the hot
+path with, say, the billing consumer whose connection the server dropped. Those errors are already
+handled where it matters (the unit of work failed and its service recovers), so here they are
+reported — once, then at most once a minute per kind, with a count — and the loop goes on.
 
-**Scheduling.** trio-asyncio's loop is one Trio task that takes *one* asyncio callback per
-scheduling round (``_main_loop_one``: a channel ``receive`` per callback, and each receive yields).
-Every asyncio continuation — a reply's future resolved, the task step it wakes, the done callback
-that hands the result back to Trio — therefore waits for a whole round of every other runnable Trio
-task, and behind every callback queued before it, each again a round. Under a burst (measured with
-``tools/stress.py``: ~30,000 callbacks in 30 s) a callback waited p50 0.35 ms, p99 12 ms, max 67 ms
-for its turn, and a request's usage check (a Postgres round trip plus the connection's release, ~8
-callbacks) p99 55 ms for a query Postgres answered in 4 ms. So after the callback the original step
-ran, this loop keeps running ready callbacks — including ones those callbacks scheduled — until none
-is ready or ``drain_s`` has passed, as asyncio's own loop runs everything ready in one iteration.
-The budget bounds how long the step can keep other Trio tasks waiting.
+**Scheduling.** trio-asyncio's loop takes *one* asyncio callback per Trio scheduling round, so
+under a burst every asyncio continuation waits a whole round of every other runnable Trio task.
+After the callback the original step ran, this loop keeps running ready callbacks until none is
+ready or ``drain_s`` has passed, as asyncio's own loop does; the budget bounds how long other Trio
+tasks wait. docs/bridge.md has the reasoning and docs/benchmarks.md the measurements.
 """
 
 from __future__ import annotations

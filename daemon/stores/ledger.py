@@ -1,10 +1,10 @@
 """The billing ledger in Postgres: ``record_usage`` and the billing consumer's transactions.
 
 These are asyncio coroutines; the billing consumer calls each transaction with one crossing. The
-rules themselves live in SQL — ``tts_bill_events`` (migrations 0002, 0003), of which
-``tts_record_usage`` is a one-event call and ``tts_bill_batch`` (0003) the consumer's whole
-transaction — so the batched path, the single-event path and any other writer share one
-implementation of the waterfall.
+rules themselves live in SQL, in ``daemon/billing/ledger.sql`` — ``tts_bill_events``, of which
+``tts_record_usage`` is a one-event call and ``tts_bill_batch`` the consumer's whole transaction —
+so the batched path, the single-event path and any other writer share one implementation of the
+waterfall (docs/billing.md).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import trio
 import trio_asyncio
 
 __all__ = [
+    "FUNCTION_FILES",
     "Budget",
     "Catalog",
     "PgPool",
@@ -92,6 +93,7 @@ class Budget:
 
     server_kokoro: int | None
     premium_voice: int | None
+    plan: str | None = None
 
     def for_type(self, usage_type: str) -> int | None:
         return self.server_kokoro if usage_type == "server_kokoro" else self.premium_voice
@@ -107,7 +109,7 @@ async def _acquire_timed(pool: asyncpg.Pool, timeout_s: float) -> tuple[asyncpg.
 
 
 _BUDGET_SQL = """
-SELECT p.server_kokoro_chars, p.premium_voice_chars,
+SELECT s.plan, p.server_kokoro_chars, p.premium_voice_chars,
        s.rollover_voice_chars, s.purchased_voice_chars,
        COALESCE(u.server_kokoro_characters, 0) AS kokoro_used,
        COALESCE(u.premium_voice_characters, 0) AS premium_used
@@ -131,7 +133,7 @@ def budget_from_row(row: asyncpg.Record | None) -> Budget:
             + max(row["rollover_voice_chars"], 0)
             + row["purchased_voice_chars"]
         )
-    return Budget(kokoro, premium)
+    return Budget(kokoro, premium, row["plan"])
 
 
 async def fetch_budget(conn: asyncpg.Connection, user_id: int) -> Budget:
@@ -178,18 +180,35 @@ async def _catalog(pool: asyncpg.Pool) -> Catalog:
 
 _MIGRATION_LOCK = 0x7475_7364  # pg_advisory_xact_lock key: "tusd"
 
+# The SQL functions: their one current definition, re-applied (CREATE OR REPLACE) after the
+# versioned migrations on every migrate (docs/billing.md).
+FUNCTION_FILES: tuple[tuple[str, str], ...] = (("daemon.billing", "ledger.sql"),)
+
 
 async def _migrate(pool: asyncpg.Pool) -> list[str]:
+    """Apply the versioned migrations not yet recorded in ``schema_migrations`` (schema only,
+    each once, in file-name order), then every file of :data:`FUNCTION_FILES` (the functions,
+    every time). Each step is one transaction under an advisory lock, so two daemons starting at
+    once do not race. Returns the versions applied now.
+
+    Versions are the file names, so a database migrated by an older layout keeps its rows (for
+    instance ``0002_bill_events`` and ``0003_bill_batch``, whose functions moved to
+    ``daemon/billing/ledger.sql``): a recorded version without a file is history, not an error.
+    """
     files = sorted(
         (f for f in resources.files("daemon.migrations").iterdir() if f.name.endswith(".sql")),
         key=lambda f: f.name,
     )
     applied: list[str] = []
     async with pool.acquire() as conn:
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
+        async with conn.transaction():
+            # Under the lock too: CREATE TABLE IF NOT EXISTS run by two sessions at once can fail
+            # with a unique violation on the catalog.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
         for f in files:
             version = f.name.removesuffix(".sql")
             async with conn.transaction():
@@ -203,6 +222,10 @@ async def _migrate(pool: asyncpg.Pool) -> list[str]:
                 await conn.execute(f.read_text())
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
                 applied.append(version)
+        for package, name in FUNCTION_FILES:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                await conn.execute(resources.files(package).joinpath(name).read_text())
     return applied
 
 

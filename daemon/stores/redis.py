@@ -161,9 +161,11 @@ def enqueue_call(
     rate_limit: int,
     budget: int | None,
     blocks: Sequence[tuple[int, str, str, int, str]],
+    weight: float = 1.0,
 ) -> tuple[list[Any], list[Any]]:
     """KEYS and ARGV of ``enqueue.lua`` (run by ``stores/request.py``, after the usage check).
-    ``blocks``: (idx, variant_hash, job_id, cost, job_json); ``budget`` ``None``: unlimited."""
+    ``blocks``: (idx, variant_hash, job_id, cost, job_json); ``budget`` ``None``: unlimited;
+    ``weight``: the user's share in fair scheduling (its plan's weight)."""
     args: list[Any] = [
         user_id,
         conn_id,
@@ -175,7 +177,16 @@ def enqueue_call(
     ]
     for block in blocks:
         args.extend(block)
-    keys = [Keys.rate(user_id), Keys.JOBS, Keys.queue(model), Keys.processing(model)]
+    args.append(repr(float(weight)))
+    keys = [
+        Keys.rate(user_id),
+        Keys.JOBS,
+        Keys.queue(model),
+        Keys.processing(model),
+        Keys.fair(model),
+        Keys.fair_users(model),
+        Keys.fair_state(model),
+    ]
     return keys, args
 
 
@@ -293,17 +304,24 @@ class RedisStore:
         conn_id: str,
         blocks: Sequence[tuple[str, int, str, str]],
         only_queued: bool = True,
+        cursor: int | None = None,
     ) -> list[int]:
         """Run ``evict.lua`` for one connection's waits. ``blocks``: (document_id, idx,
         variant_hash, model). With ``only_queued`` (cursor_moved) only blocks whose job is still
         queued are evicted; without (the connection closed) every wait goes.
 
+        ``cursor`` (cursor_moved): the document's new reading position, so that its jobs other
+        connections still wait for are pulled from there on (docs/workers.md, "Scheduling").
+
         Returns the positions (0-based, in ``blocks``) of the blocks evicted.
         """
         args: list[Any] = [user_id, conn_id, "queued" if only_queued else "all", len(blocks)]
+        keys: list[Any] = []
         for block in blocks:
             args.extend(block)
-        reply = await self._script("evict", [], args)
+            keys.extend((Keys.fair(block[3]), Keys.fair_state(block[3])))
+        args.append(-1 if cursor is None else cursor)
+        reply = await self._script("evict", keys, args)
         return [int(i) - 1 for i in reply]
 
     async def variant_states(self, hashes: Sequence[str]) -> list[tuple[bool, bool]]:
@@ -333,8 +351,7 @@ class RedisStore:
 
     async def pull_job(self, model: str) -> bytes | None:
         """The atomic pull of docs/workers.md (``pull.lua``)."""
-        keys = [Keys.queue(model), Keys.processing(model), Keys.JOBS]
-        return await self._script("pull", keys, [])
+        return await self._script("pull", Keys.pull_keys(model), [])
 
     async def push_result(self, model: str, job_id: str, result_json: str) -> None:
         await self._script(
@@ -355,6 +372,30 @@ class RedisStore:
             if isinstance(reply, Exception):
                 raise reply
 
+    async def queue_stats(self, models: Sequence[str]) -> dict[str, dict[str, float]]:
+        """Per model: jobs waiting (``depth``), the oldest one's age in seconds
+        (``oldest_age_s``, 0 when none waits) and the users they belong to (``users``), in one
+        round trip. An older daemon's jobs outside the fair schedule count in depth, not users."""
+
+        async def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.time()
+            for model in models:
+                pipe.zcard(Keys.queue(model))
+                pipe.zrange(Keys.queue(model), 0, 0, withscores=True)
+                pipe.zcard(Keys.fair_users(model))
+            return await pipe.execute()
+
+        replies = await self._cross(read)
+        secs, micros = replies[0]
+        now = int(secs) + int(micros) / 1e6
+        out = {}
+        for i, model in enumerate(models):
+            depth, oldest, users = replies[1 + 3 * i : 4 + 3 * i]
+            age = max(0.0, now - oldest[0][1]) if oldest else 0.0
+            out[model] = {"depth": int(depth), "oldest_age_s": age, "users": int(users)}
+        return out
+
     async def requeue_stale(
         self, model: str, *, visibility_timeout_s: float, max_retries: int, limit: int = 500
     ) -> tuple[int, int]:
@@ -365,6 +406,9 @@ class RedisStore:
             Keys.RETRIES,
             Keys.dlq(model),
             Keys.RESULTS,
+            Keys.fair(model),
+            Keys.fair_users(model),
+            Keys.fair_state(model),
         ]
         requeued, dead = await self._script(
             "requeue", keys, [visibility_timeout_s, max_retries, limit]

@@ -17,7 +17,7 @@ The hot path never imports this module (it names Postgres).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -56,16 +56,22 @@ async def _check_and_enqueue(
     usage_type: str,
     enqueue: dict[str, Any],
     wait: PoolWait,
+    plan_weights: Mapping[str, float],
 ) -> Any:
     wait.started = time.perf_counter()
     conn = await pool.acquire(timeout=acquire_timeout_s)
     wait.waited = time.perf_counter() - wait.started
     try:
-        budget = (await fetch_budget(conn, user_id)).for_type(usage_type)
+        allowance = await fetch_budget(conn, user_id)
     finally:
         # No round trip: the request pool keeps sessions as they are (open_pg_pool).
         await pool.release(conn)
-    keys, args = enqueue_call(user_id=user_id, budget=budget, **enqueue)
+    keys, args = enqueue_call(
+        user_id=user_id,
+        budget=allowance.for_type(usage_type),
+        weight=plan_weights.get(allowance.plan or "", 1.0),
+        **enqueue,
+    )
     return await store.aio_enqueue(keys, args)
 
 
@@ -82,6 +88,7 @@ async def check_and_enqueue(
     rate_limit: int,
     blocks: Sequence[tuple[int, str, str, int, str]],
     wait: PoolWait,
+    plan_weights: Mapping[str, float] | None = None,
 ) -> tuple[str, list[str] | int]:
     """Read the user's allowance of ``usage_type`` on the request pool, then run ``enqueue.lua``
     with it (see :func:`enqueue_call` for ``blocks``, :func:`enqueue_reply` for the reply), in one
@@ -102,6 +109,13 @@ async def check_and_enqueue(
     }
     with trio.fail_after(db.acquire_timeout_s + 5 + store.command_timeout_s):
         reply = await trio_asyncio.aio_as_trio(_check_and_enqueue)(
-            db.pool, db.acquire_timeout_s, store, user_id, usage_type, enqueue, wait
+            db.pool,
+            db.acquire_timeout_s,
+            store,
+            user_id,
+            usage_type,
+            enqueue,
+            wait,
+            plan_weights or {},
         )
     return enqueue_reply(reply)

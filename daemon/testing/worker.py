@@ -44,9 +44,7 @@ r = redis_call
 
 async def pull(url: str, model: str = "kokoro") -> Job | None:
     """The worker's atomic pull (``pull.lua``)."""
-    raw = await r(
-        url, "EVAL", SCRIPTS["pull"], 3, Keys.queue(model), Keys.processing(model), Keys.JOBS
-    )
+    raw = await r(url, "EVAL", SCRIPTS["pull"], 6, *Keys.pull_keys(model))
     return None if raw is None else Job.from_json(raw)
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import trio
 
 from daemon.config import WorkersConfig
+from daemon.contracts.events import Error
 from daemon.ops.events import EventLog
 from daemon.ops.metrics import Metrics
 from daemon.runtime.outage import Outage
@@ -29,11 +30,13 @@ async def scan_once(
             metrics.jobs_requeued.inc(requeued)
         if dead:
             metrics.jobs_dead_lettered.inc(dead)
-            events.error(
-                "scanner",
-                f"{dead} job(s) of model {model} failed {cfg.max_retries} times: moved to the DLQ",
-                model=model,
-                dead_lettered=dead,
+            events.emit(
+                Error(
+                    service="scanner",
+                    message=f"{dead} job(s) of model {model} failed {cfg.max_retries} times: "
+                    "moved to the DLQ",
+                    context={"model": model, "dead_lettered": dead},
+                )
             )
     return total_requeued, total_dead
 

@@ -106,6 +106,32 @@
     setGrade(grade, d.grade);
     list("findings", d.findings, (li, f) => { li.className = f.level; li.textContent = f.what; });
 
+    // synthesis queues: what workers have to do, shared fairly among the users waiting
+    const rows = $("queue-rows");
+    if (rows) {
+      rows.textContent = "";
+      const queues = d.queues || {};
+      const names = Object.keys(queues).sort();
+      for (const name of names) {
+        const q = queues[name];
+        const tr = document.createElement("tr");
+        for (const text of [name, int(q.depth), num(q.oldest_age_s, "s"), int(q.users)]) {
+          const td = document.createElement("td");
+          td.textContent = text;
+          tr.appendChild(td);
+        }
+        rows.appendChild(tr);
+      }
+      if (!names.length) {
+        const tr = document.createElement("tr");
+        const td = document.createElement("td");
+        td.colSpan = 4;
+        td.textContent = "–";
+        tr.appendChild(td);
+        rows.appendChild(tr);
+      }
+    }
+
     // request path
     setText("ack-p50", num(d.request.ack_ms.p50, "ms"));
     setText("ack-p95", num(d.request.ack_ms.p95, "ms"));

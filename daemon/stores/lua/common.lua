@@ -32,3 +32,72 @@ local function tts_utf8_len(s)
   local _, n = string.gsub(s, '[^\128-\191]', '')
   return n
 end
+
+-- Fair scheduling (docs/workers.md, "Scheduling"). Per model three keys, always passed in KEYS:
+--   KF  sorted set, every score 0, ordered by member "user|R|P|job_id": one user's queued jobs
+--       are one contiguous range; R ranks the user's documents (newest reading position first),
+--       P orders a document's blocks from its cursor on ("0" + idx at or after it, then "1" + idx);
+--   KU  sorted set user → virtual start time (start-time fair queuing, weighted by characters);
+--   KS  hash: vt (virtual time of the last pull), e (rank counter), w:USER (weight), f:USER (an
+--       idle user's finish time), d:USER|DOC ("R|cursor" while that document has queued jobs),
+--       l:USER (the R of the user's most recently asked-for document).
+local TTS_FAIR_MAXR = 281474976710655 -- 2^48 - 1: R = MAXR - rank, so the newest sorts first
+local TTS_FAIR_FIRST = '000000000000' -- R of a requeued job: ahead of all its user's others
+
+local function tts_fair_pos(idx, cursor)
+  if idx >= cursor then return string.format('0%08x', idx) end
+  return string.format('1%08x', idx)
+end
+
+local function tts_fair_member(user, r, pos, job_id)
+  return user .. '|' .. r .. '|' .. pos .. '|' .. job_id
+end
+
+-- A user with jobs again starts at the current virtual time (no credit for having been idle),
+-- or later if its last job is not yet "paid for".
+local function tts_fair_activate(ku, ks, user)
+  if redis.call('ZSCORE', ku, user) then return end
+  local vt = tonumber(redis.call('HGET', ks, 'vt')) or 0
+  local f = tonumber(redis.call('HGET', ks, 'f:' .. user)) or 0
+  redis.call('HDEL', ks, 'f:' .. user)
+  redis.call('ZADD', ku, math.max(vt, f), user)
+end
+
+-- The reading position of (user, doc) moved to `cursor`: the document's queued jobs move ahead
+-- of the user's other documents, ordered from the cursor on. Returns the document's new R.
+local function tts_fair_cursor(kf, ks, user, doc, cursor)
+  local field = 'd:' .. user .. '|' .. doc
+  local state = redis.call('HGET', ks, field)
+  local r = string.format('%012x', TTS_FAIR_MAXR - redis.call('HINCRBY', ks, 'e', 1))
+  if state then
+    local old = string.match(state, '^(%x+)|')
+    if old then
+      local prefix = user .. '|' .. old .. '|'
+      for _, m in ipairs(redis.call('ZRANGEBYLEX', kf, '[' .. prefix, '(' .. user .. '|' .. old .. '}')) do
+        local hex, job_id = string.match(m, '^%d+|%x+|[01](%x+)|(.+)$')
+        redis.call('ZREM', kf, m)
+        if hex then
+          redis.call('ZADD', kf, 0, tts_fair_member(user, r, tts_fair_pos(tonumber(hex, 16), cursor), job_id))
+        end
+      end
+    end
+  end
+  redis.call('HSET', ks, field, r .. '|' .. cursor, 'l:' .. user, r)
+  return r
+end
+
+-- Where a queued job's member is now (for eviction): its document's current rank and cursor, or
+-- the requeued rank. Both candidates are removed; removing a missing member is a no-op.
+local function tts_fair_forget(kf, ks, job)
+  local ok, j = pcall(cjson.decode, job)
+  if not ok or type(j) ~= 'table' or j['user_id'] == nil or j['job_id'] == nil then return end
+  local user, idx = tostring(j['user_id']), tonumber(j['block_idx']) or 0
+  redis.call('ZREM', kf, tts_fair_member(user, TTS_FAIR_FIRST, tts_fair_pos(idx, 0), j['job_id']))
+  local state = redis.call('HGET', ks, 'd:' .. user .. '|' .. tostring(j['document_id']))
+  if state then
+    local r, cursor = string.match(state, '^(%x+)|(%d+)$')
+    if r then
+      redis.call('ZREM', kf, tts_fair_member(user, r, tts_fair_pos(idx, tonumber(cursor)), j['job_id']))
+    end
+  end
+end

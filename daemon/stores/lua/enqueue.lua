@@ -2,10 +2,14 @@
 -- join an in-flight job for the same variant (from any user, any daemon), or create a job if the
 -- user's budget allows. Atomic, so two requests for one variant always share one job.
 -- KEYS: 1 the user's rate bucket (tts:rate:{user}), 2 tts:jobs, 3 tts:queue:{model},
---       4 tts:processing:{model}
+--       4 tts:processing:{model}, 5 tts:fair:{model}, 6 tts:fair:users:{model},
+--       7 tts:fair:state:{model}
 -- ARGV: 1 user_id, 2 conn_id, 3 document_id, 4 now (queue score), 5 rate limit (blocks a minute),
 --       6 budget (-1: unlimited), 7 block count,
---       then per block: block_idx, variant_hash, job_id, cost, job_json
+--       then per block: block_idx, variant_hash, job_id, cost, job_json,
+--       then the user's scheduling weight
+-- Fair scheduling (common.lua): each new job joins its user's part of the schedule, ordered by
+-- document (the most recently asked-for first) and then from the document's reading position on.
 -- Returns {"rate_limited", retry_after_ms} (-1: the request alone exceeds the limit), or
 --         {"ok", status...} with status one of cached | queued | processing | limit
 local user, conn, doc, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
@@ -26,6 +30,27 @@ if tokens < n then
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - n), 'ts', tostring(t))
 redis.call('EXPIRE', KEYS[1], 120)
+
+local weight = tonumber(ARGV[8 + n * 5]) or 1
+-- The document's reading position: where its first synthesize started (later requests asking
+-- ahead keep it; cursor_moved moves it, evict.lua). A document asked for again while another of
+-- the user's documents was asked for since moves ahead of it (tts_fair_cursor).
+local fair_r, cursor
+local doc_state = n > 0 and redis.call('HGET', KEYS[7], 'd:' .. user .. '|' .. doc)
+if doc_state then
+  local r, c = string.match(doc_state, '^(%x+)|(%d+)$')
+  cursor = tonumber(c)
+  if r and r == redis.call('HGET', KEYS[7], 'l:' .. user) then
+    fair_r = r
+  else
+    fair_r = tts_fair_cursor(KEYS[5], KEYS[7], user, doc, cursor or 0)
+  end
+else
+  for i = 0, n - 1 do
+    local idx = tonumber(ARGV[8 + i * 5])
+    if cursor == nil or idx < cursor then cursor = idx end
+  end
+end
 
 local out = {'ok'}
 for i = 0, n - 1 do
@@ -54,8 +79,12 @@ for i = 0, n - 1 do
       if budget >= 0 then budget = budget - cost end
       redis.call('SET', inflight_key, job_id)
       redis.call('HSET', KEYS[2], job_id, job_json)
-      -- Blocks of one request get increasing scores, so workers take them in reading order.
+      -- The queue keeps enqueue times (depth, oldest age); the fair index decides the order.
       redis.call('ZADD', KEYS[3], now + i * 0.00001, job_id)
+      if not fair_r then fair_r = tts_fair_cursor(KEYS[5], KEYS[7], user, doc, cursor) end
+      redis.call('ZADD', KEYS[5], 0, tts_fair_member(user, fair_r, tts_fair_pos(tonumber(idx), cursor), job_id))
+      redis.call('HSET', KEYS[7], 'w:' .. user, weight)
+      tts_fair_activate(KEYS[6], KEYS[7], user)
       redis.call('SADD', 'tts:waiters:' .. hash, waiter)
       status = 'queued'
     end

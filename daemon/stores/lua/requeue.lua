@@ -2,7 +2,9 @@
 -- original enqueue time); on their ARGV[2]-th timeout they go to the DLQ instead, with an error
 -- result so their clients hear. At most ARGV[3] jobs per call.
 -- KEYS: 1 tts:processing:{model}, 2 tts:queue:{model}, 3 tts:jobs, 4 tts:retries,
---       5 tts:dlq:{model}, 6 tts:results
+--       5 tts:dlq:{model}, 6 tts:results, 7 tts:fair:{model}, 8 tts:fair:users:{model},
+--       9 tts:fair:state:{model}
+-- A requeued job goes ahead of its user's other jobs (fair scheduling still decides between users).
 -- Returns {requeued, dead_lettered}
 local now = tts_now()
 local max_retries = tonumber(ARGV[2])
@@ -32,6 +34,12 @@ for _, job_id in ipairs(stale) do
       dead = dead + 1
     else
       redis.call('ZADD', KEYS[2], tonumber(j['enqueued_at']) or now, job_id)
+      if j['user_id'] ~= nil then
+        local user = tostring(j['user_id'])
+        local pos = tts_fair_pos(tonumber(j['block_idx']) or 0, 0)
+        redis.call('ZADD', KEYS[7], 0, tts_fair_member(user, TTS_FAIR_FIRST, pos, job_id))
+        tts_fair_activate(KEYS[8], KEYS[9], user)
+      end
       if j['variant_hash'] then
         tts_notify(j['variant_hash'], {type = 'status', status = 'queued',
                                        model = j['model'], voice = j['voice']})

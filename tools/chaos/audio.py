@@ -1,4 +1,4 @@
-"""The chaos tool's durable-audio faults and checks (used by ``tools/chaos.py``).
+"""The chaos tool's durable-audio faults and checks.
 
 - ``persister_faults``: the persister crashes at its fault points (``persist.read``: a batch read,
   nothing written; ``persist.written``: written, not acknowledged) for a while, through

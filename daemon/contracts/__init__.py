@@ -1,7 +1,8 @@
 """Contracts as data: Redis key names, and the jobs, results and billing events that cross Redis.
 
 docs/workers.md pins the worker keys and job/result JSON; everything else here (audio, in-flight,
-waiter, billing keys) is internal and may change with the code.
+waiter, billing keys) is internal and may change with the code. The events log's contract, one
+class per kind of event (docs/metrics.md), is ``daemon.contracts.events``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,31 @@ class Keys:
     @staticmethod
     def dlq(model: str) -> str:
         return f"tts:dlq:{model}"
+
+    # Fair scheduling (docs/workers.md, "Scheduling"): the order in which queued jobs are pulled.
+    @staticmethod
+    def fair(model: str) -> str:
+        return f"tts:fair:{model}"  # sorted set by member "user|rank|position|job_id"
+
+    @staticmethod
+    def fair_users(model: str) -> str:
+        return f"tts:fair:users:{model}"  # user → virtual start time
+
+    @staticmethod
+    def fair_state(model: str) -> str:
+        return f"tts:fair:state:{model}"  # virtual time, weights, reading positions
+
+    @staticmethod
+    def pull_keys(model: str) -> list[str]:
+        """``pull.lua``'s KEYS, in order."""
+        return [
+            Keys.queue(model),
+            Keys.processing(model),
+            Keys.JOBS,
+            Keys.fair(model),
+            Keys.fair_users(model),
+            Keys.fair_state(model),
+        ]
 
     # Internal. The Lua scripts build the per-variant keys from these same prefixes.
     # A list: the worker's result JSON as it came (the base64 audio inside it), the audio string
