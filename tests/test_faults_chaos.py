@@ -29,7 +29,7 @@ import redis
 import trio
 
 from daemon.embedded import EmbeddedPostgres, EmbeddedRedis
-from tools.chaos import Chaos, Params
+from daemon.testing.chaos import Chaos, Params
 
 # Above the sum of the tool's own ceilings (start 60 s, recover 30 s, drain 30 s), so that a slow
 # phase is reported by the tool, by name, rather than cut short by pytest.

@@ -51,11 +51,10 @@ from daemon.testing.client import WsClient, connect
 from daemon.testing.config import write_config
 from daemon.testing.figures import pct
 from daemon.testing.stores import in_thread, pg_query, redis_cmd, setup_database
+from daemon.testing.texts import make_texts
 from daemon.workers.audio import duration_ms_for
 
-# in_thread, pg_query, redis_cmd, setup_database: re-exported for tools/chaos.py until it imports
-# daemon.testing itself.
-__all__ = ["Params", "in_thread", "main", "make_texts", "pg_query", "redis_cmd", "setup_database"]
+__all__ = ["Params", "main"]
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHS = ("split", "inline")
@@ -86,31 +85,6 @@ class Params:
 
 
 # -- small helpers ----------------------------------------------------------------------------
-
-
-_WORDS = tuple(
-    """
-the a reader listens while quiet voices carry every sentence across long pages of history
-science river mountain evening morning library letter garden window story chapter ocean bright
-slowly gently through under above before after because although people remember small details
-forgotten cities painted walls old trains distant bells winter summer questions answers careful
-patient curious sudden warm cold green silver
-""".split()  # noqa: SIM905 - a paragraph reads better than a list of 60 strings
-)
-
-
-def make_texts(rng: random.Random, n: int, seen: set[str]) -> list[str]:
-    """``n`` unique sentence-sized texts (50–120 characters: 3–8 s of speech)."""
-    out = []
-    while len(out) < n:
-        words = []
-        while len(" ".join(words)) < rng.randint(50, 110):
-            words.append(rng.choice(_WORDS))
-        text = " ".join(words).capitalize() + "."
-        if text not in seen:
-            seen.add(text)
-            out.append(text)
-    return out
 
 
 # -- clients ----------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from typing import Any
 import attrs
 import trio
 
-from tools.chaos import __doc__ as PACKAGE_DOC
-from tools.chaos.params import SCENARIOS, Params
-from tools.chaos.run import Chaos
+from daemon.testing.chaos import __doc__ as PACKAGE_DOC
+from daemon.testing.chaos.params import SCENARIOS, Params
+from daemon.testing.chaos.run import Chaos
 
 
 def print_table(result: dict[str, Any]) -> None:

@@ -8,12 +8,12 @@ from typing import Any
 
 import trio
 
+from daemon.testing.chaos.fleet import Fleet
+from daemon.testing.chaos.hostcrash import cut_to_last_fsync
+from daemon.testing.chaos.params import CLOCK_KEY
+from daemon.testing.chaos.state import DaemonSlot, FaultRecord
 from daemon.testing.client import connect
 from daemon.testing.stores import in_thread, redis_cmd
-from tools.chaos.fleet import Fleet
-from tools.chaos.hostcrash import cut_to_last_fsync
-from tools.chaos.params import CLOCK_KEY
-from tools.chaos.state import DaemonSlot, FaultRecord
 
 
 class Faults(Fleet):

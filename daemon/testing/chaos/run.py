@@ -9,13 +9,13 @@ from typing import Any
 
 import trio
 
+from daemon.testing.chaos.clients import ChaosUser
+from daemon.testing.chaos.clock import WriteClock
+from daemon.testing.chaos.faults import Faults
+from daemon.testing.chaos.state import FaultRecord
+from daemon.testing.chaos.verdict import Verdict
 from daemon.testing.stores import in_thread
 from daemon.testing.stores import setup_database as _setup_database
-from tools.chaos.clients import ChaosUser
-from tools.chaos.clock import WriteClock
-from tools.chaos.faults import Faults
-from tools.chaos.state import FaultRecord
-from tools.chaos.verdict import Verdict
 
 
 class Chaos(Faults, Verdict):

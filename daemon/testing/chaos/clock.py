@@ -9,7 +9,7 @@ from typing import Any
 
 import trio
 
-from tools.chaos.params import CLOCK_KEY
+from daemon.testing.chaos.params import CLOCK_KEY
 
 
 class WriteClock:

@@ -15,11 +15,11 @@ import trio
 
 from daemon.embedded import read_secret
 from daemon.embedded.process import _free_port
+from daemon.testing.chaos.clients import http_get
+from daemon.testing.chaos.hostcrash import fsync_shim
+from daemon.testing.chaos.params import SIGTERM_DEADLINE_S
+from daemon.testing.chaos.state import ChaosState, DaemonSlot
 from daemon.testing.stores import in_thread, redis_cmd
-from tools.chaos.clients import http_get
-from tools.chaos.hostcrash import fsync_shim
-from tools.chaos.params import SIGTERM_DEADLINE_S
-from tools.chaos.state import ChaosState, DaemonSlot
 
 
 class Fleet(ChaosState):

@@ -59,7 +59,9 @@ class Params:
     # Probability that a billing batch fails after its commit, before its ack (redelivered: the
     # duplicates path); a quarter of it fails batches before anything is billed.
     billing_fault_rate: float = 0.5
-    persister_fault_s: float = 5.0  # how long the persister is made to crash (tools/chaos/audio.py)
+    persister_fault_s: float = (
+        5.0  # how long the persister is made to crash (daemon/testing/chaos/audio.py)
+    )
     persister_fault_rate: float = 0.5  # per batch, at persist.written (a fifth of it at .read)
     disk_full_s: float = 4.0  # how long the audio store's filesystem stays full
     stall_s: float = 8.0  # a client asks again for a block with no news for this long

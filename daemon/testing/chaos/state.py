@@ -13,10 +13,10 @@ import attrs
 import trio
 
 from daemon.embedded import EmbeddedPostgres, EmbeddedRedis
-from tools.chaos.audio import AudioChaos
-from tools.chaos.clients import ChaosUser, ClientStats, TextSource
-from tools.chaos.clock import WriteClock
-from tools.chaos.params import Params
+from daemon.testing.chaos.audio import AudioChaos
+from daemon.testing.chaos.clients import ChaosUser, ClientStats, TextSource
+from daemon.testing.chaos.clock import WriteClock
+from daemon.testing.chaos.params import Params
 
 
 @attrs.define(eq=False)

@@ -13,9 +13,9 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from daemon.testing.chaos.params import Params
 from daemon.testing.client import connect
-from tools.chaos.params import Params
-from tools.stress import make_texts
+from daemon.testing.texts import make_texts
 
 # -- small helpers ----------------------------------------------------------------------------
 
