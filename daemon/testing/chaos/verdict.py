@@ -126,7 +126,7 @@ class Verdict(Fleet):
             "sigterm_exit_0_within_10s": all(x["ok"] for x in self.sigterm_exits),
             "no_request_unanswered": self.stats.ack_timeouts == 0,
             "faults_injected": len(self.records) > 0 or p.load_s < p.first_fault_s,
-            # Durable audio (daemon/testing/chaos/audio.py): nothing left to persist, every delivered
+            # Durable audio (chaos/audio.py): nothing left to persist, every delivered
             # block's audio in the store, every stored object whole.
             "persist_drained": state["persist_depth"] == 0,
             "every_delivered_block_in_store": audio["delivered_not_in_store"] == 0,
