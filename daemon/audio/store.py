@@ -109,7 +109,6 @@ class EvictResult:
     freed_bytes: int
     remaining_bytes: int
     skipped_pinned: int = 0
-    locked_out: bool = False  # another daemon was evicting: nothing done here
 
 
 class AudioStore(Protocol):
@@ -363,15 +362,14 @@ class FileAudioStore:
 
     def evict_sync(self) -> EvictResult:
         """Evict least recently accessed, unpinned objects until the store is under 90 % of
-        ``max_bytes``. One daemon at a time (a lock file); the others skip their turn."""
+        ``max_bytes``. One at a time (a lock file: other threads, other daemons): each measures
+        the store afresh once it has the lock, so the last one to run sees every write before
+        it."""
         if not self.max_bytes:
             return EvictResult(0, 0, self.known_bytes)
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.lock_path, "a+b") as lock:
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return EvictResult(0, 0, self.known_bytes, locked_out=True)
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
                 return self._evict_locked()
             finally:

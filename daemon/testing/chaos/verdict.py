@@ -39,7 +39,8 @@ class Verdict(Fleet):
 
         client = redis.Redis.from_url(self.redis_url, socket_timeout=5.0)
         try:
-            claimed = sum(int(client.llen(k)) for k in client.scan_iter(match="tts:hot:claimed:*"))
+            # (a set of seqs per consumer: docs/tts-flow.md; LLEN on it is WRONGTYPE)
+            claimed = sum(int(client.scard(k)) for k in client.scan_iter(match="tts:hot:claimed:*"))
             try:
                 pending = int(client.xpending("tts:billing", "billing")["pending"])
             except redis.ResponseError:
