@@ -759,14 +759,16 @@ class RedisStore:
 
     async def ack_persisted(self, done: Sequence[tuple[bytes, str | None]], *, ttl_s: int) -> None:
         """The durable store has these (entry id, hash): give each audio key the cache's TTL
-        (it had none until now), then acknowledge and delete the entries, in one pipeline. A
-        crash in between only redelivers entries whose audio the store already has."""
+        (it had none until now), then acknowledge and delete the entries, in one transaction.
+        A crash before it only redelivers entries whose audio the store already has."""
         if not done:
             return
         client = self._client
 
         async def ack() -> None:
-            async with client.pipeline(transaction=False) as pipe:
+            # One MULTI: an XACK without its XDEL (a crash between them, an AOF cut back) would
+            # leave an entry that is never delivered again and never leaves the stream.
+            async with client.pipeline(transaction=True) as pipe:
                 for _entry_id, h in done:
                     if h is not None:
                         pipe.expire(Keys.audio(h), ttl_s)
