@@ -1,4 +1,5 @@
-"""``tts-daemon``: run, migrate, user add, credit, report, audio purge (docs/operations.md).
+"""``tts-daemon``: run, migrate, user add, credit, report, audio purge, dead-letters
+(docs/operations.md).
 
 Exit status: 0 success; 1 a failure at run time (its reason on stderr); 2 a bad command line or
 configuration value (one line naming the key). ``report`` has its own: 0 green, 1 amber, 2 red
@@ -205,6 +206,39 @@ def cmd_audio_purge(cfg: Config, model: str, before_text: str | None) -> int:
     return 0
 
 
+def cmd_dead_letters(cfg: Config, args: argparse.Namespace) -> int:
+    from daemon.ops import deadletters
+    from daemon.stores.redis import open_redis
+
+    if args.action == "replay" and args.kind not in (None, "billing"):
+        return _fail(
+            "dead-letters replay: only billing dead letters are replayed (--kind billing)", 2
+        )
+
+    async def go(redis_url: str) -> int:
+        async with trio_asyncio.open_loop(), open_redis(redis_url) as store:
+            if args.action == "list":
+                for entry in await deadletters.list_entries(
+                    store, args.kind, limit=args.limit, full=args.full
+                ):
+                    print(json.dumps(entry, ensure_ascii=False, default=str))
+                counts = await deadletters.count(store, args.kind)
+                print(json.dumps({"total": counts}), file=sys.stderr)
+            elif args.action == "replay":
+                replayed, skipped = await deadletters.replay_billing(store, limit=args.limit)
+                print(f"replayed {replayed}, skipped {skipped}")
+            else:
+                n = await deadletters.drop(store, args.kind, older_than_s=args.older_than_s)
+                print(f"dropped {n}")
+        return 0
+
+    with resolve_servers(cfg, postgres=False) as (redis_url, _):
+        try:
+            return trio.run(go, redis_url)
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """The report's own exit status: 0 green, 1 amber, 2 red — or 2 when it cannot be made."""
     from daemon.ops import report
@@ -268,6 +302,22 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument(
         "--before", metavar="DATE", help="only audio made before this ISO date/time (UTC)"
     )
+
+    dead = sub.add_parser("dead-letters", help="inspect, replay or drop dead letters")
+    dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (
+        ("list", "print the newest entries (JSON lines; counts on stderr)"),
+        ("replay", "put billing dead letters back on the billing stream (idempotent)"),
+        ("drop", "delete dead letters"),
+    ):
+        a = with_config(dead_sub.add_parser(action, help=text))
+        a.add_argument("--kind", choices=("results", "billing", "jobs"), help="default: all")
+        if action in ("list", "replay"):
+            a.add_argument("--limit", type=_positive_int, default=100, metavar="N")
+        if action == "list":
+            a.add_argument("--full", action="store_true", help="whole raw payloads")
+        if action == "drop":
+            a.add_argument("--older-than-s", type=float, metavar="S", help="only older entries")
     from daemon.ops import report
 
     report.add_arguments(
@@ -295,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_user_add(cfg, args.name, args.plan)
         if args.command == "audio":
             return cmd_audio_purge(cfg, args.model, args.before)
+
+        if args.command == "dead-letters":
+            return cmd_dead_letters(cfg, args)
         return cmd_credit(cfg, args.user, args.voice_chars)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)

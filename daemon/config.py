@@ -22,6 +22,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DeadLettersConfig",
     "GatewayConfig",
     "HotConfig",
     "LogConfig",
@@ -165,7 +166,11 @@ class BillingConfig:
 
 @attrs.frozen
 class WorkersConfig:
+    # Workers run inside the daemon (dev, demo, tests), each with the engine below.
     simulated: int = 0
+    # "simulated" (a hum, speed dialled in below: stress runs and tests) or "espeak" (real speech
+    # from eSpeak NG on the CPU): daemon/workers/engines.py, docs/workers.md.
+    engine: str = "simulated"
     models: tuple[str, ...] = ("kokoro", "premium")
     # Simulated synthesis speed: characters per second, plus a fixed latency and a jitter.
     chars_per_s: float = 2000.0
@@ -178,10 +183,26 @@ class WorkersConfig:
         6000  # 16-bit mono: 12 KB/s, about 60 KB for five seconds (docs/benchmarks.md)
     )
     speech_chars_per_s: float = 15.0
-    # A job held by a worker longer than this goes back to the queue.
+    # A job held by a worker that does not renew a lease (one that predates leases) goes back
+    # to the queue after this long; a renewed lease keeps a job as long as its worker lives.
     visibility_timeout_s: float = 30.0
+    # The lease the daemon's own (simulated) workers take on a job, renewed every third of it.
+    lease_s: float = 10.0
     max_retries: int = 3
     scan_interval_s: float = 1.0
+    # A worker result whose audio decodes to more bytes than this is refused (docs/workers.md).
+    max_audio_bytes: int = 16 * 1024 * 1024
+
+
+@attrs.frozen
+class DeadLettersConfig:
+    """Bounds of every dead-letter list (tts:results:dead, tts:billing:dead, tts:dlq:{model}),
+    each on its own (docs/operations.md, "Dead letters")."""
+
+    max_entries: int = 10000
+    max_age_s: float = 7 * 86400.0
+    # A dead-lettered result keeps at most this much of what the worker sent (its audio, mostly).
+    max_raw_bytes: int = 64 * 1024
 
 
 @attrs.frozen
@@ -253,6 +274,7 @@ class Config:
     hot: HotConfig = HotConfig()
     billing: BillingConfig = BillingConfig()
     workers: WorkersConfig = WorkersConfig()
+    dead_letters: DeadLettersConfig = DeadLettersConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     log: LogConfig = LogConfig()
     monitor: MonitorConfig = MonitorConfig()
@@ -289,6 +311,7 @@ _SECTIONS: dict[str, type] = {
     "hot": HotConfig,
     "billing": BillingConfig,
     "workers": WorkersConfig,
+    "dead_letters": DeadLettersConfig,
     "supervisor": SupervisorConfig,
     "log": LogConfig,
     "monitor": MonitorConfig,
@@ -332,6 +355,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "billing.txn_delay_ms": _NON_NEGATIVE,
     "billing.users_per_txn": _AT_LEAST_1,
     "workers.simulated": _NON_NEGATIVE,
+    "workers.engine": (lambda v: v in ("simulated", "espeak"), 'must be "simulated" or "espeak"'),
     "workers.chars_per_s": _POSITIVE,
     "workers.latency_ms": _NON_NEGATIVE,
     "workers.jitter_ms": _NON_NEGATIVE,
@@ -340,7 +364,12 @@ _RULES: dict[str, tuple[Any, str]] = {
     "workers.speech_chars_per_s": _POSITIVE,
     "workers.visibility_timeout_s": _POSITIVE,
     "workers.max_retries": _AT_LEAST_1,
+    "workers.lease_s": (lambda v: 0.1 <= v <= 3600, "must be 0.1..3600"),
     "workers.scan_interval_s": _POSITIVE,
+    "workers.max_audio_bytes": (lambda v: 1024 <= v <= 2**29, "must be 1024..536870912"),
+    "dead_letters.max_entries": (lambda v: 1 <= v <= 10_000_000, "must be 1..10000000"),
+    "dead_letters.max_age_s": _POSITIVE,
+    "dead_letters.max_raw_bytes": (lambda v: 256 <= v <= 2**26, "must be 256..67108864"),
     "supervisor.backoff_min_s": _POSITIVE,
     "supervisor.backoff_max_s": _POSITIVE,
     "supervisor.healthy_after_s": _POSITIVE,

@@ -29,12 +29,14 @@ def test_empty_file_gives_the_documented_defaults(tmp_path: Path) -> None:
     assert (cfg.hot.concurrency, cfg.hot.audio_ttl_s) == (40, 300)
     assert (cfg.billing.max_batch, cfg.billing.users_per_txn) == (200, 250)  # docs/configuration.md
     assert cfg.workers.simulated == 0
+    assert cfg.workers.engine == "simulated"
     assert cfg.events_path == Path("var/log/events.jsonl")
 
 
 def test_shipped_config_loads() -> None:
     cfg = load_config(REPO / "conf" / "daemon.toml")
     assert cfg.events_path == Path("var/log/events.jsonl")
+    assert cfg.workers.engine == "espeak" and cfg.workers.simulated >= 1  # make run speaks
 
 
 @pytest.mark.parametrize(
@@ -53,6 +55,7 @@ def test_shipped_config_loads() -> None:
         ({"postgres": {"url": "mysql://x"}}, "postgres.url"),
         ({"gateway": {"tls_cert": "/nonexistent.pem"}}, "gateway.tls_key"),
         ({"workers": {"models": ["kokoro", "whisper"]}}, "workers.models"),
+        ({"workers": {"engine": "festival"}}, "workers.engine"),
         ({"nosection": {}}, "nosection"),
         ({"data": {"dir": ""}}, "data.dir"),
     ],

@@ -237,12 +237,14 @@ def test_a_requeued_job_goes_ahead_of_its_users_other_jobs(sched: Scheduler) -> 
         Keys.RETRIES,
         Keys.dlq(MODEL),
         Keys.RESULTS,
+        Keys.leases(MODEL),
         Keys.fair(MODEL),
         Keys.fair_users(MODEL),
         Keys.fair_state(MODEL),
+        Keys.waiters(held.variant_hash),
     ]
     # The worker holding it vanished: the scanner's timeout (0 s here) puts it back.
-    assert sched.scripts["requeue"](keys, [0, 5, 100]) == [1, 0]
+    assert sched.scripts["requeue"](keys, [0, 5, 100, held.job_id]) == [1, 0]
     order = [j.block_idx for j in sched.drain()]
     assert order == [0, 1, 2, 3, 4, 5]
 

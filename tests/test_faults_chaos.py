@@ -242,6 +242,18 @@ async def test_worker_killed_mid_job(tmp_path: Path, servers: Servers) -> None:
     assert result["jobs_held_by_killed_workers_unbilled"] == 0
 
 
+async def test_a_hostile_worker_fails_its_blocks_recoverably_and_misbills_nothing(
+    tmp_path: Path, servers: Servers
+) -> None:
+    _, result = await run_chaos(tmp_path, servers, scenario="hostile-worker")
+    assert_nothing_lost(result, kind="hostile_worker")
+    (fault,) = [f for f in result["faults"] if f["kind"] == "hostile_worker"]
+    assert sum(fault["results"].values()) >= 1, fault
+    # Its refused results reached clients as recoverable errors, which they asked again.
+    refused = [e for e in result["clients"]["block_errors"] if "refused" in e]
+    assert refused or fault["results"].keys() <= {"forged_payer"}, result["clients"]
+
+
 async def test_two_daemons_on_one_redis_and_postgres_one_killed(
     tmp_path: Path, servers: Servers
 ) -> None:

@@ -313,7 +313,7 @@ async def test_worker_killed_after_pulling_loses_nothing_and_the_job_is_billed_o
         stuck = subprocess.Popen(
             _tts_worker(
                 "--redis-url", redis_url, "--simulated", "--latency-ms", "600000",
-                "--batch", "2", "--models", "kokoro",
+                "--batch", "2", "--models", "kokoro", "--lease-s", "0.5",
             ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -385,7 +385,9 @@ async def test_worker_cancelled_mid_job_and_a_slow_one_overtaken_bill_once(
         await client.synthesize("doc", ["Job A."])
         cancelled = Stalling(None, b"never")
         async with trio.open_nursery() as n1:
-            n1.start_soon(lambda: run_worker(store, cancelled, models=["kokoro"], worker_id="c"))
+            n1.start_soon(
+                lambda: run_worker(store, cancelled, models=["kokoro"], worker_id="c", lease_s=0.5)
+            )
             await cancelled.pulled.wait()
             n1.cancel_scope.cancel()  # the worker task dies after its pull
 
@@ -393,7 +395,10 @@ async def test_worker_cancelled_mid_job_and_a_slow_one_overtaken_bill_once(
         slow = Stalling(2.5, b"slow take")
         fast = Stalling(0.0, b"fast take")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: run_worker(store, slow, models=["kokoro"], worker_id="s"))
+            # A worker that predates leases: its long job is requeued after the visibility timeout.
+            nursery.start_soon(
+                lambda: run_worker(store, slow, models=["kokoro"], worker_id="s", lease_s=None)
+            )
             await slow.pulled.wait()  # B is held by the slow worker, A waits for the scanner
             nursery.start_soon(lambda: run_worker(store, fast, models=["kokoro"], worker_id="f"))
             await client.until(lambda _: len(client.terminal("doc")) == 2, timeout_s=30)

@@ -25,7 +25,7 @@ from daemon.ops.metrics import Metrics
 from daemon.runtime.faults import FaultPoint, no_fault
 from daemon.stores.ledger import ChunkResult, bill_chunks, events_array
 from daemon.stores.pg import PgPool, open_pg_pool
-from daemon.stores.redis import BillingEntry, RedisStore, billing_block_ms
+from daemon.stores.redis import DEAD_LETTER_CAP, BillingEntry, RedisStore, billing_block_ms
 
 __all__ = [
     "BatchOutcome",
@@ -97,6 +97,7 @@ class BillingSetup:
     consumer_name: str
     block_s: float = 1.0
     fault: FaultPoint = no_fault
+    dead_letter_cap: int = DEAD_LETTER_CAP  # dead_letters.max_entries
     bill_users: BillUsers | None = None  # None: the consumer's own (batched lanes)
 
 
@@ -139,6 +140,7 @@ async def run_billing_consumer(
             block_s=setup.block_s,
             fault=setup.fault,
             bill_users=setup.bill_users,
+            dead_letter_cap=setup.dead_letter_cap,
         )
         task_status.started(consumer)
         await consumer._loop(reader, stopping)
@@ -165,6 +167,7 @@ class BillingConsumer:
     block_s: float = 1.0
     fault: FaultPoint = no_fault
     bill_users: BillUsers | None = None
+    dead_letter_cap: int = DEAD_LETTER_CAP
     batches: int = 0
 
     async def _loop(self, reader: RedisStore, stopping: trio.Event) -> None:
@@ -414,7 +417,7 @@ class BillingConsumer:
                 "raw": raw[:10_000],
             }
         )
-        await redis.dead_letter_billing(entry.entry_id, record)
+        await redis.dead_letter_billing(entry.entry_id, record, cap=self.dead_letter_cap)
         self.metrics.billing_dead_letters.inc()
         self.events.emit(
             Error(

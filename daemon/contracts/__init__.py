@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import attrs
@@ -21,6 +22,7 @@ __all__ = [
     "Keys",
     "ModelInfo",
     "Result",
+    "audio_content_type",
     "billing_event_fields",
 ]
 
@@ -47,6 +49,12 @@ class Keys:
     @staticmethod
     def dlq(model: str) -> str:
         return f"tts:dlq:{model}"
+
+    @staticmethod
+    def leases(model: str) -> str:
+        return f"tts:leases:{model}"
+
+    WORKERS = "tts:workers"  # worker id → registry entry JSON (renew.lua)
 
     # Fair scheduling (docs/workers.md, "Scheduling"): the order in which queued jobs are pulled.
     @staticmethod
@@ -84,14 +92,15 @@ class Keys:
     RETRIES = "tts:retries"  # job id → visibility timeouts so far
     RATE_PREFIX = "tts:rate:"  # user → token bucket (hash: tokens, ts) of blocks requested
 
-    RESULTS_DEAD = "tts:results:dead"  # undecodable results, with the reason
+    RESULTS_DEAD = "tts:results:dead"  # results refused at the boundary, with the reason
     HOT_CONSUMERS = "tts:hot:consumers"  # set of hot consumer ids
     HOT_ALIVE_PREFIX = "tts:hot:alive:"  # consumer id → heartbeat key with a TTL
     HOT_CLAIMED_PREFIX = "tts:hot:claimed:"  # consumer id → results it took, not yet finalized
-    # (a set of seqs; each result sits in its own list, tts:hot:item:{seq}, which finalize.lua
-    # renames to the audio key: the bytes are never copied)
+    # (a set of tokens; each result sits in its own list, tts:hot:item:{token}, which finalize.lua
+    # renames to the audio key: the bytes are never copied. Tokens are numbers the consumer picks,
+    # unique to its run: daemon/hot/consumer.py ItemTokens)
+    HOT_ITEM_PREFIX = "tts:hot:item:"
     HOT_LANDING_PREFIX = "tts:hot:landing:"  # consumer id → list BLMOVE drops a result into
-    HOT_SEQ = "tts:hot:seq"  # counter naming claimed results
 
     BILLING = "tts:billing"  # stream of billing events; entries deleted once billed
     BILLING_GROUP = "billing"
@@ -134,6 +143,10 @@ class Keys:
     def hot_landing(consumer_id: str) -> str:
         return Keys.HOT_LANDING_PREFIX + consumer_id
 
+    @staticmethod
+    def hot_item(token: str) -> str:
+        return Keys.HOT_ITEM_PREFIX + token
+
 
 @attrs.frozen
 class ModelInfo:
@@ -149,6 +162,20 @@ MODELS: dict[str, ModelInfo] = {
     "kokoro": ModelInfo("kokoro", "server_kokoro", 1.0, "af_heart"),
     "premium": ModelInfo("premium", "premium_voice", 2.0, "ava"),
 }
+
+
+# audio/<subtype>, optionally with parameters (audio/ogg; codecs=opus); ASCII tokens only, so
+# nothing but a media type can reach a Content-Type header.
+_TOKEN = r"[A-Za-z0-9!#$&^_.+-]"
+_PARAM = rf"[ \t]*;[ \t]*{_TOKEN}{{1,64}}=(?:{_TOKEN}{{1,128}}|\"[ !#-~]{{0,128}}\")"
+_CONTENT_TYPE = re.compile(rf"audio/{_TOKEN}{{1,127}}(?:{_PARAM})*")
+
+
+def audio_content_type(value: object) -> str | None:
+    """``value`` if it is an ``audio/*`` media type this daemon serves, else ``None``."""
+    if isinstance(value, str) and len(value) <= 255 and _CONTENT_TYPE.fullmatch(value):
+        return value
+    return None
 
 
 def usage_amount(text_length: int, multiplier: float) -> int:

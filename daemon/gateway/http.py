@@ -1,5 +1,5 @@
-"""The HTTP side (docs/protocol.md): audio, health, metrics, dashboard — a small ASGI app served by
-hypercorn.
+"""The HTTP side (docs/protocol.md): audio, health, metrics, dashboard, the reader page — a small
+ASGI app served by hypercorn.
 
 No framework: four routes do not need one. The app runs in Trio tasks inside the daemon's
 trio-asyncio loop, so it reaches Redis through the same store as everything else.
@@ -34,12 +34,23 @@ _DASHBOARD_HEADERS = [
     (b"cache-control", b"no-store"),
     (b"referrer-policy", b"no-referrer"),
 ]
+# The reader page also opens the WebSocket (another port: 'self' does not cover it) and plays the
+# audio of this origin.
+_READER_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+        b"object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    (b"cache-control", b"no-store"),
+    (b"referrer-policy", b"no-referrer"),
+]
 
 
 class HttpApp:
     """``health()`` returns (JSON-able report, healthy); ``refresh_metrics()`` updates gauges
     before a scrape; ``get_audio(hash)`` returns (bytes, content type) or None;
-    ``dashboard()`` returns (body, content type) or None when there is none."""
+    ``dashboard()`` and ``reader()`` return (body, content type) or None for paths not theirs."""
 
     def __init__(
         self,
@@ -49,12 +60,14 @@ class HttpApp:
         refresh_metrics: Callable[[], Awaitable[None]],
         registry: Any,
         dashboard: Callable[[str], Awaitable[tuple[bytes, str] | None]] | None = None,
+        reader: Callable[[str], Awaitable[tuple[bytes, str] | None]] | None = None,
     ) -> None:
         self.get_audio = get_audio
         self.health = health
         self.refresh_metrics = refresh_metrics
         self.registry = registry
         self.dashboard = dashboard
+        self.reader = reader
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -94,6 +107,14 @@ class HttpApp:
             await self.refresh_metrics()
             await _respond(send, 200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
             return
+        if self.reader is not None and path.startswith("/reader"):
+            page = await self.reader(path)
+            if page is not None:
+                body = page[0] if method == "GET" else b""
+                await _respond(
+                    send, 200, body, page[1], _READER_HEADERS, content_length=len(page[0])
+                )
+                return
         if self.dashboard is not None:
             page = await self.dashboard(path)
             if page is not None:

@@ -45,6 +45,7 @@ from daemon.gateway.protocol import (
     status_frame,
 )
 from daemon.gateway.ratelimit import RateLimiter
+from daemon.gateway.reader import Reader, reader_config
 from daemon.ops.events import EventLog, Throttle
 from daemon.ops.metrics import Metrics
 from daemon.runtime.outage import Outage
@@ -178,6 +179,16 @@ class Gateway:
             return await self.audio.fetch(variant_hash)
         return await self.store.get_audio(variant_hash)
 
+    def _reader_config(self) -> dict[str, Any]:
+        assert self.addresses is not None  # the HTTP server starts after the WebSocket one
+        return reader_config(
+            ws_port=self.addresses.ws_port,
+            tls=self.addresses.tls,
+            ws_path=WS_PATH,
+            models=self.catalog.models,
+            voices=self.catalog.voices,
+        )
+
     def _http_server(self, stopping: trio.Event) -> Callable[..., Awaitable[None]]:
         app = HttpApp(
             get_audio=self._get_audio,
@@ -185,6 +196,7 @@ class Gateway:
             refresh_metrics=self.refresh_metrics,
             registry=self.metrics.registry,
             dashboard=self.dashboard,
+            reader=Reader(self._reader_config),
         )
         config = HypercornConfig()
         config.bind = [f"{self.cfg.host}:{self.cfg.http_port}"]

@@ -1,22 +1,45 @@
 """The hot path: worker results → audio cache → listeners → billing queue. No Postgres at all.
 
-A reader claims results from ``tts:results`` in batches (``claim.lua``: the audio stays in Redis),
-handlers finalize each group in one atomic ``finalize.lua`` call (audio stored, billing event
-appended, waiters notified), at most ``hot.concurrency`` at once. A result is never only in this
-process's memory: a crash leaves it claimed, given back on restart or by another consumer once
-this one's heartbeat expires. docs/tts-flow.md has the steps and the crash analysis.
+Order of operations (docs/tts-flow.md has the crash analysis, docs/workers.md the figures):
+
+1. **Claim.** The reader takes results from ``tts:results`` into this consumer's claimed set,
+   drain-on-wake: one round trip pipelines a ``BLMOVE`` (blocks server side only when nothing is
+   waiting) with ``claim.lua``, which takes that result and up to ``hot.read_batch - 1`` more.
+   ``claim.lua`` parses each result *in Redis* and hands back a small metadata document: the
+   audio (~80 KB of base64 per five-second block) never travels to the daemon and back. A result
+   is never only in this process's memory.
+2. **Hand over.** Claimed results go over a bounded memory channel to a dispatcher that groups
+   what is waiting (up to ``hot.finalize_batch``) and starts a handler task per group; at most
+   ``hot.concurrency`` results are being finalized at once (a ``CapacityLimiter``).
+3. **Finalize.** A handler checks each result at the boundary (``validate.py``: the result
+   against the worker contract and against the job the daemon wrote, whose JSON the claim brought
+   along) and finalizes the whole group in one ``finalize.lua`` call — one round trip, atomic —
+   that for each result checks it is still the job's (a second result for it, or a result for a
+   variant finalized since, is a duplicate), stores the audio with a TTL (renaming the claimed
+   item: no copy), appends the billing event (built from the job: the creator pays for exactly
+   its text), publishes the status to every waiter and drops the result from the claimed set. A
+   refused result is moved to ``tts:results:dead`` instead, with its reason, in the same call, and
+   its job fails with a recoverable error (the block can be asked for again).
+
+So a result costs one share of a claim round trip and one share of a finalize round trip — about
+two round trips for a lone result, far fewer per result under a burst. A crash before step 3
+leaves the result claimed; it is given back to ``tts:results`` when this consumer restarts, or by
+another consumer once this one's heartbeat expires.
 """
 
 from __future__ import annotations
 
+import json
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import attrs
 import trio
 
 from daemon.config import HotConfig
-from daemon.contracts import BillingEvent, ContractError, Keys, Result
+from daemon.contracts import BillingEvent, Job, Keys
 from daemon.contracts.events import (
     Error,
     GenericEvent,
@@ -25,12 +48,15 @@ from daemon.contracts.events import (
     ResultsRecovered,
     SynthesisComplete,
 )
+from daemon.hot.validate import Checked, NoJob, Refused, check_result
 from daemon.ops.events import EventLog
 from daemon.ops.metrics import Metrics
 from daemon.runtime.faults import FaultPoint, no_fault
 from daemon.runtime.outage import Outage
 from daemon.runtime.priority import RequestFirst
 from daemon.stores.redis import (
+    DEAD_LETTER_CAP,
+    DEAD_LETTER_RAW_BYTES,
     ClaimedResult,
     DeadLetter,
     FinalizeArgs,
@@ -38,7 +64,37 @@ from daemon.stores.redis import (
     is_redis_unavailable,
 )
 
-__all__ = ["GroupHandler", "HotConsumer", "run_hot_consumer"]
+__all__ = ["GroupHandler", "HotConsumer", "ItemTokens", "run_hot_consumer"]
+
+
+class ItemTokens:
+    """Names for claimed results (``tts:hot:item:{token}``), unique to this consumer's run.
+
+    A token is a random 20-bit prefix, fixed per run, times 2³² plus a counter: below 2⁵², so
+    it stays exact in Redis's Lua. Tokens do not come from Redis, so a Redis that lost its last
+    second (AOF ``everysec``) cannot hand out a name again while a handler still holds it; a name
+    in use anyway (another run's, by chance) is skipped by ``claim.lua``.
+    """
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.SystemRandom()
+        self._new_prefix()
+
+    def _new_prefix(self) -> None:
+        self._base = self._rng.randrange(1, 2**20) << 32
+        self._next = 0
+
+    def offer(self, n: int) -> list[str]:
+        """The next ``n`` names to offer a claim (not used up until :meth:`used` says so)."""
+        if self._next + n >= 2**32:
+            self._new_prefix()
+        return [str(self._base + self._next + i) for i in range(n)]
+
+    def used(self, tokens: Sequence[str]) -> None:
+        """The claim used these (in offering order): never offer them again."""
+        if tokens:
+            self._next = int(tokens[-1]) - self._base + 1
+
 
 # finalize.lua's outcomes other than "finalized" and "dead", as events
 _NOT_FINALIZED: dict[str, type[ResultDuplicate] | type[ResultGone]] = {
@@ -57,7 +113,7 @@ class _Claimed:
 class _Prepared:
     claimed: _Claimed
     op: FinalizeArgs | DeadLetter
-    result: Result | None  # None when dead-lettered
+    verdict: Checked | Refused | NoJob
 
 
 # How a group of claimed results is finalized: the consumer's own :meth:`HotConsumer.handle`
@@ -75,6 +131,10 @@ class HotConsumer:
     metrics: Metrics
     consumer_id: str
     block_s: float = 1.0
+    # workers.max_audio_bytes: a result with more audio is refused.
+    max_audio_bytes: int = 16 * 1024 * 1024
+    dead_letter_cap: int = DEAD_LETTER_CAP
+    dead_letter_raw_bytes: int = DEAD_LETTER_RAW_BYTES
     # Tests and the chaos tool stop the consumer at its fault points: "claimed" (results
     # claimed, not yet handed over) and "finalize" (a group about to be finalized).
     fault: FaultPoint = no_fault
@@ -84,6 +144,7 @@ class HotConsumer:
     handle_group: GroupHandler | None = None
     in_flight: int = 0  # results being finalized now
     handled: int = 0  # results done with (finalized, duplicate, gone or dead-lettered)
+    tokens: ItemTokens = attrs.Factory(ItemTokens)
 
     async def run(
         self,
@@ -159,7 +220,9 @@ class HotConsumer:
                         await self._beat(include_own=True)
                         take_back_own = False
                     items = await reader.claim_results(
-                        self.consumer_id, n=self.cfg.read_batch, block_s=self.block_s
+                        self.consumer_id,
+                        tokens=self.tokens.offer(self.cfg.read_batch),
+                        block_s=self.block_s,
                     )
                 except Exception as exc:
                     if not is_redis_unavailable(exc):
@@ -170,6 +233,7 @@ class HotConsumer:
                 outage.ok()
                 if not items:
                     continue
+                self.tokens.used([item.token for item in items])
                 now = time.perf_counter()
                 await self.fault("claimed")
                 # Hand over everything that fits without a checkpoint in between, so the
@@ -237,7 +301,12 @@ class HotConsumer:
                 # have run, its outcome is reported even if a sibling's crash cancels us.
                 with trio.CancelScope(shield=True):
                     replies = await self.store.finalize_many(
-                        self.consumer_id, ops, ttl_s=self.cfg.audio_ttl_s, persist=self.persist
+                        self.consumer_id,
+                        ops,
+                        ttl_s=self.cfg.audio_ttl_s,
+                        persist=self.persist,
+                        dead_letter_cap=self.dead_letter_cap,
+                        dead_letter_raw_bytes=self.dead_letter_raw_bytes,
                     )
             except Exception as exc:
                 if not is_redis_unavailable(exc):
@@ -263,59 +332,101 @@ class HotConsumer:
         return outcomes
 
     def _prepare(self, c: _Claimed) -> _Prepared:
+        """The finalize op for one claimed result: the boundary's verdict (``validate.py``),
+        turned into what ``finalize.lua`` does. Never raises: a result is input."""
         item = c.item
         try:
-            if item.problem:
-                raise ContractError(item.problem)
-            r = Result.from_json(item.meta)
-        except ContractError as exc:
-            return _Prepared(c, DeadLetter(item.seq, str(exc)), None)
-        common = {
-            "seq": item.seq,
-            "job_id": r.job_id,
-            "variant_hash": r.variant_hash,
-            "model": r.model,
-            "voice": r.voice,
+            verdict = check_result(item, max_audio_bytes=self.max_audio_bytes)
+        except Exception as exc:  # a bug in the checks must not become a poison message
+            verdict = Refused(f"result could not be checked: {exc!r}"[:300], None, "", "")
+        if isinstance(verdict, NoJob):
+            return _Prepared(c, DeadLetter(item.token, "", discard=True), verdict)
+        if isinstance(verdict, Refused):
+            note = json.dumps(
+                {"reason": verdict.reason, "worker_id": verdict.worker_id, "job_id": verdict.job_id}
+            )
+            job = verdict.job
+            if job is None:
+                return _Prepared(c, DeadLetter(item.token, note), verdict)
+            op = FinalizeArgs(
+                kind="reject",
+                error=f"the worker's result was refused: {verdict.reason}"[:500],
+                note=note,
+                **self._job_args(item, job),
+            )
+            return _Prepared(c, op, verdict)
+        job = verdict.job
+        if verdict.kind == "error":
+            op = FinalizeArgs(kind="error", error=verdict.error, **self._job_args(item, job))
+        elif verdict.kind == "skipped":
+            op = FinalizeArgs(kind="skipped", **self._job_args(item, job))
+        else:
+            # The bill is the job's: who asked, for exactly which text, at which model's rate.
+            event = BillingEvent(
+                event_id=job.job_id,
+                user_id=job.user_id,
+                model=job.model,
+                voice=job.voice,
+                variant_hash=job.variant_hash,
+                text_length=len(job.text),
+                usage_multiplier=job.usage_multiplier,
+                duration_ms=verdict.duration_ms,
+                document_id=job.document_id,
+                block_idx=job.block_idx,
+                finalized_at=time.time(),
+            )
+            op = FinalizeArgs(
+                kind="audio",
+                content_type=verdict.content_type,
+                duration_ms=verdict.duration_ms,
+                billing_event=event.to_json(),
+                **self._job_args(item, job),
+            )
+        return _Prepared(c, op, verdict)
+
+    @staticmethod
+    def _job_args(item: ClaimedResult, job: Job) -> dict[str, Any]:
+        return {
+            "token": item.token,
+            "job_id": job.job_id,
+            "job_json": item.job,
+            "variant_hash": job.variant_hash,
+            "model": job.model,
+            "voice": job.voice,
+            "meta": item.meta,
+            "loc": item.loc,
         }
-        if r.error is not None:
-            return _Prepared(c, FinalizeArgs(kind="error", error=r.error[:500], **common), r)
-        if item.audio_len <= 0:
-            return _Prepared(c, FinalizeArgs(kind="skipped", **common), r)
-        event = BillingEvent.for_result(r, finalized_at=time.time())
-        args = FinalizeArgs(
-            kind="audio",
-            content_type=r.content_type or "application/octet-stream",
-            duration_ms=r.duration_ms or 0,
-            loc=item.loc,
-            billing_event=event.to_json(),
-            **common,
-        )
-        return _Prepared(c, args, r)
 
     def _report(
         self, p: _Prepared, outcome: str, notified: int, done: float, store_ms: float, group: int
     ) -> None:
         self.handled += 1
-        r, op = p.result, p.op
-        if isinstance(op, DeadLetter):
+        v, op = p.verdict, p.op
+        if isinstance(v, Refused):
             self.metrics.hot_results.labels("dead_letter").inc()
-            if outcome == "dead":
+            if outcome in ("dead", "finalized"):
                 self.events.emit(
                     Error(
                         service="hot",
-                        message=f"undecodable result dead-lettered: {op.reason}",
-                        context={"reason": op.reason, "dead_letter_key": Keys.RESULTS_DEAD},
+                        message=f"worker result refused and dead-lettered: {v.reason}",
+                        context={
+                            "reason": v.reason,
+                            "worker_id": v.worker_id,
+                            "job_id": v.job_id,
+                            "job_failed": outcome == "finalized",
+                            "notified": notified,
+                            "dead_letter_key": Keys.RESULTS_DEAD,
+                        },
                     )
                 )
             return
-        assert r is not None
-        if outcome != "finalized":
+        if isinstance(v, NoJob) or outcome != "finalized":
             self.metrics.hot_results.labels(outcome).inc()
             fields = {
                 "service": "hot",
-                "job_id": r.job_id,
-                "variant_hash": r.variant_hash,
-                "worker_id": r.worker_id,
+                "job_id": v.job_id if isinstance(v, NoJob) else v.job.job_id,
+                "variant_hash": v.variant_hash if isinstance(v, NoJob) else v.job.variant_hash,
+                "worker_id": v.worker_id,
             }
             not_finalized = _NOT_FINALIZED.get(outcome)
             self.events.emit(
@@ -324,6 +435,8 @@ class HotConsumer:
                 else GenericEvent(kind=f"result_{outcome}", data=fields)
             )
             return
+        assert isinstance(op, FinalizeArgs)
+        job = v.job
         self.metrics.hot_results.labels(op.kind).inc()
         finalize_ms = (done - p.claimed.claimed_at) * 1000
         self.metrics.hot_finalize_seconds.observe(finalize_ms / 1000)
@@ -331,11 +444,11 @@ class HotConsumer:
             self.events.emit(
                 Error(
                     service="hot",
-                    message=f"worker reported an error: {r.error}",
+                    message=f"worker reported an error: {v.error}",
                     context={
-                        "job_id": r.job_id,
-                        "variant_hash": r.variant_hash,
-                        "worker_id": r.worker_id,
+                        "job_id": job.job_id,
+                        "variant_hash": job.variant_hash,
+                        "worker_id": v.worker_id,
                         "notified": notified,
                     },
                 )
@@ -343,14 +456,14 @@ class HotConsumer:
             return
         self.events.emit(
             SynthesisComplete(
-                job_id=r.job_id,
-                variant_hash=r.variant_hash,
-                user_id=r.user_id,
-                model=r.model,
-                voice=r.voice,
-                text_length=r.text_length,
-                queue_wait_ms=round(r.queue_wait_ms, 3),
-                worker_ms=round(r.processing_time_ms, 3),
+                job_id=job.job_id,
+                variant_hash=job.variant_hash,
+                user_id=job.user_id,
+                model=job.model,
+                voice=job.voice,
+                text_length=len(job.text),
+                queue_wait_ms=round(v.queue_wait_ms, 3),
+                worker_ms=round(v.processing_time_ms, 3),
                 # Claimed → finalized. Store, billing hand-off and notifications are one atomic
                 # script, so cache_store_ms is the round trip of the pipeline that ran it, and
                 # notify_ms (claimed → notifications published) equals finalize_ms.

@@ -21,6 +21,7 @@ from daemon.ops.stats import OpsStats
 from daemon.runtime.supervisor import Supervisor
 from daemon.stores.pg import PgPool
 from daemon.stores.redis import RedisStore
+from daemon.workers.registry import live_workers
 
 __all__ = ["Health"]
 
@@ -93,6 +94,19 @@ class Health:
             self.log_failure("billing queue depth unavailable", exc)
             return None
 
+    async def workers(self) -> dict[str, dict[str, Any]] | None:
+        """Live workers per model (and per version) from the worker registry
+        (docs/workers.md, "The registry"); None if Redis cannot say within a second."""
+        try:
+            with trio.fail_after(1.0):
+                entries = await self.store.workers()
+                seconds, micros = await self.store.execute("TIME")
+        except Exception as exc:
+            self.log_failure("worker registry unavailable", exc)
+            return None
+        now = int(seconds) + int(micros) / 1e6
+        return live_workers(entries, now, self.cfg.workers.models)
+
     async def queue_stats(self) -> dict[str, dict[str, float]]:
         """Per model: jobs waiting, the oldest one's age, users waiting (empty if Redis is away)."""
         if not self.models:
@@ -122,6 +136,7 @@ class Health:
             "instance": self.instance_id,
             "services": self.services(),
             "billing_queue_depth": await self.billing_depth(),
+            "workers": await self.workers(),
             "pools": self.pools(),
             "connections": self.connections(),
             "reconciliation_delta": self.stats.reconciliation.delta,

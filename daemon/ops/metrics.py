@@ -84,6 +84,12 @@ class Metrics:
         self.jobs_requeued = Counter(
             "tts_jobs_requeued", "Jobs requeued by the visibility scanner", registry=r
         )
+        self.workers_live = Gauge(
+            "tts_workers_live",
+            "Live workers (renewed within three leases) per model; version 'all' or one build",
+            ["model", "version"],
+            registry=r,
+        )
         self.jobs_dead_lettered = Counter(
             "tts_jobs_dead_lettered", "Jobs moved to the DLQ after max_retries", registry=r
         )
@@ -190,6 +196,13 @@ async def refresh_metrics(metrics: Metrics, health: Health) -> None:
     for name in health.supervisor.states:
         metrics.service_restarts.labels(name)
     await health.audio()  # the persist backlog and lag gauges, read fresh
+    workers = await health.workers()
+    if workers is not None:
+        metrics.workers_live.clear()
+        for model, seen in workers.items():
+            metrics.workers_live.labels(model, "all").set(seen["live"])
+            for version, n in seen["versions"].items():
+                metrics.workers_live.labels(model, version).set(n)
     for model, q in (await health.queue_stats()).items():
         metrics.queue_depth.labels(model).set(q["depth"])
         metrics.queue_oldest_age_seconds.labels(model).set(q["oldest_age_s"])

@@ -17,7 +17,7 @@ hot           consumers   yes       :class:`~daemon.hot.consumer.HotConsumer`
 billing       consumers   no        :class:`~daemon.billing.consumer.BillingConsumer` (pool)
 persister     consumers   no        :class:`~daemon.audio.persister.Persister` (``audio.enabled``)
 monitor       consumers   no        :class:`~daemon.ops.monitor.Monitor` (``monitor.enabled``)
-worker-N      workers     no        None (``workers.simulated`` of them)
+worker-N      workers     no        None (``workers.simulated`` of them, ``workers.engine``)
 gateway       gateway     yes       :class:`GatewayHandle` (gateway, bound addresses)
 ============  ==========  ========  =========================================================
 """
@@ -49,8 +49,8 @@ from daemon.runtime.priority import RequestFirst
 from daemon.runtime.supervisor import ServiceSpec
 from daemon.stores.pg import Catalog, PgPool
 from daemon.stores.redis import RedisStore
+from daemon.workers.engines import make_adapters
 from daemon.workers.scanner import run_visibility_scanner
-from daemon.workers.simulated import SimulatedAdapter
 from daemon.workers.worker import run_worker
 
 __all__ = [
@@ -130,7 +130,8 @@ def build_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
 
 
 def scanner_service(cfg: Config, deps: Deps) -> ServiceSpec:
-    """The visibility scanner: requeues jobs whose worker went silent (docs/workers.md)."""
+    """The visibility scanner: requeues jobs whose lease lapsed (or, without a lease, whose
+    worker went silent), and bounds the dead-letter lists (docs/workers.md)."""
     run = functools.partial(
         run_visibility_scanner,
         deps.store,
@@ -138,6 +139,7 @@ def scanner_service(cfg: Config, deps: Deps) -> ServiceSpec:
         deps.events,
         deps.metrics,
         stopping=deps.stopping.consumers,
+        dead_letters=cfg.dead_letters,
     )
     return ServiceSpec("scanner", run, critical=False)
 
@@ -158,6 +160,9 @@ def hot_consumer(
         metrics=deps.metrics,
         consumer_id=deps.instance_id,
         block_s=cfg.redis.block_s,
+        max_audio_bytes=cfg.workers.max_audio_bytes,
+        dead_letter_cap=cfg.dead_letters.max_entries,
+        dead_letter_raw_bytes=cfg.dead_letters.max_raw_bytes,
         fault=deps.hot_fault,
         priority=deps.priority,
         handle_group=handle_group,
@@ -185,6 +190,7 @@ def billing_service(cfg: Config, deps: Deps) -> ServiceSpec:
         consumer_name=deps.instance_id,
         block_s=cfg.redis.block_s,
         fault=deps.billing_fault,
+        dead_letter_cap=cfg.dead_letters.max_entries,
     )
     run = functools.partial(run_billing_consumer, setup, stopping=deps.stopping.consumers)
     return ServiceSpec("billing", run, critical=False, fail_start_up=False)
@@ -234,16 +240,19 @@ def monitor_service(cfg: Config, deps: Deps) -> list[ServiceSpec]:
 
 
 def worker_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
-    """``workers.simulated`` in-process workers, each its own non-critical service."""
+    """``workers.simulated`` in-process workers with the ``workers.engine`` engine, each its own
+    non-critical service."""
     specs = []
-    for i in range(cfg.workers.simulated):
+    adapters = make_adapters(cfg.workers.engine, cfg.workers, cfg.workers.simulated)
+    for i, adapter in enumerate(adapters):
         run = functools.partial(
             run_worker,
             deps.store,
-            SimulatedAdapter(cfg.workers),
+            adapter,
             models=cfg.workers.models,
-            worker_id=f"{deps.instance_id}-sim-{i}",
+            worker_id=f"{deps.instance_id}-{cfg.workers.engine}-{i}",
             stopping=deps.stopping.workers,
+            lease_s=cfg.workers.lease_s,
         )
         specs.append(ServiceSpec(f"worker-{i}", run, critical=False, stage="workers"))
     return specs

@@ -26,7 +26,7 @@ import trio
 import trio_asyncio
 from redis.exceptions import NoScriptError, ResponseError
 
-from daemon.contracts import ContractError, Keys
+from daemon.contracts import ContractError, Keys, audio_content_type
 
 __all__ = [
     "BillingEntry",
@@ -50,9 +50,13 @@ _SCRIPT_NAMES = (
     "claim",
     "finalize",
     "recover",
+    "stale",
     "requeue",
+    "renew",
     "evict",
     "promote",
+    "trim_dead",
+    "replay_billing",
 )
 
 
@@ -98,41 +102,54 @@ def _make_client(url: str, *, max_connections: int, pool_timeout_s: float) -> ai
 CLAIM_B64_SAMPLE = 256
 CLAIM_B64_FULL = 4096
 
+# Defaults of the dead-letter bounds (docs/configuration.md, dead_letters.*).
+DEAD_LETTER_CAP = 10000
+DEAD_LETTER_RAW_BYTES = 64 * 1024
+
 
 @attrs.frozen
 class ClaimedResult:
     """A result the hot consumer claimed; its bytes stay in Redis (``claim.lua``)."""
 
-    seq: int  # its name: tts:hot:item:{seq}
-    meta: bytes  # the result JSON with audio_base64 = "" (empty when ``problem``)
+    token: str  # its name: tts:hot:item:{token}
+    meta: bytes  # the result JSON with audio_base64 = "" (empty when it is not JSON)
     audio_len: int  # characters of audio_base64; -1 when it has none (or not a string)
     loc: str  # where the audio is in the item: "r:s:e" (1-based, in the raw result) or "i:2"
     problem: str  # "" or why the result cannot be read
+    job: bytes = b""  # the JSON of the job the result names, as the daemon wrote it ("" none)
 
 
 @attrs.frozen
 class FinalizeArgs:
-    """Everything ``finalize.lua`` needs for one claimed result."""
+    """Everything ``finalize.lua`` needs for one claimed result of a job the daemon has.
 
-    seq: int
+    ``kind``: audio | skipped | error | reject (refused at the boundary: dead-lettered with
+    ``note``, and the job fails with ``error``)."""
+
+    token: str
     job_id: str
-    variant_hash: str
-    kind: str  # audio | skipped | error
-    model: str
+    job_json: bytes  # as claim.lua read it: finalize.lua checks the job is still this one
+    variant_hash: str  # the job's
+    kind: str
+    model: str  # the job's
     voice: str
+    meta: bytes = b""  # ClaimedResult.meta and .loc: finalize.lua checks the item is this result
+    loc: str = ""
     content_type: str = ""
     duration_ms: int = 0
-    loc: str = ""  # ClaimedResult.loc
     billing_event: str = ""
-    error: str = ""
+    error: str = ""  # what the listeners hear (error, reject)
+    note: str = ""  # the dead-letter note (reject): JSON with reason, worker_id, job_id
 
 
 @attrs.frozen
 class DeadLetter:
-    """A claimed result to move to ``tts:results:dead`` with its reason."""
+    """A claimed result to move to ``tts:results:dead`` with its note (JSON: reason, worker_id,
+    job_id), or with ``discard`` to drop as a duplicate (a valid result for no job we have)."""
 
-    seq: int
-    reason: str
+    token: str
+    note: str
+    discard: bool = False
 
 
 @attrs.frozen
@@ -354,9 +371,7 @@ class RedisStore:
         return await self._script("pull", Keys.pull_keys(model), [])
 
     async def push_result(self, model: str, job_id: str, result_json: str) -> None:
-        await self._script(
-            "push_result", [Keys.RESULTS, Keys.processing(model)], [result_json, job_id]
-        )
+        await self._script("push_result", _push_keys(model), [result_json, job_id])
 
     async def push_results(self, results: Sequence[tuple[str, str, str | bytes]]) -> None:
         """Several ``push_result.lua`` calls, each atomic, in one pipeline (one round trip):
@@ -364,13 +379,52 @@ class RedisStore:
         if not results:
             return
         calls = [
-            ("push_result", [Keys.RESULTS, Keys.processing(model)], [result_json, job_id])
+            ("push_result", _push_keys(model), [result_json, job_id])
             for model, job_id, result_json in results
         ]
         replies = await self._cross(self._evalsha_pipeline, calls)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
+
+    async def renew(
+        self,
+        worker_id: str,
+        entry: dict[str, Any],
+        *,
+        lease_s: float,
+        models: Sequence[str],
+        jobs: Sequence[tuple[str, str]],
+    ) -> list[str]:
+        """``renew.lua``: extend the leases of ``jobs`` (model, job id) and announce the worker in
+        the registry. Returns the ids of jobs this worker no longer holds."""
+        index = {m: i + 1 for i, m in enumerate(models)}
+        keys: list[Any] = [Keys.WORKERS]
+        for m in models:
+            keys += [Keys.processing(m), Keys.leases(m)]
+        args: list[Any] = [worker_id, json.dumps(entry), lease_s]
+        for model, job_id in jobs:
+            if model in index:
+                args += [index[model], job_id]
+        lost = await self._script("renew", keys, args)
+        return [x.decode() for x in lost]
+
+    async def workers(self) -> dict[str, dict[str, Any]]:
+        """The worker registry: worker id → its entry (id, version, models, last_renewal…)."""
+        raw = await self._cross(self._client.hgetall, Keys.WORKERS)
+        out = {}
+        for k, v in raw.items():
+            try:
+                entry = json.loads(v)
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                out[k.decode(errors="replace")] = entry
+        return out
+
+    async def forget_workers(self, worker_ids: Sequence[str]) -> None:
+        if worker_ids:
+            await self._cross(self._client.hdel, Keys.WORKERS, *worker_ids)
 
     async def queue_stats(self, models: Sequence[str]) -> dict[str, dict[str, float]]:
         """Per model: jobs waiting (``depth``), the oldest one's age in seconds
@@ -397,32 +451,56 @@ class RedisStore:
         return out
 
     async def requeue_stale(
-        self, model: str, *, visibility_timeout_s: float, max_retries: int, limit: int = 500
+        self,
+        model: str,
+        *,
+        visibility_timeout_s: float,
+        max_retries: int,
+        limit: int = 500,
+        dlq_cap: int = DEAD_LETTER_CAP,
     ) -> tuple[int, int]:
-        keys = [
+        """One scan of ``model``'s held jobs (``stale.lua`` then ``requeue.lua``): jobs whose
+        lease lapsed — or, without a lease, held longer than ``visibility_timeout_s`` — go back
+        to the queue, or on their ``max_retries``-th time to the DLQ."""
+        found = await self._script(
+            "stale",
+            [Keys.processing(model), Keys.leases(model), Keys.JOBS],
+            [visibility_timeout_s, limit],
+        )
+        if not found:
+            return 0, 0
+        keys: list[Any] = [
             Keys.processing(model),
             Keys.queue(model),
             Keys.JOBS,
             Keys.RETRIES,
             Keys.dlq(model),
             Keys.RESULTS,
+            Keys.leases(model),
             Keys.fair(model),
             Keys.fair_users(model),
             Keys.fair_state(model),
         ]
-        requeued, dead = await self._script(
-            "requeue", keys, [visibility_timeout_s, max_retries, limit]
-        )
+        args: list[Any] = [visibility_timeout_s, max_retries, dlq_cap]
+        for job_id, job_json in zip(found[::2], found[1::2], strict=True):
+            try:
+                variant_hash = str(json.loads(job_json).get("variant_hash", ""))
+            except (ValueError, AttributeError):
+                variant_hash = ""
+            keys.append(Keys.waiters(variant_hash))
+            args.append(job_id)
+        requeued, dead = await self._script("requeue", keys, args)
         return int(requeued), int(dead)
 
     # -- hot consumer -----------------------------------------------------------------------
 
     async def claim_results(
-        self, consumer_id: str, *, n: int, block_s: float
+        self, consumer_id: str, *, tokens: Sequence[str], block_s: float
     ) -> list[ClaimedResult]:
         """Drain-on-wake, one round trip: ``BLMOVE`` (blocks server side up to ``block_s`` only
         when nothing is waiting) pipelined with ``claim.lua``, which takes that result and up to
-        ``n - 1`` more into the consumer's claimed set and parses them in Redis.
+        ``len(tokens) - 1`` more into the consumer's claimed set, each in an item named by one of
+        ``tokens`` (in order; a name in use is skipped), and parses them in Redis.
 
         Use on a ``dedicated()`` store: the BLMOVE holds its connection while it waits. A cancel
         loses nothing: what BLMOVE moved waits in the landing list, which recovery gives back.
@@ -431,9 +509,10 @@ class RedisStore:
             Keys.RESULTS,
             Keys.hot_landing(consumer_id),
             Keys.hot_claimed(consumer_id),
-            Keys.HOT_SEQ,
+            Keys.JOBS,
+            *(Keys.hot_item(t) for t in tokens),
         ]
-        args = [n, CLAIM_B64_SAMPLE, CLAIM_B64_FULL]
+        args = [len(tokens), CLAIM_B64_SAMPLE, CLAIM_B64_FULL, *tokens]
         script = self._scripts["claim"]
         client = self._client
 
@@ -454,10 +533,19 @@ class RedisStore:
         out = []
         for entry in reply:
             head, _, rest = entry.partition(b"\n")
-            seq, audio_len, loc, problem_len = head.split(b"|")
-            n = int(problem_len)
-            problem = rest[:n].decode(errors="replace")
-            out.append(ClaimedResult(int(seq), rest[n:], int(audio_len), loc.decode(), problem))
+            token, audio_len, loc, problem_len, job_len = head.split(b"|")
+            p, j = int(problem_len), int(job_len)
+            problem = rest[:p].decode(errors="replace")
+            out.append(
+                ClaimedResult(
+                    token.decode(),
+                    rest[p + j :],
+                    int(audio_len),
+                    loc.decode(),
+                    problem,
+                    rest[p : p + j],
+                )
+            )
         return out
 
     async def finalize_many(
@@ -467,6 +555,8 @@ class RedisStore:
         *,
         ttl_s: int,
         persist: bool = False,
+        dead_letter_cap: int = DEAD_LETTER_CAP,
+        dead_letter_raw_bytes: int = DEAD_LETTER_RAW_BYTES,
     ) -> list[tuple[str, int]]:
         """Finalize or dead-letter several claimed results with one ``finalize.lua`` call (one
         round trip). Per op: (outcome, waiters notified) — outcome ``finalized``, ``duplicate``,
@@ -476,21 +566,36 @@ class RedisStore:
         With ``persist``, stored audio keeps no TTL and its hash goes to ``tts:persist`` for the
         persister (which applies ``ttl_s`` once the durable store has it).
         """
-        keys = [
+        keys: list[Any] = [
             Keys.hot_claimed(consumer_id),
             Keys.BILLING,
             Keys.JOBS,
             Keys.RETRIES,
             Keys.RESULTS_DEAD,
+            Keys.PERSIST,  # written only with ``persist`` (ARGV 5)
         ]
-        if persist:
-            keys.append(Keys.PERSIST)
         now = round(time.time(), 3)
-        args: list[Any] = [ttl_s, consumer_id]
+        args: list[Any] = [
+            ttl_s,
+            consumer_id,
+            dead_letter_cap,
+            dead_letter_raw_bytes,
+            "1" if persist else "0",
+        ]
         for op in ops:
+            base = len(keys) + 1
+            keys.append(Keys.hot_item(op.token))
             if isinstance(op, DeadLetter):
-                args += ["dead", op.seq, "", "", "", "", "", "", op.reason]
+                kind = "discard" if op.discard else "dead"
+                args += [kind, op.token, base, "", "", "", "", "", "", "", op.note, "", ""]
                 continue
+            keys += [
+                Keys.inflight(op.variant_hash),
+                Keys.waiters(op.variant_hash),
+                Keys.audio(op.variant_hash),
+                Keys.processing(op.model),
+                Keys.queue(op.model),
+            ]
             audio_meta = ""
             if op.kind == "audio":
                 audio_meta = json.dumps(
@@ -505,14 +610,18 @@ class RedisStore:
                 )
             args += [
                 op.kind,
-                op.seq,
+                op.token,
+                base,
                 op.job_id,
-                op.variant_hash,
+                op.job_json,
                 op.model,
                 op.voice,
                 audio_meta,
                 op.billing_event,
                 op.error,
+                op.note,
+                op.meta,
+                op.loc,
             ]
         reply = await self._script("finalize", keys, args)
         return [(reply[i].decode(), int(reply[i + 1])) for i in range(0, len(reply), 2)]
@@ -633,16 +742,53 @@ class RedisStore:
         client = self._client
         await self._cross(ack)
 
-    async def dead_letter_billing(self, entry_id: bytes, reason_json: str) -> None:
+    async def dead_letter_billing(
+        self, entry_id: bytes, reason_json: str, *, cap: int = DEAD_LETTER_CAP
+    ) -> None:
         async def move() -> None:
             async with client.pipeline(transaction=True) as pipe:
                 pipe.lpush(Keys.BILLING_DEAD, reason_json)
+                pipe.ltrim(Keys.BILLING_DEAD, 0, cap - 1)
                 pipe.xack(Keys.BILLING, Keys.BILLING_GROUP, entry_id)
                 pipe.xdel(Keys.BILLING, entry_id)
                 await pipe.execute()
 
         client = self._client
         await self._cross(move)
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    async def trim_dead_letters(self, key: str, *, max_entries: int, max_age_s: float) -> int:
+        """Bound one dead-letter list (``trim_dead.lua``); returns its length."""
+
+        async def trim() -> int:
+            t = await self._client.time()
+            cutoff = t[0] + t[1] / 1e6 - max_age_s
+            return int(await self._scripts["trim_dead"]([key], [cutoff, max_entries, 1000]))
+
+        return await self._cross(trim)
+
+    async def dead_letters(self, key: str, *, start: int = 0, stop: int = -1) -> list[bytes]:
+        """Entries of a dead-letter list, newest first."""
+        return list(await self._cross(self._client.lrange, key, start, stop))
+
+    async def drop_dead_letters(self, key: str, entries: Sequence[bytes] | None = None) -> int:
+        """Drop ``entries`` (each once) from a dead-letter list, or the whole list."""
+        if entries is None:
+            n = int(await self._cross(self._client.llen, key))
+            await self._cross(self._client.delete, key)
+            return n
+        dropped = 0
+        for entry in entries:
+            dropped += int(await self._cross(self._client.lrem, key, 1, entry))
+        return dropped
+
+    async def replay_billing_dead_letter(self, entry: bytes, event_json: str) -> bool:
+        """Put a billing dead letter's event back on the billing stream (once)."""
+        reply = await self._script(
+            "replay_billing", [Keys.BILLING_DEAD, Keys.BILLING], [entry, event_json]
+        )
+        return bool(reply)
 
     async def billing_depth(self) -> int:
         """Billing events produced and not yet billed (the primary health signal)."""
@@ -858,6 +1004,10 @@ class RedisStore:
         await trio_asyncio.aio_as_trio(listen)()
 
 
+def _push_keys(model: str) -> list[str]:
+    return [Keys.RESULTS, Keys.processing(model), Keys.leases(model)]
+
+
 def _persist_hash(fields: Any) -> str | None:
     raw = fields.get(b"h") if fields else None
     try:
@@ -908,7 +1058,8 @@ def _audio_from_item(variant_hash: str, items: list[bytes]) -> tuple[bytes, str]
         data = binascii.a2b_base64(b64, strict_mode=True)
     except (ValueError, KeyError, TypeError, IndexError, binascii.Error) as exc:
         raise ContractError(f"audio {variant_hash}: stored audio cannot be read: {exc}") from None
-    return data, str(meta.get("content_type") or "application/octet-stream")
+    # Only audio is served as what it says it is (anything else on this origin could be script).
+    return data, audio_content_type(meta.get("content_type")) or "application/octet-stream"
 
 
 async def _ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:

@@ -11,7 +11,7 @@ import functools
 import math
 import struct
 
-__all__ = ["duration_ms_for", "wav_bytes", "wav_header_ok"]
+__all__ = ["duration_ms_for", "wav_bytes", "wav_from_pcm", "wav_header_ok"]
 
 
 def duration_ms_for(text: str, speech_chars_per_s: float) -> int:
@@ -37,7 +37,11 @@ def wav_bytes(duration_ms: int, sample_rate: int = 8000) -> bytes:
     nbytes = sample_rate * duration_ms // 1000 * 2
     second = _one_second(sample_rate)
     reps, rest = divmod(nbytes, len(second))
-    pcm = second * reps + second[:rest]
+    return wav_from_pcm(second * reps + second[:rest], sample_rate)
+
+
+def wav_from_pcm(pcm: bytes, sample_rate: int) -> bytes:
+    """A RIFF/WAVE file around 16-bit mono little-endian PCM samples."""
     header = b"RIFF" + struct.pack("<I", 36 + len(pcm)) + b"WAVE"
     fmt = b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
     return header + fmt + b"data" + struct.pack("<I", len(pcm)) + pcm

@@ -1,6 +1,7 @@
 """``tts-worker``: run synthesis workers against a Redis, with any adapter.
 
     tts-worker --redis-url redis://127.0.0.1:6379/0 --adapter mypkg.gpu:KokoroAdapter
+    tts-worker --redis-url ... --engine espeak --concurrency 2
     tts-worker --redis-url ... --simulated --concurrency 4 --batch 8
 
 An adapter is a class (or factory) taking no arguments whose instances have
@@ -28,8 +29,8 @@ from daemon.config import WorkersConfig
 from daemon.contracts import MODELS
 from daemon.stores.bridge import open_bridge
 from daemon.stores.redis import open_redis
-from daemon.workers.simulated import SimulatedAdapter
-from daemon.workers.worker import run_worker
+from daemon.workers.engines import ENGINES, make_adapters
+from daemon.workers.worker import DEFAULT_LEASE_S, run_worker
 
 __all__ = ["load_adapter", "main"]
 
@@ -82,6 +83,7 @@ async def _run(args: argparse.Namespace, adapters: list[Any]) -> None:
                                 models=args.models,
                                 worker_id=f"{args.worker_id}-{i}",
                                 stopping=stopping,
+                                lease_s=args.lease_s,
                             )
                         )
                     print(
@@ -98,9 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--concurrency", type=int, default=1, help="worker loops in this process")
     p.add_argument("--worker-id", default=f"{socket.gethostname()}")
+    p.add_argument(
+        "--lease-s",
+        type=float,
+        default=DEFAULT_LEASE_S,
+        help="lease on the jobs in hand, renewed every third of it (docs/workers.md)",
+    )
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--adapter", help="module:attribute of an adapter class or factory")
-    group.add_argument("--simulated", action="store_true", help="the simulated adapter (WAV)")
+    group.add_argument("--engine", choices=ENGINES, help="a built-in engine (docs/workers.md)")
+    group.add_argument("--simulated", action="store_true", help="the same as --engine simulated")
     sim = p.add_argument_group("simulated adapter")
     sim.add_argument("--chars-per-s", type=float, default=2000.0, help="synthesis speed")
     sim.add_argument("--latency-ms", type=float, default=20.0, help="fixed cost per job/batch")
@@ -109,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.concurrency < 1:
         p.error("--concurrency must be >= 1")
+    if not 0.1 <= args.lease_s <= 3600:
+        p.error("--lease-s must be 0.1..3600")
     if args.simulated:
+        args.engine = "simulated"
+    if args.engine == "simulated":
         if args.chars_per_s <= 0 or args.latency_ms < 0 or args.jitter_ms < 0:
             p.error("--chars-per-s must be > 0, --latency-ms and --jitter-ms >= 0")
         if not 1 <= args.batch <= 256:
@@ -120,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             jitter_ms=args.jitter_ms,
             batch=args.batch,
         )
-        adapters: list[Any] = [SimulatedAdapter(cfg) for _ in range(args.concurrency)]
+        adapters: list[Any] = make_adapters("simulated", cfg, args.concurrency)
+    elif args.engine is not None:
+        try:
+            adapters = make_adapters(args.engine, WorkersConfig(), args.concurrency)
+        except Exception as exc:
+            p.error(f"--engine {args.engine}: {exc}")
     else:
         try:
             adapters = [load_adapter(args.adapter) for _ in range(args.concurrency)]

@@ -12,12 +12,20 @@ only Redis. A worker that dies holding a job loses nothing: the job stays in
 An adapter may also synthesize batches (a GPU is faster on a batch): give it ``batch_size > 1`` and
 ``async def synthesize_batch(jobs) -> list[Synthesized | Exception]``. The worker then pulls up to
 ``batch_size`` jobs and pushes their results together, in one round trip.
+
+While it holds jobs a worker renews a lease on them every ``lease_s / 3`` (``renew.lua``): the
+scanner requeues a job only once its lease lapsed, so a long job of a live worker is never run
+twice, and a dead worker's jobs come back within a lease or so. The same renewal announces the
+worker in the registry (``tts:workers``: id, version, models, last renewal), idle or not.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.metadata
 import itertools
+import os
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -29,7 +37,10 @@ from daemon.contracts import ContractError, Job, Result
 from daemon.runtime.backoff import Backoff
 from daemon.stores.redis import RedisStore, is_redis_unavailable
 
-__all__ = ["Adapter", "BatchAdapter", "Synthesized", "run_worker"]
+__all__ = ["DEFAULT_LEASE_S", "Adapter", "BatchAdapter", "Synthesized", "run_worker"]
+
+# How long a lease lasts unless renewed (workers.lease_s, tts-worker --lease-s).
+DEFAULT_LEASE_S = 10.0
 
 # How long a worker keeps trying to hand back finished results while Redis is unreachable, once
 # it has been asked to stop. (While running it keeps trying: the audio cost GPU time.)
@@ -150,6 +161,51 @@ async def _push(
         await trio.sleep(backoff.next_delay(0.0))
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tts-daemon")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _Leases:
+    """The jobs a worker holds, renewed together with its registry entry (``renew.lua``)."""
+
+    def __init__(
+        self, store: RedisStore, worker_id: str, models: Sequence[str], lease_s: float, adapter: Any
+    ) -> None:
+        self.store, self.worker_id, self.models, self.lease_s = store, worker_id, models, lease_s
+        self.held: dict[str, str] = {}  # job id → model
+        self.entry = {
+            "version": _version(),
+            "models": list(models),
+            "adapter": f"{type(adapter).__module__}.{type(adapter).__qualname__}",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": time.time(),
+        }
+
+    async def renew(self) -> None:
+        """Renew now; a Redis outage is left to the next renewal."""
+        jobs = [(model, job_id) for job_id, model in self.held.items()]
+        try:
+            await self.store.renew(
+                self.worker_id,
+                {**self.entry, "jobs": len(jobs)},
+                lease_s=self.lease_s,
+                models=self.models,
+                jobs=jobs,
+            )
+        except Exception as exc:
+            if not is_redis_unavailable(exc):
+                raise
+
+    async def run(self) -> None:
+        while True:
+            await self.renew()
+            await trio.sleep(self.lease_s / 3)
+
+
 async def run_worker(
     store: RedisStore,
     adapter: Adapter,
@@ -159,6 +215,7 @@ async def run_worker(
     stopping: trio.Event | None = None,
     idle_min_s: float = 0.002,
     idle_max_s: float = 0.05,
+    lease_s: float | None = DEFAULT_LEASE_S,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Pull and synthesize until cancelled or ``stopping`` is set (the job in hand is finished).
@@ -166,8 +223,35 @@ async def run_worker(
     Started as soon as it is about to pull. Polls an empty queue with a backoff from ``idle_min_s``
     to ``idle_max_s``. An adapter exception, or an answer that is not a :class:`Synthesized`,
     becomes an ``error`` result (clients hear of it). A Redis outage is waited out with backoff,
-    and results already synthesized are held until they can be pushed.
+    and results already synthesized are held until they can be pushed. Held jobs are leased for
+    ``lease_s`` and renewed every third of it; ``None``: no leases and no registry entry (a
+    worker that predates them: the scanner's visibility timeout applies).
     """
+    if lease_s is None:
+        await _work(
+            store, adapter, models, worker_id, stopping, idle_min_s, idle_max_s, None, task_status
+        )
+        return
+    leases = _Leases(store, worker_id, models, lease_s, adapter)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(leases.run)
+        await _work(
+            store, adapter, models, worker_id, stopping, idle_min_s, idle_max_s, leases, task_status
+        )
+        nursery.cancel_scope.cancel()
+
+
+async def _work(
+    store: RedisStore,
+    adapter: Adapter,
+    models: Sequence[str],
+    worker_id: str,
+    stopping: trio.Event | None,
+    idle_min_s: float,
+    idle_max_s: float,
+    leases: _Leases | None,
+    task_status: trio.TaskStatus[None],
+) -> None:
     batch_size = max(1, int(getattr(adapter, "batch_size", 1)))
     batch = batch_size > 1 and hasattr(adapter, "synthesize_batch")
     idle = idle_min_s
@@ -190,10 +274,17 @@ async def run_worker(
         idle = idle_min_s
         pulled_at = time.time()
         t0 = time.perf_counter()
+        if leases is not None:
+            leases.held.update((job.job_id, job.model) for job in jobs)
+            await leases.renew()  # leased from the start, not from the next renewal
         outs = await _synthesize(adapter, jobs, batch)
         items = [
             (job.model, job.job_id, _result(job, out, worker_id, pulled_at, t0).to_json())
             for job, out in zip(jobs, outs, strict=True)
         ]
-        # A push that fails for good leaves the jobs in processing: the scanner requeues them.
+        # A push that fails for good leaves the jobs in processing: the scanner requeues them
+        # once their lease lapses (it is no longer renewed).
         await _push(store, items, stopping)
+        if leases is not None:
+            for job in jobs:
+                leases.held.pop(job.job_id, None)

@@ -146,6 +146,10 @@
     setText("finalize-p95", num(d.hot.finalize_ms.p95, "ms"));
     setText("results-rate", num(d.hot.results_per_s));
     setText("results-total", int(d.hot.results_total));
+    // textContent only: versions and model names come from workers (untrusted).
+    setText("workers-live", d.workers ? Object.entries(d.workers).map(([m, w]) =>
+      m + " " + w.live + " (" + Object.entries(w.versions).map(([v, n]) => v + "×" + n).join(", ") +
+      ")").join(" · ") : "–");
 
     // durable audio (null when audio.enabled is false)
     const a = d.audio;

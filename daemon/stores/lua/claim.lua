@@ -2,23 +2,30 @@
 -- list, then from tts:results — and read each one here, in Redis, so that the audio (~80 KB of
 -- base64 per five-second block) never travels to the daemon and back.
 --
--- Each result moves, without a copy (LMOVE), into a key of its own, tts:hot:item:{seq}, a list
--- whose first element is the result as the worker sent it; its seq joins the consumer's claimed
--- set. finalize.lua later renames that key to tts:audio:{variant_hash}: the audio is stored
--- without being copied either. The caller gets a small metadata document per result: the result
--- JSON with audio_base64 = "".
+-- Each result moves, without a copy (LMOVE), into a key of its own, tts:hot:item:{token}, a list
+-- whose first element is the result as the worker sent it; its token joins the consumer's claimed
+-- set. The caller names the items (KEYS) and their tokens (ARGV): tokens are unique to the
+-- consumer's run (docs/tts-flow.md), so a Redis that lost its last second cannot hand one name to
+-- two results; a name already in use is skipped. finalize.lua later renames the item to
+-- tts:audio:{variant_hash}: the audio is stored without being copied either. The caller gets a
+-- small metadata document per result — the result JSON with audio_base64 = "" — and the JSON of
+-- the job it names, as the daemon wrote it at enqueue ("" when there is none): the caller
+-- validates the result against it (daemon/hot/validate.py).
 --
 -- Reading: the fast path finds the top-level "audio_base64" string and splices it out (two memchr
 -- scans and a small JSON decode), so the audio is located, not parsed. A result it cannot splice
 -- safely (escapes in the audio, odd layout) is decoded whole, and its audio string is appended to
 -- the item list. The base64 itself is checked at both ends (ARGV[2] characters each) and wholly
 -- when shorter than ARGV[3]; the audio endpoint decodes strictly and catches the rest.
--- KEYS: 1 tts:results, 2 the consumer's landing list, 3 its claimed set, 4 tts:hot:seq
--- ARGV: 1 n, 2 sample, 3 full-check length
+-- KEYS: 1 tts:results, 2 the consumer's landing list, 3 its claimed set, 4 tts:jobs,
+--       4 + i: the i-th item name offered (tts:hot:item:{token i}), i = 1..n
+-- ARGV: 1 n, 2 sample, 3 full-check length, 3 + i: token i
 -- Returns one string per result (one reply element each: the daemon parses replies in Python):
---   "seq|audio length|where|problem length\n" .. problem .. metadata JSON
+--   "token|audio length|where|problem length|job length\n" .. problem .. job .. metadata JSON
 -- audio length -1: no audio string; where: "r:s:e" (in the raw result) or "i:2" (the item's 2nd
--- element) or ""; problem: "" or why the result cannot be read (then there is no metadata).
+-- element) or "" (where is "r:s:e" for a spliced result even when its base64 is bad: finalize.lua
+-- checks the item's identity with it); problem: "" or why the result cannot be read (the metadata is still there when
+-- the result is JSON: a bad result still names its job, so the job can be failed).
 local n, sample, full = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local KEY = '"audio_base64"'
 local out = {}
@@ -35,7 +42,8 @@ local function b64_problem(len, first, last)
   return nil
 end
 
--- The fast path: positions (s, e) of the audio text inside raw, and the metadata JSON; or nil.
+-- The fast path: positions (s, e) of the audio text inside raw, the metadata JSON and its
+-- decoded table; or nil.
 local function splice(raw)
   local k = string.find(raw, KEY, 1, true)
   if not k then return nil end
@@ -54,13 +62,13 @@ local function splice(raw)
   if not ok_top then return nil end
   local ok, t = pcall(cjson.decode, meta)
   if not ok or type(t) ~= 'table' or t['audio_base64'] ~= '' then return nil end
-  return s, q - 1, meta
+  return s, q - 1, meta, t
 end
 
 local function take(item)
   local raw = redis.call('LINDEX', item, 0)
-  local meta, audio_len, loc, problem = '', -1, '', nil
-  local s, e, m = splice(raw)
+  local meta, audio_len, loc, problem, job_id = '', -1, '', nil, nil
+  local s, e, m, t = splice(raw)
   if s then
     audio_len = e - s + 1
     if audio_len > full then
@@ -69,7 +77,7 @@ local function take(item)
     else
       problem = b64_problem(audio_len, string.sub(raw, s, e))
     end
-    meta, loc = m, 'r:' .. s .. ':' .. e
+    meta, loc, job_id = m, 'r:' .. s .. ':' .. e, t['job_id']
   else
     local ok, r = pcall(cjson.decode, raw)
     if not ok then
@@ -77,6 +85,7 @@ local function take(item)
     elseif type(r) ~= 'table' then
       problem = 'result: not a JSON object'
     else
+      job_id = r['job_id']
       local audio = r['audio_base64']
       if type(audio) == 'string' then
         audio_len = #audio
@@ -96,28 +105,34 @@ local function take(item)
       if encoded then meta = m2 else problem = 'result: cannot be re-encoded: ' .. tostring(m2) end
     end
   end
-  if problem then
-    meta, loc = '', ''
-  else
-    problem = ''
+  if not problem then problem = '' end
+  if problem ~= '' and type(job_id) ~= 'string' then
+    -- Undecodable, but it may still name its job: find it, so that the job can fail (and be
+    -- asked for again) rather than wait forever.
+    local k = string.find(raw, '"job_id"', 1, true)
+    if k then job_id = string.match(raw, '^%s*:%s*"(%x+)"', k + 8) end
   end
-  return meta, audio_len, loc, problem
+  local job = false
+  if type(job_id) == 'string' and job_id ~= '' then job = redis.call('HGET', KEYS[4], job_id) end
+  return meta, audio_len, loc, problem, job or ''
 end
 
-local taken = 0
-while taken < n do
-  local seq = redis.call('INCR', KEYS[4])
-  local item = 'tts:hot:item:' .. seq
-  while redis.call('EXISTS', item) == 1 do  -- the counter was lost but not the item: skip it
-    seq = redis.call('INCR', KEYS[4])
-    item = 'tts:hot:item:' .. seq
-  end
+local slot = 0
+for _ = 1, n do
+  -- The next item name not in use (one still held — by whatever run — is never reused).
+  local item, token
+  repeat
+    slot = slot + 1
+    if slot > n then break end
+    item, token = KEYS[4 + slot], ARGV[3 + slot]
+  until redis.call('EXISTS', item) == 0
+  if slot > n then break end
   local moved = redis.call('LMOVE', KEYS[2], item, 'RIGHT', 'LEFT')
   if not moved then moved = redis.call('LMOVE', KEYS[1], item, 'RIGHT', 'LEFT') end
   if not moved then break end
-  redis.call('SADD', KEYS[3], seq)
-  local meta, audio_len, loc, problem = take(item)
-  out[#out + 1] = seq .. '|' .. audio_len .. '|' .. loc .. '|' .. #problem .. '\n' .. problem .. meta
-  taken = taken + 1
+  redis.call('SADD', KEYS[3], token)
+  local meta, audio_len, loc, problem, job = take(item)
+  out[#out + 1] = token .. '|' .. audio_len .. '|' .. loc .. '|' .. #problem .. '|' .. #job ..
+                  '\n' .. problem .. job .. meta
 end
 return out

@@ -7,8 +7,10 @@ local function tts_waiter(user, idx, conn, doc)
   return user .. '|' .. idx .. '|' .. conn .. '|' .. doc
 end
 
-local function tts_notify(hash, frame)
-  local members = redis.call('SMEMBERS', 'tts:waiters:' .. hash)
+-- waiters_key: tts:waiters:{hash}, passed in KEYS by the scripts that do so (tts_notify builds it,
+-- for the scripts that do not yet).
+local function tts_notify_to(waiters_key, hash, frame)
+  local members = redis.call('SMEMBERS', waiters_key)
   frame['variant_hash'] = hash
   for _, m in ipairs(members) do
     local user, idx, conn, doc = string.match(m, '^(%d+)|(%d+)|(%w+)|(.*)$')
@@ -20,6 +22,10 @@ local function tts_notify(hash, frame)
     end
   end
   return #members
+end
+
+local function tts_notify(hash, frame)
+  return tts_notify_to('tts:waiters:' .. hash, hash, frame)
 end
 
 local function tts_now()

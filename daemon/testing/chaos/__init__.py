@@ -13,8 +13,11 @@ with SIGKILL, and crashed: a host crash emulated by killing it and cutting its A
 was last fsynced; ``--appendfsync`` picks the fsync policy), ``redis-crash`` (only the crash: with
 ``--appendfsync everysec``, the loss window), ``postgres`` (Postgres stopped — fast
 or SIGKILL — and unreachable for a while), ``worker-kill`` (a GPU worker SIGKILLed mid-job),
-``two-daemons`` (two daemons on the same Redis and Postgres, one killed and left down a while), and
-``mixed`` (all of them, at random, against two daemons).
+``two-daemons`` (two daemons on the same Redis and Postgres, one killed and left down a while),
+``hostile-worker`` (for a while, a worker answers the jobs it pulls with results that break the
+contract — ``NaN`` and ``Infinity`` durations, bad base64, ``text/html``, another variant, not
+JSON — or forge the payer and the text length: the blocks fail recoverably and are asked again,
+nothing is billed wrong), and ``mixed`` (all of them, at random, against two daemons).
 
 After each fault it measures the time to recover: every daemon healthy (``/healthz`` 200 with all
 services running) and a probe block synthesized end to end through each of them. Clients behave as

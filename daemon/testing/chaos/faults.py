@@ -4,12 +4,16 @@ and the recovery measure: every daemon healthy and a probe block synthesized thr
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 import trio
 
+from daemon.contracts import Job, Keys
+from daemon.stores.redis import SCRIPTS
 from daemon.testing.chaos.fleet import Fleet
 from daemon.testing.chaos.hostcrash import cut_to_last_fsync
+from daemon.testing.chaos.hostile import HOSTILE_KINDS, REFUSED_KINDS, hostile_result
 from daemon.testing.chaos.params import CLOCK_KEY
 from daemon.testing.chaos.state import DaemonSlot, FaultRecord
 from daemon.testing.client import connect
@@ -197,7 +201,7 @@ class Faults(Fleet):
 
     async def fault_worker_kill(self) -> FaultRecord:
         """SIGKILL a worker process while jobs are held (mid-job), start a replacement; the jobs
-        it held must come back through the visibility scanner and be billed once."""
+        it held must come back through the scanner (their lease lapses) and be billed once."""
         proc = self.rng.choice([w for w in self.workers if w.returncode is None])
         held: list[bytes] = []
         with trio.move_on_after(5.0):
@@ -217,6 +221,40 @@ class Faults(Fleet):
         self._held_at_kill.extend(j.decode() for j in held)
         detail = {"jobs_held": len(held)}
         return FaultRecord("worker_kill", f"worker {proc.pid}", at, lifted, detail=detail)
+
+    async def fault_hostile_worker(self) -> FaultRecord:
+        """For ``hostile_s``, a worker that pulls jobs like any other and answers each with a
+        result that breaks the contract, or one that forges the payer and the text length. Its
+        blocks must fail recoverably (the clients ask again, an honest worker synthesizes them)
+        or, forged, be billed to their creator for their own text: nothing lost, nothing billed
+        wrong, and its refused results are the only dead letters."""
+        assert self.probe_user is not None
+        at = self._t()
+        sent: Counter[str] = Counter()
+        deadline = trio.current_time() + self.p.hostile_s
+        turn = 0
+        while trio.current_time() < deadline:
+            raw = await in_thread(
+                redis_cmd, self.redis_url, "EVAL", SCRIPTS["pull"], 6, *Keys.pull_keys("kokoro")
+            )
+            if raw is None:
+                await trio.sleep(0.01)
+                continue
+            job = Job.from_json(raw)
+            kind = HOSTILE_KINDS[turn % len(HOSTILE_KINDS)]
+            turn += 1
+            payload = hostile_result(job, kind, forged_user=self.probe_user.user_id)
+            await in_thread(
+                redis_cmd, self.redis_url, "EVAL", SCRIPTS["push_result"], 3, Keys.RESULTS,
+                Keys.processing("kokoro"), Keys.leases("kokoro"), payload, job.job_id,
+            )  # fmt: skip
+            sent[kind] += 1
+            if kind in REFUSED_KINDS:
+                self._hostile_refused += 1
+        lifted = self._t()
+        return FaultRecord(
+            "hostile_worker", "worker hostile", at, lifted, detail={"results": dict(sent)}
+        )
 
     async def schedule(self) -> None:
         """Faults one after another during the load, each recovered from before the next. A

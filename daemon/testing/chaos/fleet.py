@@ -163,6 +163,7 @@ events_path = {json.dumps(str(slot.events))}
             "--concurrency", str(p.worker_concurrency), "--batch", str(p.worker_batch),
             "--latency-ms", str(p.worker_latency_ms), "--jitter-ms", str(p.worker_latency_ms / 4),
             "--chars-per-s", "50000", "--worker-id", f"chaos-{n}",
+            "--lease-s", str(p.worker_lease_s),
         ]  # fmt: skip
         log_fd = os.open(self.worker_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:

@@ -16,6 +16,7 @@ FAULT_KINDS = (
     "worker_kill",
     "persister_faults",
     "disk_full",
+    "hostile_worker",
 )
 SCENARIOS: dict[str, tuple[str, ...]] = {
     "daemon-kill": ("daemon_kill",),
@@ -27,6 +28,7 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "worker-kill": ("worker_kill",),
     "persister": ("persister_faults", "daemon_kill"),
     "disk-full": ("disk_full",),
+    "hostile-worker": ("hostile_worker",),
     "two-daemons": ("daemon_kill",),
     "mixed": FAULT_KINDS,
 }
@@ -47,6 +49,7 @@ class Params:
     worker_concurrency: int = 2  # worker loops in each
     worker_batch: int = 4
     worker_latency_ms: float = 150.0
+    worker_lease_s: float = 2.0  # tts-worker --lease-s: a killed worker's jobs return this soon
     daemons: int = 0  # 0: the scenario's own (2 for two-daemons and mixed, else 1)
     appendfsync: str = "always"
     faults: int = 0  # at least this many faults (0: each kind of the scenario once)
@@ -64,6 +67,7 @@ class Params:
     )
     persister_fault_rate: float = 0.5  # per batch, at persist.written (a fifth of it at .read)
     disk_full_s: float = 4.0  # how long the audio store's filesystem stays full
+    hostile_s: float = 3.0  # how long the hostile worker answers the jobs it pulls
     stall_s: float = 8.0  # a client asks again for a block with no news for this long
     ack_timeout_s: float = 15.0  # a request with no reply for this long: the connection is given up
     recover_timeout_s: float = 60.0

@@ -107,6 +107,7 @@ class ChaosState:
         self.pipeline_drain_s = 0.0
         self._killed_workers: set[trio.Process] = set()
         self._held_at_kill: list[str] = []
+        self._hostile_refused = 0  # results of the hostile worker that must be dead letters
         self._fsync_log = work / "aof-fsync.log"
         self._fsync_shim: Path | None = None
         self.audio = AudioChaos(work)

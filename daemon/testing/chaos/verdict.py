@@ -121,7 +121,9 @@ class Verdict(Fleet):
             and phantom == 0,
             "counters_match_usage_log": counters,
             "billing_drained": self.pipeline_quiet,
-            "no_dead_letters": state["billing_dead"] == 0 and state["results_dead"] == 0,
+            # The hostile worker's refused results, and nothing else, are dead letters.
+            "no_dead_letters": state["billing_dead"] == 0
+            and state["results_dead"] == self._hostile_refused,
             "events_log_reconciles": events_unbilled == 0,
             "recovered_from_every_fault": all(r.recover_s is not None for r in self.records),
             "sigterm_exit_0_within_10s": all(x["ok"] for x in self.sigterm_exits),
