@@ -1,5 +1,5 @@
-"""``tts-daemon``: run, migrate, user add, credit, report, audio purge, dead-letters
-(docs/operations.md).
+"""``tts-daemon``: run, migrate, user add, user revoke, credit, report, audio purge,
+dead-letters (docs/operations.md).
 
 Exit status: 0 success; 1 a failure at run time (its reason on stderr); 2 a bad command line or
 configuration value (one line naming the key). ``report`` has its own: 0 green, 1 amber, 2 red
@@ -59,7 +59,8 @@ def resolve_servers(
 
 async def serve_until_signalled(daemon: Daemon, *, name: str = "tts-daemon") -> None:
     """Run ``daemon`` until SIGINT/SIGTERM (a graceful stop; a second signal forces it), printing
-    one "serving ws://… and http://…" line once it accepts connections."""
+    one "serving ws://… and http://… (operations: http://…; events: …)" line once it accepts
+    connections."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -78,7 +79,7 @@ async def serve_until_signalled(daemon: Daemon, *, name: str = "tts-daemon") -> 
             await nursery.start(daemon.run)
             print(
                 f"{name}: serving {daemon.addresses.ws_url} and {daemon.addresses.http_url}"
-                f" (events: {daemon.cfg.events_path})",
+                f" (operations: {daemon.addresses.ops_url}; events: {daemon.cfg.events_path})",
                 flush=True,
             )
             await daemon.stopped.wait()
@@ -124,6 +125,39 @@ async def _with_db(pg_url: str, fn, *args):  # type: ignore[no-untyped-def]
         raise _single(group) from None
 
 
+async def _with_stores(redis_url: str, pg_url: str, fn, *args):  # type: ignore[no-untyped-def]
+    """``fn(db, store, *args)`` with Postgres and Redis: the admin commands that change what a
+    user may do write Postgres (the ledger) and then Redis's mirror of it."""
+    from daemon.stores.pg import open_pg_pool
+    from daemon.stores.redis import open_redis
+
+    try:
+        async with (
+            trio_asyncio.open_loop(),
+            open_pg_pool(pg_url, size=1, min_size=1) as db,
+            open_redis(redis_url, max_connections=4) as store,
+        ):
+            await db.migrate()
+            return await fn(db, store, *args)
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
+
+
+class MirrorNotWritten(Exception):
+    """Postgres changed, Redis's mirror could not be: the daemon's mirror service copies it at
+    its next full rebuild (or the command is run again)."""
+
+
+async def _mirror(db, store, user_id: int) -> None:  # type: ignore[no-untyped-def]
+    from daemon.stores.mirror import aio_mirror_users
+
+    try:
+        with trio.fail_after(30):
+            await db.run(aio_mirror_users, store, [user_id])
+    except Exception as exc:
+        raise MirrorNotWritten(describe(exc)) from None
+
+
 def _single(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
@@ -146,12 +180,24 @@ def cmd_migrate(cfg: Config) -> int:
 def cmd_user_add(cfg: Config, name: str, plan: str) -> int:
     import asyncpg
 
-    async def add(db, name: str, plan: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
-        return await db.add_user(name, plan)
-
-    with resolve_servers(cfg, redis=False) as (_, pg_url):
+    async def add(db, store, name: str, plan: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+        user_id, token = await db.add_user(name, plan)
         try:
-            user_id, token = trio.run(_with_db, pg_url, add, name, plan)
+            await _mirror(db, store, user_id)
+        except MirrorNotWritten as exc:
+            print(user_id)
+            print(token)
+            raise MirrorNotWritten(
+                f"user {user_id} created, but Redis could not be told ({exc}); the token works"
+                " once the daemon rebuilds its mirror"
+            ) from None
+        return user_id, token
+
+    with resolve_servers(cfg) as (redis_url, pg_url):
+        try:
+            user_id, token = trio.run(_with_stores, redis_url, pg_url, add, name, plan)
+        except MirrorNotWritten as exc:
+            return _fail(str(exc), 1)
         except ValueError as exc:
             return _fail(str(exc), 2)
         except asyncpg.UniqueViolationError:
@@ -166,13 +212,24 @@ def cmd_user_add(cfg: Config, name: str, plan: str) -> int:
 def cmd_credit(cfg: Config, user: str, voice_chars: int) -> int:
     from daemon.stores.pg import UnknownUser
 
-    async def credit(db, user: str, n: int) -> dict:  # type: ignore[no-untyped-def]
-        return await db.credit(user, n)
-
-    with resolve_servers(cfg, redis=False) as (_, pg_url):
+    async def credit(db, store, user: str, n: int) -> dict:  # type: ignore[no-untyped-def]
+        out = await db.credit(user, n)
         try:
-            out = trio.run(_with_db, pg_url, credit, user, voice_chars)
+            await _mirror(db, store, out["user_id"])
+        except MirrorNotWritten as exc:
+            print(json.dumps(out, default=str))
+            raise MirrorNotWritten(
+                f"credit recorded, but Redis could not be told ({exc}); it counts once the"
+                " daemon rebuilds its mirror or billing next writes this user"
+            ) from None
+        return out
+
+    with resolve_servers(cfg) as (redis_url, pg_url):
+        try:
+            out = trio.run(_with_stores, redis_url, pg_url, credit, user, voice_chars)
         except UnknownUser as exc:
+            return _fail(str(exc), 1)
+        except MirrorNotWritten as exc:
             return _fail(str(exc), 1)
     print(json.dumps(out, default=str))
     return 0
@@ -203,6 +260,23 @@ def cmd_audio_purge(cfg: Config, model: str, before_text: str | None) -> int:
         except BaseExceptionGroup as group:
             raise _single(group) from None
     print(json.dumps({"model": model, "before": before_text, "purged": out}))
+    return 0
+
+
+def cmd_user_revoke(cfg: Config, user: str) -> int:
+    from daemon.stores.mirror import aio_revoke
+    from daemon.stores.pg import UnknownUser
+
+    async def revoke(db, store, user: str) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+        with trio.fail_after(30):
+            return await db.run(aio_revoke, store, user)
+
+    with resolve_servers(cfg) as (redis_url, pg_url):
+        try:
+            user_id, n = trio.run(_with_stores, redis_url, pg_url, revoke, user)
+        except UnknownUser as exc:
+            return _fail(str(exc), 1)
+    print(json.dumps({"user_id": user_id, "tokens_revoked": n}))
     return 0
 
 
@@ -286,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.add_argument("--name", required=True)
     add.add_argument("--plan", required=True, help="free, basic, plus or unlimited")
+    revoke = with_config(
+        user_sub.add_parser(
+            "revoke", help="revoke every token of a user and close their open connections"
+        )
+    )
+    revoke.add_argument("--user", required=True, help="user id or name")
     credit = with_config(
         sub.add_parser("credit", help="add purchased premium-voice characters to a user")
     )
@@ -341,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(cfg)
         if args.command == "migrate":
             return cmd_migrate(cfg)
+        if args.command == "user" and args.user_command == "revoke":
+            return cmd_user_revoke(cfg, args.user)
         if args.command == "user":
             return cmd_user_add(cfg, args.name, args.plan)
         if args.command == "audio":

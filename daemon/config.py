@@ -24,10 +24,12 @@ __all__ = [
     "DataConfig",
     "DeadLettersConfig",
     "GatewayConfig",
+    "HoldsConfig",
     "HotConfig",
     "LogConfig",
     "ModelsConfig",
     "MonitorConfig",
+    "OpsConfig",
     "PlansConfig",
     "PostgresConfig",
     "RedisConfig",
@@ -72,6 +74,12 @@ class GatewayConfig:
     # Statuses from Redis queued for routing to connections; when full, more are dropped and
     # the open waits re-read from Redis (every block still gets its terminal status).
     notify_buffer: int = 4096
+    # Frames one connection may send per second (a token bucket holding as many); beyond it the
+    # connection is closed with 1008 (policy violation).
+    max_frames_per_s: int = 50
+    # Handshakes with an unknown token one client address may make per minute (the rest get
+    # HTTP 429 without a look-up).
+    auth_failures_per_min: int = 30
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The server TLS context when both ``tls_cert`` and ``tls_key`` are set, else ``None``."""
@@ -255,6 +263,28 @@ class MonitorConfig:
 
 
 @attrs.frozen
+class OpsConfig:
+    """The operations listener: /metrics, /healthz, /dashboard, apart from the gateway's ports
+    (docs/operations.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8081
+
+
+@attrs.frozen
+class HoldsConfig:
+    """Usage holds and the entitlements mirror (docs/billing.md)."""
+
+    # A hold whose job is gone (not queued, not running) expires this long after it was placed.
+    ttl_s: float = 300.0
+    # A hold whose audio is done and whose billing event waits (Postgres down) expires after this.
+    billing_ttl_s: float = 86400.0
+    # How often the reaper looks for expired holds, and the mirror service for a lost mirror.
+    check_s: float = 1.0
+    reap_interval_s: float = 10.0
+
+
+@attrs.frozen
 class PlansConfig:
     # Fair scheduling's share per plan (docs/workers.md, "Scheduling"): a user on a plan of weight
     # 2 gets twice the synthesized characters of a weight-1 user while both have jobs waiting.
@@ -287,6 +317,8 @@ class Config:
             return Path(self.audio.dir)
         return self.data.dir / "audio"
 
+    ops: OpsConfig = OpsConfig()
+    holds: HoldsConfig = HoldsConfig()
     plans: PlansConfig = PlansConfig()
 
     @property
@@ -317,6 +349,8 @@ _SECTIONS: dict[str, type] = {
     "monitor": MonitorConfig,
     "audio": AudioConfig,
     "models": ModelsConfig,
+    "ops": OpsConfig,
+    "holds": HoldsConfig,
     "plans": PlansConfig,
 }
 
@@ -336,6 +370,13 @@ _RULES: dict[str, tuple[Any, str]] = {
     "gateway.max_connections_per_user": _AT_LEAST_1,
     "gateway.max_pending_blocks": _AT_LEAST_1,
     "gateway.notify_buffer": _AT_LEAST_1,
+    "gateway.max_frames_per_s": _AT_LEAST_1,
+    "gateway.auth_failures_per_min": _AT_LEAST_1,
+    "ops.port": _PORT,
+    "holds.ttl_s": _POSITIVE,
+    "holds.billing_ttl_s": _POSITIVE,
+    "holds.check_s": (lambda v: 0.05 <= v <= 60, "must be 0.05..60"),
+    "holds.reap_interval_s": (lambda v: 0.05 <= v <= 3600, "must be 0.05..3600"),
     "redis.max_connections": _AT_LEAST_1,
     "redis.pool_timeout_s": _POSITIVE,
     "redis.command_timeout_s": _POSITIVE,
@@ -469,6 +510,8 @@ def _check_cross_field(cfg: Config) -> None:
             raise ConfigError(f"gateway.{key}: no such file: {path}")
     if g.ws_port and g.ws_port == g.http_port:
         raise ConfigError("gateway.http_port: must differ from gateway.ws_port")
+    if cfg.ops.port and cfg.ops.port in (g.ws_port, g.http_port) and cfg.ops.host == g.host:
+        raise ConfigError("ops.port: must differ from gateway.ws_port and gateway.http_port")
     if cfg.supervisor.backoff_max_s < cfg.supervisor.backoff_min_s:
         raise ConfigError("supervisor.backoff_max_s: must be >= supervisor.backoff_min_s")
     for url_key, url, schemes in (

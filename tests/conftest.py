@@ -22,6 +22,7 @@ import redis
 from daemon.config import Config
 from daemon.embedded import EmbeddedServers
 from daemon.runtime.daemon import Daemon, open_daemon
+from daemon.testing import stores as testing_stores
 from daemon.testing.config import make_config
 from daemon.testing.stores import setup_database
 
@@ -92,12 +93,14 @@ def pg_url(servers: EmbeddedServers) -> Iterator[str]:
 
 @pytest.fixture
 def redis_url(servers: EmbeddedServers) -> str:
-    """The session's Redis, emptied for this test."""
+    """The session's Redis, emptied for this test. Users the test creates (``add_user``) are
+    mirrored to it, as ``tts-daemon user add`` does (docs/billing.md)."""
     client = redis.Redis.from_url(servers.redis.url)
     try:
         client.flushall()
     finally:
         client.close()
+    testing_stores.DEFAULT_REDIS_URL = servers.redis.url
     return servers.redis.url
 
 

@@ -60,6 +60,15 @@ def hashes(client: WsClient, document_id: str) -> list[str]:
     return [terminal[i]["audio_url"].rsplit("/", 1)[1] for i in sorted(terminal)]
 
 
+async def flushall(redis_url: str) -> None:
+    """Redis loses everything while a daemon runs; back once its mirror service has copied the
+    entitlements and tokens from Postgres again (the handshake reads only Redis)."""
+    await redis_call(redis_url, "FLUSHALL")
+    await wait_until(
+        lambda: redis_call(redis_url, "EXISTS", Keys.MIRROR_READY), what="mirror rebuilt"
+    )
+
+
 async def persisted(daemon: Daemon, n: int) -> bool:
     """Everything finalized is in the store: the persist stream is empty, n objects written."""
     persister = daemon.persister
@@ -88,7 +97,7 @@ async def test_re_request_after_redis_lost_the_audio_is_cached_from_the_store_an
                 lambda: _none_exist(redis_url, keys), timeout_s=30, what="audio expired"
             )
         elif lost_by == "flushall":
-            await redis_call(redis_url, "FLUSHALL")
+            await flushall(redis_url)
         if lost_by != "restart":
             events = Events(daemon)
             again = await synthesize(daemon, token, "doc-2", TEXTS)
@@ -118,6 +127,9 @@ async def _check_cached_and_free(
     assert await fetch(daemon, client, "doc-2") == original
     assert int(await redis_call(daemon.redis_url, "HLEN", Keys.JOBS)) == 0
     assert int(await redis_call(daemon.redis_url, "XLEN", Keys.BILLING)) == 0
+    # …and no usage hold was placed for them (only its running sums may be there).
+    held = await redis_call(daemon.redis_url, "HKEYS", Keys.holds(user_id))
+    assert [k for k in held if not k.startswith(b"sum:")] == []
     assert not events.named("synthesis_complete")
     assert len(await usage_rows(pg_url, user_id=user_id)) == len(TEXTS)
     assert daemon.metrics.audio_store_hits.labels("synthesize")._value.get() == len(TEXTS)
@@ -157,7 +169,7 @@ async def test_persister_crash_mid_batch_loses_nothing_and_writes_each_object_on
         assert store.writes == len(texts)
         if point == "persist.written":
             assert persister.existing >= 1  # the redelivered batch found its objects there
-        await redis_call(redis_url, "FLUSHALL")
+        await flushall(redis_url)
         again = await synthesize(daemon, token, "doc-2", texts)
         assert await fetch(daemon, again, "doc-2") == original
 
@@ -250,7 +262,7 @@ async def test_two_daemons_share_one_store(tmp_path: Path, redis_url: str, pg_ur
         )
         assert a.audio_store is not None and b.audio_store is not None
         assert (await b.audio_store.stats()).objects == len(TEXTS)
-        await redis_call(redis_url, "FLUSHALL")
+        await flushall(redis_url)
         events = Events(b)
         again = await synthesize(b, token, "doc-2", TEXTS)
         await _check_cached_and_free(b, again, original, pg_url, user_id, events)
@@ -293,13 +305,15 @@ async def test_audio_http_is_immutable_with_etag_and_ranges(daemon: Daemon, pg_u
             lambda: daemon.persister is not None and daemon.persister.store.known_objects == 1,
             what="store measured",
         )
-        health = (await http.get("/healthz")).json()["audio"]
+    # (on the operations listener, apart from the gateway)
+    async with httpx.AsyncClient(base_url=daemon.addresses.ops_url) as ops:
+        health = (await ops.get("/healthz")).json()["audio"]
         assert health["state"] == "running" and health["store_objects"] == 1
         assert health["persist_backlog"] == 0 and health["write_errors"] == 0
-        metrics = (await http.get("/metrics")).text
+        metrics = (await ops.get("/metrics")).text
         assert "tts_audio_store_objects 1.0" in metrics
         assert "tts_audio_persist_backlog 0.0" in metrics
-        dashboard = (await http.get("/dashboard/data")).json()
+        dashboard = (await ops.get("/dashboard/data")).json()
         assert dashboard["audio"]["store_objects"] == 1
 
 
@@ -324,9 +338,9 @@ async def test_full_disk_backs_the_persister_off_and_never_the_hot_path(
             assert persister is not None
             await wait_until(lambda: persister.state == "disk_full", what="disk_full reported")
             assert daemon.addresses is not None
-            async with httpx.AsyncClient(base_url=daemon.addresses.http_url) as http:
-                health = await http.get("/healthz")
-                metrics = (await http.get("/metrics")).text
+            async with httpx.AsyncClient(base_url=daemon.addresses.ops_url) as ops:
+                health = await ops.get("/healthz")
+                metrics = (await ops.get("/metrics")).text
             assert health.status_code == 200 and health.json()["audio"]["state"] == "disk_full"
             assert "tts_audio_store_write_errors_total" in metrics
             assert daemon.metrics.audio_store_write_errors._value.get() >= 1
@@ -335,7 +349,7 @@ async def test_full_disk_backs_the_persister_off_and_never_the_hot_path(
             subprocess.run(["mount", "-o", "remount,size=4m", str(mnt)], check=True)
             await wait_until(lambda: persisted(daemon, len(texts)), timeout_s=60, what="caught up")
             assert persister.state == "running"
-            await redis_call(redis_url, "FLUSHALL")
+            await flushall(redis_url)
             again = await synthesize(daemon, token, "doc-2", texts)
             assert await fetch(daemon, again, "doc-2") == original
     finally:

@@ -8,11 +8,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
+import redis
 
+from daemon.contracts import token_hash
 from daemon.testing.config import write_config
 
 pytestmark = pytest.mark.xdist_group("cli")
@@ -75,7 +78,8 @@ def _run_and_stop(proc: subprocess.Popen[str], config_file: Path, data_dir: Path
             if not line:
                 break
             if "serving" in line:
-                http_url = line.split(" and ")[1].split()[0]
+                # the operations listener: /healthz (docs/operations.md)
+                http_url = line.split("(operations: ")[1].split(";")[0]
                 break
         assert http_url, f"daemon did not start: {proc.stderr.read() if proc.stderr else ''}"
         assert httpx.get(http_url + "/healthz", timeout=10).status_code == 200
@@ -90,6 +94,9 @@ def _run_and_stop(proc: subprocess.Popen[str], config_file: Path, data_dir: Path
         credited = _cmd("credit", "--user", "erin", "--voice-chars", "500", cfg=config_file)
         assert credited.returncode == 0, credited.stderr
         assert json.loads(credited.stdout)["purchased_voice_chars"] == 500
+        revoked = _cmd("user", "revoke", "--user", "erin", cfg=config_file)
+        assert revoked.returncode == 0, revoked.stderr
+        assert json.loads(revoked.stdout) == {"user_id": int(user_id), "tokens_revoked": 1}
         assert all(p.is_running() for p in servers)
         assert httpx.get(http_url + "/healthz", timeout=10).status_code == 200
 
@@ -126,14 +133,28 @@ def test_admin_commands_alone_start_and_stop_their_servers(config_file: Path) ->
 
 
 def test_urls_configured_means_nothing_embedded_is_started(
-    tmp_path: Path, servers: object, pg_url: str
+    tmp_path: Path, servers: Any, pg_url: str, redis_url: str
 ) -> None:
     path = tmp_path / "urls.toml"
-    path.write_text(f'[data]\ndir = "{tmp_path / "var"}"\n[postgres]\nurl = "{pg_url}"\n')
+    path.write_text(
+        f'[data]\ndir = "{tmp_path / "var"}"\n[postgres]\nurl = "{pg_url}"\n'
+        f'[redis]\nurl = "{redis_url}"\n'
+    )
     out = _cmd("user", "add", "--name", "gina", "--plan", "basic", cfg=path)
     assert out.returncode == 0, out.stderr
     assert not (tmp_path / "var" / "postgres").exists()
     assert not (tmp_path / "var" / "redis").exists()
+    # `user add` wrote the user's entitlements and token to Redis's mirror (docs/billing.md)
+    user_id = int(out.stdout.split()[0])
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.hget(f"tts:ent:{user_id}", "kokoro_allow") == b"1000000"
+        assert (
+            client.get("tts:token:" + token_hash(out.stdout.split()[1]).hex())
+            == f"{user_id}|basic".encode()
+        )
+    finally:
+        client.close()
 
 
 def test_hot_path_modules_do_not_import_the_postgres_driver() -> None:

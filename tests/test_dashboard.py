@@ -125,7 +125,7 @@ async def test_dashboard_shows_the_billing_section_live_in_a_real_browser(
             ),
             what="alice's 24 events billed and reconciled",
         )
-        await page.navigate(d.addresses.http_url + "/dashboard")
+        await page.navigate(d.addresses.ops_url + "/dashboard")
         batches = len(events_of(cfg.events_path, "billing_processed"))
         green = await _wait_for_page(
             page, "a green delta", lambda s: s["delta"] == "0" and s["batchPoints"] == batches

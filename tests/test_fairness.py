@@ -61,6 +61,20 @@ class Scheduler:
             )
             self.jobs[job.job_id] = job
             rows.append((idx, job.variant_hash, job.job_id, len(text), job.to_json()))
+        # the user's entitlements in Redis (docs/billing.md): unlimited here
+        self.r.hset(
+            Keys.ent(user),
+            mapping={
+                "version": 0,
+                "kokoro_allow": -1,
+                "kokoro_used": 0,
+                "premium_allow": -1,
+                "premium_used": 0,
+                "rollover": 0,
+                "purchased": 0,
+                "period_end": 4_000_000_000,
+            },
+        )
         keys, args = enqueue_call(
             user_id=user,
             conn_id=conn,
@@ -68,7 +82,7 @@ class Scheduler:
             model=MODEL,
             now=1.0,
             rate_limit=100_000,
-            budget=None,
+            usage_type="server_kokoro",
             blocks=rows,
             weight=weight,
         )
@@ -103,14 +117,21 @@ class Scheduler:
         cursor: int = -1,
     ) -> list[int]:
         """``evict.lua``: a connection closed (mode all), or cursor_moved (queued, cursor)."""
-        rows = [(doc, idx, f"{user}-{doc}-{idx}-{text}", MODEL) for idx, text in blocks]
+        rows = [(doc, idx, f"{user}-{doc}-{idx}-{text}") for idx, text in blocks]
         args: list = [user, conn, mode, len(rows)]
-        keys: list = []
-        for row in rows:
-            args.extend(row)
-            keys.extend((Keys.fair(MODEL), Keys.fair_state(MODEL)))
+        keys: list = [Keys.JOBS, Keys.RETRIES]
+        for doc_, idx, variant_hash in rows:
+            args += [doc_, idx]
+            keys += [
+                Keys.inflight(variant_hash),
+                Keys.waiters(variant_hash),
+                Keys.queue(MODEL),
+                Keys.fair(MODEL),
+                Keys.fair_state(MODEL),
+            ]
         args.append(cursor)
-        return self.scripts["evict"](keys, args)
+        evicted, _dropped = self.scripts["evict"](keys, args)
+        return evicted
 
 
 @pytest.fixture
@@ -318,7 +339,7 @@ async def test_a_reader_is_cached_within_three_batches_while_another_user_has_64
             await b.synthesize("article", ["The one block this reader needs."])
             await b.until(_queued(1))
             # What an autoscaler of workers reads: the queue, its age and the users waiting.
-            metrics = await scrape(daemon.addresses.http_url)
+            metrics = await scrape(daemon.addresses.ops_url)
             label = (("model", MODEL),)
             assert metrics[("tts_queue_depth", label)] == 641
             assert metrics[("tts_queue_users_waiting", label)] == 2

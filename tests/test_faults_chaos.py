@@ -224,14 +224,10 @@ async def test_postgres_restarted_and_unreachable_for_a_while(
 ) -> None:
     _, result = await run_chaos(tmp_path, servers, scenario="postgres")
     assert_nothing_lost(result, kind="postgres_outage")
-    # The clients heard clear, retryable errors meanwhile (no hang, no silent drop), worded as
-    # an outage, not as a bug.
+    # The clients heard no error at all meanwhile: the request path reads no Postgres (tokens,
+    # entitlements and holds are in Redis, docs/billing.md); only billing waited.
     errors = result["clients"]["error_frames"]
-    outage = {
-        "internal: temporarily unavailable, try again",
-        "internal: timed out waiting for the database, try again",
-    }
-    assert errors and set(errors) <= outage, errors
+    assert errors == {}, errors
 
 
 async def test_worker_killed_mid_job(tmp_path: Path, servers: Servers) -> None:

@@ -375,8 +375,8 @@ async def test_variant_hash_is_a_keyed_hmac_kept_under_data_dir(
 # -- usage limits, rate limit ------------------------------------------------------------------
 
 
-async def test_usage_limit_errors_blocks_over_the_plan_and_measures_pool_wait(
-    manual_daemon: Daemon, pg_url: str
+async def test_usage_limit_errors_blocks_over_the_plan_without_postgres(
+    manual_daemon: Daemon, pg_url: str, redis_url: str
 ) -> None:
     user, token = await add_user(pg_url, "frugal", "free")
     async with WsClient.connect(ws_url(manual_daemon), token) as client:
@@ -393,19 +393,36 @@ async def test_usage_limit_errors_blocks_over_the_plan_and_measures_pool_wait(
         assert frame["error"] == "usage limit exceeded" and frame["recoverable"] is False
     assert limited["status"] == "error" and limited["recoverable"] is False
     assert limited["model"] == "premium" and limited["voice"] == "ava"
-    assert _histogram_count(manual_daemon, "tts_request_pool_wait_seconds") == before + 2
+    # no Postgres pool on the request path: the limits come from Redis (holds and the mirror)
+    assert _histogram_count(manual_daemon, "tts_request_pool_wait_seconds") == before
+    # the connection closed: its queued jobs left the queue and their holds were released
+    await wait_until(
+        lambda: _no_holds(redis_url, user), what="the closed connection's holds released"
+    )
 
-    # usage already billed this period counts (read from Postgres at request time)
+    # usage already billed this period counts (copied from Postgres into the mirror)
     await pg_fetch(
         pg_url,
         "INSERT INTO usage_periods (user_id, period_start, server_kokoro_characters)"
         " VALUES ($1, tts_period_start(), 19990)",
         user,
     )
+    assert manual_daemon.mirror is not None
+    manual_daemon.mirror.want(user)  # what the gateway asks for a user it finds without a copy
+
+    async def copied() -> bool:
+        used = await redis_call(redis_url, "HGET", f"tts:ent:{user}", "kokoro_used")
+        return used == b"19990"
+
+    await wait_until(copied, what="the mirror to copy the new usage")
     async with WsClient.connect(ws_url(manual_daemon), token) as client:
         await client.synthesize("tail", ["Eleven char", "Ten chars!"])
         await client.until(lambda fs: len(fs) == 2)
     assert first_statuses(client, "tail") == {0: "error", 1: "queued"}
+
+
+async def _no_holds(redis_url: str, user_id: int) -> bool:
+    return not await redis_call(redis_url, "EXISTS", f"tts:holds:{user_id}")
 
 
 def _histogram_count(d: Daemon, name: str) -> float:
@@ -796,6 +813,6 @@ async def test_statuses_dropped_by_a_full_fan_out_are_recovered_exactly_once(
                     statuses,
                 )
         assert daemon.addresses is not None
-        dropped = (await scrape(daemon.addresses.http_url))[("tts_notifications_dropped_total", ())]
+        dropped = (await scrape(daemon.addresses.ops_url))[("tts_notifications_dropped_total", ())]
         assert dropped == daemon.gateway.notifications_dropped
         assert any("notification channel full" in e.message for e in errors)

@@ -401,7 +401,7 @@ async def one_example(
                 return len(frames)
 
 
-async def round_trip(url: str, http_url: str, token: str, redis_url: str) -> None:
+async def round_trip(url: str, http_url: str, ops_url: str, token: str, redis_url: str) -> None:
     worker = ManualWorker(redis_url)
     async with WsClient.connect(url, token) as client:
         await client.synthesize("final", ["After all that, a real request."])
@@ -412,6 +412,7 @@ async def round_trip(url: str, http_url: str, token: str, redis_url: str) -> Non
     assert client.statuses("final")[0] == ["queued", "processing", "cached"]
     async with httpx.AsyncClient(base_url=http_url) as http:
         audio = await http.get(client.terminal("final")[0]["audio_url"])
+    async with httpx.AsyncClient(base_url=ops_url) as http:
         health = await http.get("/healthz")
     assert audio.status_code == 200
     assert health.status_code == 200
@@ -441,7 +442,7 @@ def test_arbitrary_and_near_valid_frames_never_break_the_gateway(
         total["examples"] += 1
 
     example()
-    trio.run(round_trip, url, http_url, token, redis_url)
+    trio.run(round_trip, url, http_url, fuzz_daemon.addresses.ops_url, token, redis_url)
     # Enough work done: at least 110 connections and 1,500 frames. Rude examples stop sending when
     # the gateway closes on them, so how many frames go out depends on timing (1,880–2,400 seen).
     assert total["examples"] >= 110 and total["frames"] >= 1500, total

@@ -43,6 +43,8 @@ async def test_wss_and_https_with_a_trusted_certificate(
 
         async with httpx.AsyncClient(base_url=http_url, verify=client_ctx) as http:
             audio = await http.get(frame["audio_url"])
+        # The operations listener is plain HTTP on loopback (docs/operations.md).
+        async with httpx.AsyncClient(base_url=d.addresses.ops_url) as http:
             health = await http.get("/healthz")
         assert audio.status_code == 200 and wav_header_ok(audio.content)
         assert health.status_code == 200 and health.json()["services"]["gateway"]["state"] == (

@@ -265,6 +265,9 @@ async def quiet_counting(
 async def test_hot_path_delivers_while_postgres_is_stopped_and_billing_catches_up(
     tmp_path: Path,
 ) -> None:
+    """Postgres stopped: open connections and a new one (handshake, synthesize) get their audio,
+    /healthz says degraded; once it is back, every block is billed exactly once and every hold
+    is settled (the request path reads only Redis: docs/billing.md)."""
     servers = EmbeddedServers(tmp_path / "servers")
     await trio.to_thread.run_sync(servers.__enter__)
     try:
@@ -280,7 +283,7 @@ async def test_hot_path_delivers_while_postgres_is_stopped_and_billing_catches_u
         n = 10
         async with open_daemon(cfg, redis_url, pg_url) as daemon:
             events = Events(daemon)
-            _, token = await add_user(pg_url, "mia", "plus")
+            user_id, token = await add_user(pg_url, "mia", "plus", redis_url=redis_url)
             assert daemon.addresses is not None
             async with WsClient.connect(daemon.addresses.ws_url, token) as client:
                 await client.synthesize("doc", texts(n))
@@ -294,11 +297,26 @@ async def test_hot_path_delivers_while_postgres_is_stopped_and_billing_catches_u
                 await client.until(lambda _: len(client.terminal("doc")) == n, timeout_s=30)
                 assert {f["status"] for f in client.terminal("doc").values()} == {"cached"}
                 async with httpx.AsyncClient(base_url=daemon.addresses.http_url) as http:
-                    health = await http.get("/healthz")
                     audio = await http.get(client.terminal("doc")[0]["audio_url"])
+                async with httpx.AsyncClient(base_url=daemon.addresses.ops_url) as http:
+                    health = await http.get("/healthz")
                 assert audio.status_code == 200
                 assert health.status_code == 200, "gateway and hot path are up"
+                assert health.json()["status"] == "degraded"
+                assert health.json()["postgres"] == "down"
                 assert health.json()["billing_queue_depth"] == n, "billing waits in Redis"
+
+                # A new connection during the outage: the handshake and the synthesize read
+                # only Redis, so the reader is served.
+                async with WsClient.connect(daemon.addresses.ws_url, token) as late:
+                    await late.synthesize("late", ["Arrived during the outage."])
+                    assert (await late.receive())["status"] == "queued"
+                    (late_job,) = await pull_n(redis_url, 1)
+                    await push(redis_url, late_job, result_json(late_job))
+                    await late.until(lambda _: 0 in late.terminal("late"), timeout_s=30)
+                assert late.terminal("late")[0]["status"] == "cached"
+                jobs.append(late_job)
+                n += 1
                 await wait_until(
                     lambda: events.named("service_restarted", service="billing"),
                     what="billing failing while Postgres is down",
@@ -310,5 +328,14 @@ async def test_hot_path_delivers_while_postgres_is_stopped_and_billing_catches_u
                 )
         assert sorted(row["event_id"] for row in rows) == sorted(j.job_id for j in jobs)
         assert int(await r(redis_url, "XLEN", "tts:billing")) == 0
+        # each hold settled once billing was back: nothing held, nothing billed twice
+        await wait_until(
+            lambda: _no_key(redis_url, f"tts:holds:{user_id}"), what="every hold settled"
+        )
+        assert len(await usage_rows(pg_url)) == n
     finally:
         await trio.to_thread.run_sync(servers.close)
+
+
+async def _no_key(redis_url: str, key: str) -> bool:
+    return not await r(redis_url, "EXISTS", key)

@@ -132,7 +132,7 @@ async def test_the_registry_shows_live_workers_per_model_and_version(
         adapter = SimulatedAdapter(WorkersConfig())
         async with (
             trio.open_nursery() as nursery,
-            httpx.AsyncClient(base_url=daemon.addresses.http_url) as http,
+            httpx.AsyncClient(base_url=daemon.addresses.ops_url) as http,
         ):
             for i, models in enumerate((["kokoro"], ["kokoro", "premium"])):
                 nursery.start_soon(
@@ -155,7 +155,7 @@ async def test_the_registry_shows_live_workers_per_model_and_version(
             nursery.cancel_scope.cancel()
 
         async def gone() -> bool:
-            async with httpx.AsyncClient(base_url=daemon.addresses.http_url) as http:
+            async with httpx.AsyncClient(base_url=daemon.addresses.ops_url) as http:
                 health = (await http.get("/healthz")).json()
             return health["workers"]["kokoro"]["live"] == 0
 

@@ -92,7 +92,7 @@ async def test_token_in_query_string_is_accepted(daemon: Daemon, pg_url: str) ->
 
 async def test_healthz_reports_services_and_queue_depth(daemon: Daemon) -> None:
     assert daemon.addresses is not None
-    async with httpx.AsyncClient(base_url=daemon.addresses.http_url) as http:
+    async with httpx.AsyncClient(base_url=daemon.addresses.ops_url) as http:
         response = await http.get("/healthz")
         missing = await http.get("/v1/audio/" + "0" * 40)
     assert response.status_code == 200

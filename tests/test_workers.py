@@ -306,7 +306,7 @@ async def test_worker_killed_after_pulling_loses_nothing_and_the_job_is_billed_o
     scanned: Any, store: RedisStore, redis_url: str, pg_url: str
 ) -> None:
     events = Events(scanned)
-    _, token = await add_user(pg_url, "nia", "plus")
+    user_id, token = await add_user(pg_url, "nia", "plus")
     async with WsClient.connect(scanned.addresses.ws_url, token) as client:
         await client.synthesize("doc", ["Interrupted once.", "Interrupted twice."])
         # A real worker process, slow as a stuck GPU, takes both jobs...
@@ -344,6 +344,10 @@ async def test_worker_killed_after_pulling_loses_nothing_and_the_job_is_billed_o
     assert scanned.metrics.registry.get_sample_value("tts_jobs_requeued_total") >= 2
     assert await r(redis_url, "HLEN", Keys.RETRIES) == 0
     assert await r(redis_url, "ZCARD", Keys.processing("kokoro")) == 0
+    # the jobs' holds outlived the killed worker and were settled by their bills (docs/billing.md)
+    assert await wait_until(
+        lambda: _no_holds(redis_url, user_id), what="holds settled after the SIGKILL"
+    )
     assert not events.named("error")
 
 
@@ -460,3 +464,7 @@ async def test_a_job_that_keeps_timing_out_goes_to_the_dlq_and_its_client_hears(
         assert await r(redis_url, "HGET", Keys.JOBS, job.job_id) is None
         assert any("DLQ" in e.message for e in events.named("error", service="scanner"))
         assert await usage_rows(pg_url) == []
+
+
+async def _no_holds(redis_url: str, user_id: int) -> bool:
+    return not await r(redis_url, "EXISTS", Keys.holds(user_id))

@@ -1,22 +1,31 @@
 #!/usr/bin/env python3
 """Gateway benchmark: ``synthesize`` → first status, with many connections at once.
 
-Starts its own embedded Redis and PostgreSQL in a temporary directory and a daemon in this process
-(``daemon.runtime.daemon.open_daemon``), creates users, and measures:
+Starts its own embedded Redis and PostgreSQL in a temporary directory, creates users, and runs two
+daemons in this process, one after the other, on the same servers and users:
 
-- **baseline**: one connection sending requests one after another (the same request shape);
+- **postgres_checked**: the request path before holds (``tools/baseline_gateway.py``): the token
+  looked up in Postgres (cached 60 s) and every ``synthesize`` reading the allowance on the
+  request pool before ``enqueue.lua``;
+- **redis_only**: the daemon as shipped: tokens and entitlements from Redis, holds in
+  ``enqueue.lua`` (docs/billing.md), no Postgres on the request path.
+
+For each it measures:
+
+- **single**: one connection sending requests one after another (the same request shape);
 - **load**: ``--connections`` authenticated connections (loopback) that each send one request at
   the same moment, ``--rounds`` times (a burst of that many ``synthesize`` at once).
 
 Each request is one sentence-sized block with a text never seen before (so every request creates a
-job: the full path — token-cached auth, budget query on the request pool, ``enqueue.lua``). The
-billing path is idle: no workers run, so nothing is finalized or billed during the measurement.
+job and a hold). The billing path is idle: no workers run, so nothing is finalized or billed
+during the measurement.
 ``pool_wait_ms`` is every observation of the daemon's ``tts_request_pool_wait_seconds`` histogram
 during the phase (the histogram's ``observe`` is tapped). Figures are stated as ratios to the
 baseline measured in the same run; the client runs in the same process (and on the same cores) as
 the daemon, so absolute figures include the client's own work.
 
     python tools/bench_gateway.py [--connections 200] [--rounds 3] [--json PATH]
+    python tools/bench_gateway.py --connections 4 --users 2 --rounds 1 --baseline-requests 3
 """
 
 from __future__ import annotations
@@ -38,10 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daemon.config import Config
 from daemon.embedded import EmbeddedServers
 from daemon.runtime.daemon import Daemon, open_daemon
+from daemon.runtime.services import build_services
 from daemon.testing.client import WsClient, connect
 from daemon.testing.config import make_config
 from daemon.testing.figures import summary, tap
 from daemon.testing.stores import setup_database
+from tools.baseline_gateway import baseline_services
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the riverbank",
@@ -77,6 +88,7 @@ def bench_config(root: Path, args: argparse.Namespace) -> Config:
             "max_connections": max(2000, args.connections + 10),
             "max_connections_per_user": args.connections,
             "send_queue_frames": 512,
+            "max_frames_per_s": 100_000,
         },
         postgres={"request_pool_size": args.pool_size},
         workers={"simulated": 0},
@@ -84,6 +96,7 @@ def bench_config(root: Path, args: argparse.Namespace) -> Config:
 
 
 async def create_users(pg_url: str, n: int) -> list[str]:
+    """Users on a plan without limits; both daemons copy them into Redis at their start."""
     names = [f"bench-{i}" for i in range(n)]
     users = await trio.to_thread.run_sync(setup_database, pg_url, names, "unlimited")
     return [token for _, token in users]
@@ -147,6 +160,7 @@ async def burst(
                     round_done[r].set()
 
     pool_waits: list[float] = []
+    burst_s = 0.0
     async with trio.open_nursery() as nursery:
         for i in range(connections):
             nursery.start_soon(client, i)
@@ -155,14 +169,18 @@ async def burst(
             await trio.sleep(0.2)
             tap.take()
             tap.on = r > 0
+            t0 = time.perf_counter()
             go[r].set()
             await round_done[r].wait()
+            if r > 0:
+                burst_s += time.perf_counter() - t0
             tap.on = False
             pool_waits.extend(tap.take())
     return {
         "acks": [a for r in acks[1:] for a in r],
         "pool_waits": pool_waits,
         "connect_ms": connect_ms,
+        "burst_s": burst_s,
     }
 
 
@@ -171,18 +189,33 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     await trio.to_thread.run_sync(servers.__enter__)
     try:
         assert servers.redis is not None and servers.postgres is not None
-        cfg = bench_config(root, args)
+        redis_url, pg_url = servers.redis.url, servers.postgres.url
+        await trio.to_thread.run_sync(setup_database, pg_url, [])  # the schema
+        tokens = await create_users(pg_url, args.users)
+        out: dict[str, Any] = {}
         with trio.fail_after(args.timeout):
-            async with open_daemon(cfg, servers.redis.url, servers.postgres.url) as daemon:
-                return await measure(args, daemon, servers.postgres.url)
+            for name, services in (
+                ("postgres_checked", baseline_services),
+                ("redis_only", build_services),
+            ):
+                cfg = bench_config(root / name, args)
+                async with open_daemon(cfg, redis_url, pg_url, services=services) as daemon:
+                    out[name] = await measure(args, daemon, tokens)
+        old, new = out["postgres_checked"], out["redis_only"]
+        out["improvement"] = {
+            "ack_p50": round(old["ack_ms"]["p50"] / new["ack_ms"]["p50"], 2),
+            "ack_p99": round(old["ack_ms"]["p99"] / new["ack_ms"]["p99"], 2),
+            "throughput": round(new["throughput_rps"] / old["throughput_rps"], 2),
+        }
+        out["provisional"] = True
+        return out
     finally:
         await trio.to_thread.run_sync(servers.close)
 
 
-async def measure(args: argparse.Namespace, daemon: Daemon, pg_url: str) -> dict[str, Any]:
+async def measure(args: argparse.Namespace, daemon: Daemon, tokens: list[str]) -> dict[str, Any]:
     assert daemon.addresses is not None
     url = daemon.addresses.ws_url
-    tokens = await create_users(pg_url, args.users)
     tap = Tap(daemon.metrics.request_pool_wait_seconds)
     texts = Texts()
 
@@ -194,6 +227,7 @@ async def measure(args: argparse.Namespace, daemon: Daemon, pg_url: str) -> dict
     base_waits = tap.take()
 
     load = await burst(url, tokens, args.connections, args.rounds, texts, tap)
+    throughput = len(load["acks"]) / max(load["burst_s"], 1e-9)
     base = {"ack_ms": summary(base_acks), "pool_wait_ms": summary(base_waits)}
     ack = summary(load["acks"])
     return {
@@ -204,6 +238,7 @@ async def measure(args: argparse.Namespace, daemon: Daemon, pg_url: str) -> dict
         "ack_ms": ack,
         "pool_wait_ms": summary(load["pool_waits"]),
         "connect_ms": summary(load["connect_ms"]),
+        "throughput_rps": round(throughput, 1),
         "baseline": {"connections": 1, "requests": len(base_acks), **base},
         "ratio": {
             "ack_p50": round(ack["p50"] / base["ack_ms"]["p50"], 2),
@@ -219,15 +254,26 @@ async def measure(args: argparse.Namespace, daemon: Daemon, pg_url: str) -> dict
             "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
             "python": sys.version.split()[0],
         },
-        "provisional": True,
     }
 
 
-def table(result: dict[str, Any]) -> str:
+def table(both: dict[str, Any]) -> str:
+    parts = []
+    for name in ("postgres_checked", "redis_only"):
+        parts += [f"{name}:", _table(both[name]), ""]
+    imp = both["improvement"]
+    parts.append(
+        f"redis_only vs postgres_checked: ack p99 {imp['ack_p99']}x lower, "
+        f"ack p50 {imp['ack_p50']}x lower, burst throughput x{imp['throughput']}"
+    )
+    return "\n".join(parts)
+
+
+def _table(result: dict[str, Any]) -> str:
     rows = [
         ("phase", "connections", "requests", "ack p50 ms", "ack p99 ms", "pool wait p50", "p99"),
         (
-            "baseline",
+            "single",
             "1",
             str(result["baseline"]["requests"]),
             f"{result['baseline']['ack_ms']['p50']:.2f}",
@@ -252,7 +298,8 @@ def table(result: dict[str, Any]) -> str:
     lines.append(
         f"burst / baseline: ack p50 ×{result['ratio']['ack_p50']}, "
         f"ack p99 ×{result['ratio']['ack_p99']}   "
-        f"(connect p50 {result['connect_ms']['p50']:.1f} ms, "
+        f"(burst throughput {result['throughput_rps']} requests/s, "
+        f"connect p50 {result['connect_ms']['p50']:.1f} ms, "
         f"load avg {result['machine']['loadavg_1m_at_end']} on {result['machine']['cpus']} cpus)"
     )
     return "\n".join(lines)

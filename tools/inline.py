@@ -31,7 +31,7 @@ from daemon.hot.consumer import HotConsumer
 from daemon.runtime.services import Deps, build_services, hot_consumer, hot_service
 from daemon.runtime.supervisor import ServiceSpec
 from daemon.stores.pg import PgPool
-from daemon.stores.redis import FinalizeArgs
+from daemon.stores.redis import FinalizeArgs, mirror_call
 from daemon.testing.unbatched import bill_one
 
 __all__ = ["InlineBilling", "bill_one", "inline_services"]
@@ -61,9 +61,16 @@ class InlineBilling:
             else:
                 bills.append(None)
         outcomes = await consumer._finalize(prepared)
+        await consumer._update_holds(prepared, outcomes)
         for event, (outcome, _) in zip(bills, outcomes, strict=True):
             if event is not None and outcome == "finalized":
                 await self._bill(consumer, event)
+                # the hold this job placed is settled by its bill, as the billing consumer does
+                # (the mirror's usage is copied again only by a rebuild: plans used here are
+                # unlimited for kokoro)
+                await consumer.store.write_mirror(
+                    [mirror_call(event.user_id, None, [event.event_id])]
+                )
 
     async def _bill(self, consumer: HotConsumer, event: BillingEvent) -> None:
         usage_type = self.usage_types[event.model]

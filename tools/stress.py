@@ -286,7 +286,7 @@ def write_daemon_config(path: Path, run_dir: Path, p: Params) -> None:
         path,
         run_dir,
         quick=False,
-        gateway={"rate_limit_blocks_per_min": 100000},
+        gateway={"rate_limit_blocks_per_min": 100000, "max_frames_per_s": 100000},
         postgres={
             "request_pool_size": p.request_pool_size,
             "billing_pool_size": p.billing_pool_size,

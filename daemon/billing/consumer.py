@@ -13,6 +13,7 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import attrs
 import trio
@@ -25,7 +26,13 @@ from daemon.ops.metrics import Metrics
 from daemon.runtime.faults import FaultPoint, no_fault
 from daemon.stores.ledger import ChunkResult, bill_chunks, events_array
 from daemon.stores.pg import PgPool, open_pg_pool
-from daemon.stores.redis import DEAD_LETTER_CAP, BillingEntry, RedisStore, billing_block_ms
+from daemon.stores.redis import (
+    DEAD_LETTER_CAP,
+    BillingEntry,
+    RedisStore,
+    billing_block_ms,
+    mirror_call,
+)
 
 __all__ = [
     "BatchOutcome",
@@ -58,6 +65,8 @@ class PreparedBatch:
     by_user: dict[int, list[tuple[BillingEntry, str]]]
     dead_lettered: int
     check_s: float
+    # each user's event ids (= job ids), whose holds are settled once the batch committed
+    event_ids: dict[int, list[str]] = attrs.Factory(dict)
 
 
 @attrs.frozen
@@ -72,6 +81,8 @@ class CommittedBatch:
     duplicates: int
     text_length: int
     commit_s: float
+    # the billed users' entitlements after the commit (``tts_entitlements`` rows), for Redis
+    entitlements: dict[int, dict[str, Any]] = attrs.Factory(dict)
 
 
 # How a checked batch's users are billed: (consumer, events by user, failed users to fill) →
@@ -245,10 +256,11 @@ class BillingConsumer:
         t0 = time.perf_counter()
         await self.fault("billing.before_batch")
         by_user: dict[int, list[tuple[BillingEntry, str]]] = {}
+        event_ids: dict[int, list[str]] = {}
         dead = 0
         for entry in entries:
             try:
-                user_id, text = self._check(entry)
+                user_id, text, event_id = self._check(entry)
             except ContractError as exc:
                 await self._dead_letter(self.reader, entry, str(exc))
                 dead += 1
@@ -256,9 +268,11 @@ class BillingConsumer:
             mine = by_user.get(user_id)
             if mine is None:
                 by_user[user_id] = [(entry, text)]
+                event_ids[user_id] = [event_id]
             else:
                 mine.append((entry, text))
-        return PreparedBatch(len(entries), by_user, dead, time.perf_counter() - t0)
+                event_ids[user_id].append(event_id)
+        return PreparedBatch(len(entries), by_user, dead, time.perf_counter() - t0, event_ids)
 
     async def bill_batch(self, batch: PreparedBatch) -> BatchOutcome:
         """Bill a checked batch and acknowledge it (:meth:`commit_batch`, then
@@ -270,13 +284,17 @@ class BillingConsumer:
         users, in transactions of whole users, all in one crossing. Nothing is acknowledged."""
         t0 = time.perf_counter()
         failed: dict[int, str] = {}
+        ents: dict[int, dict[str, Any]] = {}
         billed = dups = text_length = 0
         if batch.by_user:
             if self.bill_users is not None:
+                # (a baseline's billing: the mirror is then written with settle-only calls)
                 billed, dups, text_length = await self.bill_users(self, batch.by_user, failed)
             else:
-                billed, dups, text_length = await self._bill_users(batch.by_user, failed)
-        return CommittedBatch(batch, failed, billed, dups, text_length, time.perf_counter() - t0)
+                billed, dups, text_length = await self._bill_users(batch.by_user, failed, ents)
+        return CommittedBatch(
+            batch, failed, billed, dups, text_length, time.perf_counter() - t0, ents
+        )
 
     async def finish_batch(self, committed: CommittedBatch) -> BatchOutcome:
         """After the batch's transactions committed: dead-letter the events of users that could
@@ -290,6 +308,7 @@ class BillingConsumer:
             for entry, _ in by_user[user_id]:
                 await self._dead_letter(self.redis, entry, reason)
                 dead += 1
+        await self._settle(committed)
         await self.fault("billing.after_commit")
         ok_ids = [
             entry.entry_id
@@ -319,8 +338,27 @@ class BillingConsumer:
         )
         return BatchOutcome(batch.events_count, users, billed, dups, dead, text_length, duration_ms)
 
-    def _check(self, entry: BillingEntry) -> tuple[int, str]:
-        """The entry's user and its event as JSON text, validated (ContractError if not)."""
+    async def _settle(self, committed: CommittedBatch) -> None:
+        """After the commit, before the acknowledgement: each billed user's entitlements (as
+        the transaction left them) go to the Redis mirror, and the holds of their events are
+        settled, one ``mirror.lua`` per user in one pipeline. The holds of users whose events
+        were dead-lettered are released (they will not be billed). By event id, so a redelivered
+        batch settles nothing twice; a crash before this leaves the batch pending (redelivered,
+        billed as duplicates, settled then)."""
+        assert self.redis is not None
+        batch = committed.batch
+        calls = []
+        for user_id, ids in batch.event_ids.items():
+            ent = committed.entitlements.get(user_id)
+            calls.append(mirror_call(user_id, ent, ids))
+        if not calls:
+            return
+        settled = sum(n for _, n in await self.redis.write_mirror(calls))
+        self.metrics.holds_settled.inc(settled)
+
+    def _check(self, entry: BillingEntry) -> tuple[int, str, str]:
+        """The entry's user, its event as JSON text and its event id, validated
+        (ContractError if not)."""
         if entry.raw is None:
             raise ContractError("billing event: stream entry has no 'event' field")
         try:
@@ -330,7 +368,7 @@ class BillingConsumer:
         fields = billing_event_fields(text)
         if fields["model"] not in self.usage_types:
             raise ContractError(f"billing event: unknown model {fields['model']!r}")
-        return fields["user_id"], text
+        return fields["user_id"], text, fields["event_id"]
 
     def lanes(self, counts: dict[int, int]) -> list[list[list[int]]]:
         """The batch's transactions, given each user's number of events: one lane per
@@ -357,7 +395,10 @@ class BillingConsumer:
         return out
 
     async def _bill_users(
-        self, by_user: dict[int, list[tuple[BillingEntry, str]]], failed: dict[int, str]
+        self,
+        by_user: dict[int, list[tuple[BillingEntry, str]]],
+        failed: dict[int, str],
+        ents: dict[int, dict[str, Any]] | None = None,
     ) -> tuple[int, int, int]:
         """Bill every user's events (:meth:`lanes`, :func:`bill_chunks`); (billed, duplicates,
         characters billed). Fills ``failed`` with {user_id: reason} for users that cannot be
@@ -372,6 +413,9 @@ class BillingConsumer:
             for lane, lane_results in zip(lanes, results, strict=True):
                 for users, result in zip(lane, lane_results, strict=True):
                     if isinstance(result, ChunkResult):
+                        if ents is not None:
+                            for ent in result.entitlements:
+                                ents[int(ent["user_id"])] = ent
                         n = sum(len(by_user[u]) for u in users)
                         dups += len(result.duplicates)
                         billed += n - len(result.duplicates)

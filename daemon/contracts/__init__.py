@@ -7,6 +7,7 @@ class per kind of event (docs/metrics.md), is ``daemon.contracts.events``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -24,6 +25,8 @@ __all__ = [
     "Result",
     "audio_content_type",
     "billing_event_fields",
+    "token_hash",
+    "usage_amount",
 ]
 
 
@@ -102,6 +105,13 @@ class Keys:
     HOT_ITEM_PREFIX = "tts:hot:item:"
     HOT_LANDING_PREFIX = "tts:hot:landing:"  # consumer id → list BLMOVE drops a result into
 
+    # The entitlements mirror and holds (docs/billing.md, "Holds and the entitlements mirror").
+    ENT_PREFIX = "tts:ent:"  # user → hash: allowances, usage, rollover, purchased, version
+    HOLDS_PREFIX = "tts:holds:"  # user → hash: job id → "type|amount|since|state", sum:{type}
+    TOKEN_PREFIX = "tts:token:"  # SHA-256 of a token (hex) → user id
+    MIRROR_READY = "tts:mirror:ready"  # set once a full rebuild from Postgres finished
+    CONTROL = "tts:control"  # pub/sub: control messages to every gateway (revoke)
+
     BILLING = "tts:billing"  # stream of billing events; entries deleted once billed
     BILLING_GROUP = "billing"
     BILLING_DEAD = "tts:billing:dead"  # malformed billing events, with the reason
@@ -126,6 +136,18 @@ class Keys:
     @staticmethod
     def rate(user_id: int) -> str:
         return f"{Keys.RATE_PREFIX}{user_id}"
+
+    @staticmethod
+    def ent(user_id: int) -> str:
+        return f"{Keys.ENT_PREFIX}{user_id}"
+
+    @staticmethod
+    def holds(user_id: int) -> str:
+        return f"{Keys.HOLDS_PREFIX}{user_id}"
+
+    @staticmethod
+    def token(token_hash: bytes) -> str:
+        return Keys.TOKEN_PREFIX + token_hash.hex()
 
     @staticmethod
     def notify(user_id: int) -> str:
@@ -162,6 +184,11 @@ MODELS: dict[str, ModelInfo] = {
     "kokoro": ModelInfo("kokoro", "server_kokoro", 1.0, "af_heart"),
     "premium": ModelInfo("premium", "premium_voice", 2.0, "ava"),
 }
+
+
+def token_hash(token: str) -> bytes:
+    """What Postgres and the Redis token mirror keep of an API token: its SHA-256."""
+    return hashlib.sha256(token.encode()).digest()
 
 
 # audio/<subtype>, optionally with parameters (audio/ogg; codecs=opus); ASCII tokens only, so

@@ -29,11 +29,14 @@ __all__ = [
     "AudioPersisted",
     "BillingClaimed",
     "BillingProcessed",
+    "ConnectionsRevoked",
     "DaemonStarted",
     "DaemonStopped",
     "Error",
     "Event",
     "GenericEvent",
+    "HoldsExpired",
+    "MirrorRebuilt",
     "Recovered",
     "ResultDuplicate",
     "ResultGone",
@@ -201,6 +204,37 @@ class DaemonStarted(Event):
     ws_url: str
     http_url: str
     migrations_applied: list[str] = attrs.field(factory=list)
+    ops_url: str | None = None
+
+
+@event("mirror_rebuilt")
+@attrs.frozen(kw_only=True)
+class MirrorRebuilt(Event):
+    """Every user's entitlements and tokens copied from Postgres into Redis (docs/billing.md)."""
+
+    service: str
+    users: int
+
+
+@event("holds_expired")
+@attrs.frozen(kw_only=True)
+class HoldsExpired(Event):
+    """Usage holds of vanished jobs (or of bills that never came) released by the reaper;
+    ``users``: holds expired per user id."""
+
+    service: str
+    holds: int
+    characters: int
+    users: dict[str, int] = attrs.field(factory=dict)
+
+
+@event("connections_revoked")
+@attrs.frozen(kw_only=True)
+class ConnectionsRevoked(Event):
+    """A revoked user's open connections were closed (``tts-daemon user revoke``)."""
+
+    service: str
+    user_id: int
 
 
 @event("daemon_stopped")

@@ -20,6 +20,7 @@ from trio_websocket import WebSocketConnection
 
 __all__ = [
     "CLOSE_GOING_AWAY",
+    "CLOSE_POLICY",
     "CLOSE_TOO_BIG",
     "CLOSE_TOO_SLOW",
     "TERMINAL",
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008  # too many frames; the user's tokens were revoked
 CLOSE_TOO_BIG = 1009
 CLOSE_TOO_SLOW = 1013
 

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-__all__ = ["HttpApp"]
+__all__ = ["HttpApp", "serve_ops"]
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -55,13 +55,15 @@ class HttpApp:
     def __init__(
         self,
         *,
-        get_audio: Callable[[str], Awaitable[tuple[bytes, str] | None]],
-        health: Callable[[], Awaitable[tuple[dict[str, Any], bool]]],
-        refresh_metrics: Callable[[], Awaitable[None]],
-        registry: Any,
+        get_audio: Callable[[str], Awaitable[tuple[bytes, str] | None]] | None = None,
+        health: Callable[[], Awaitable[tuple[dict[str, Any], bool]]] | None = None,
+        refresh_metrics: Callable[[], Awaitable[None]] | None = None,
+        registry: Any = None,
         dashboard: Callable[[str], Awaitable[tuple[bytes, str] | None]] | None = None,
         reader: Callable[[str], Awaitable[tuple[bytes, str] | None]] | None = None,
     ) -> None:
+        """The gateway's HTTP port serves the audio only; the operations listener (``[ops]``)
+        health, metrics and the dashboard. An endpoint whose callable is None is a 404."""
         self.get_audio = get_audio
         self.health = health
         self.refresh_metrics = refresh_metrics
@@ -89,22 +91,23 @@ class HttpApp:
         if method not in ("GET", "HEAD"):
             await _respond(send, 405, b"method not allowed\n", "text/plain", [(b"allow", b"GET")])
             return
-        m = _AUDIO.match(path)
-        if m:
+        m = _AUDIO.match(path) if self.get_audio is not None else None
+        if m and self.get_audio is not None:
             audio = await self.get_audio(m.group(1))
             if audio is None:
                 await _respond(send, 404, b"no such audio (unknown, or expired)\n", "text/plain")
                 return
             await _send_audio(send, method, _headers(scope), *audio)
             return
-        if path == "/healthz":
+        if path == "/healthz" and self.health is not None:
             report, healthy = await self.health()
             await _respond(
                 send, 200 if healthy else 503, json.dumps(report).encode(), "application/json"
             )
             return
-        if path == "/metrics":
-            await self.refresh_metrics()
+        if path == "/metrics" and self.registry is not None:
+            if self.refresh_metrics is not None:
+                await self.refresh_metrics()
             await _respond(send, 200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
             return
         if self.reader is not None and path.startswith("/reader"):
@@ -241,3 +244,30 @@ async def _respond(
     ]
     await send({"type": "http.response.start", "status": status, "headers": all_headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def serve_ops(
+    app: HttpApp,
+    host: str,
+    port: int,
+    *,
+    stopping: trio.Event,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The operations listener (``[ops] host``/``port``): serve ``app`` until ``stopping``;
+    ``started(port)`` once bound (a port of 0 binds a free one)."""
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve as hypercorn_serve
+
+    config = HypercornConfig()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 2.0
+
+    async def serve(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        await hypercorn_serve(app, config, shutdown_trigger=stopping.wait, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve)
+        task_status.started(int(binds[0].rsplit(":", 1)[1]))

@@ -1,13 +1,17 @@
-"""The gateway service: the WebSocket endpoint and the HTTP endpoints, one Trio service.
+"""The gateway service: the WebSocket endpoint and the audio endpoint, one Trio service.
 
-Request path for ``synthesize`` (two round trips, no lock waits): the user's remaining allowance
-from Postgres (the request pool — the only Postgres the request path touches), then one atomic
-Redis script that answers each block from the cache, joins it to an in-flight job or creates a job
-within the allowance and the rate limit. Statuses go back at once; later ones (``processing``,
-``cached`` …) arrive over Redis pub/sub, published by the workers' pull and the hot path, and are
-routed here to the one connection that waits for that block (each published status names it) — in
-any daemon sharing the Redis. After the subscription is lost and comes back, open waits are
-re-read from Redis, since pub/sub is at-most-once.
+The request path touches no Postgres. A handshake looks the token's hash up in Redis (the token
+mirror); a ``synthesize`` is one atomic Redis script that answers each block from the cache, joins
+it to an in-flight job, or creates a job with a hold for its characters against the user's
+entitlements mirrored in Redis, within the rate limit (docs/billing.md, "Holds and the
+entitlements mirror"). A Postgres outage does not stop readers: billing catches up later.
+
+Statuses go back at once; later ones (``processing``, ``cached`` …) arrive over Redis pub/sub,
+published by the workers' pull and the hot path, and are routed here to the one connection that
+waits for that block (each published status names it) — in any daemon sharing the Redis. After
+the subscription is lost and comes back, open waits are re-read from Redis, since pub/sub is
+at-most-once. The same subscription carries control messages (a revoked user's connections are
+closed).
 """
 
 from __future__ import annotations
@@ -28,10 +32,16 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from daemon.audio.tiers import AudioTiers
 from daemon.config import GatewayConfig
-from daemon.contracts import Job, usage_amount
-from daemon.contracts.events import Error
-from daemon.gateway.auth import TokenCache, plausible_token, token_from_request
-from daemon.gateway.connection import CLOSE_GOING_AWAY, CLOSE_TOO_BIG, Connection, PendingKey
+from daemon.contracts import Job, token_hash, usage_amount
+from daemon.contracts.events import ConnectionsRevoked, Error
+from daemon.gateway.auth import plausible_token, token_from_request
+from daemon.gateway.connection import (
+    CLOSE_GOING_AWAY,
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+    Connection,
+    PendingKey,
+)
 from daemon.gateway.hashing import VariantHasher
 from daemon.gateway.http import HttpApp
 from daemon.gateway.protocol import (
@@ -50,11 +60,10 @@ from daemon.ops.events import EventLog, Throttle
 from daemon.ops.metrics import Metrics
 from daemon.runtime.outage import Outage
 from daemon.runtime.priority import RequestFirst
-from daemon.stores.pg import Catalog, PgPool, is_pg_unavailable
+from daemon.stores.pg import Catalog
 from daemon.stores.redis import RedisStore, is_redis_unavailable
-from daemon.stores.request import PoolWait, check_and_enqueue
 
-__all__ = ["Gateway", "GatewayAddresses"]
+__all__ = ["Gateway", "GatewayAddresses", "MirrorMissing"]
 
 WS_PATH = "/v1/ws"
 
@@ -62,11 +71,28 @@ WS_PATH = "/v1/ws"
 FAN_OUT_SLICE = 32
 
 
+class MirrorMissing(Exception):
+    """The user's entitlements are not in Redis (being rebuilt): the request is refused, to be
+    retried."""
+
+
+def _client_address(request: WebSocketRequest) -> str:
+    remote = getattr(request, "remote", None)
+    return str(getattr(remote, "address", remote))
+
+
 @attrs.frozen
 class GatewayAddresses:
     ws_port: int
     http_port: int
     tls: bool
+    ops_host: str = "127.0.0.1"
+    ops_port: int = 0
+
+    @property
+    def ops_url(self) -> str:
+        """The operations listener (/metrics, /healthz, /dashboard): plain HTTP."""
+        return f"http://{self.ops_host}:{self.ops_port}"
 
     @property
     def ws_url(self) -> str:
@@ -81,16 +107,15 @@ class GatewayAddresses:
 class Gateway:
     cfg: GatewayConfig
     store: RedisStore
-    db: PgPool
     catalog: Catalog
     hasher: VariantHasher
     events: EventLog
     metrics: Metrics
-    health: Callable[[], Awaitable[tuple[dict[str, Any], bool]]]
-    refresh_metrics: Callable[[], Awaitable[None]]
-    dashboard: Callable[[str], Awaitable[tuple[bytes, str] | None]] | None = None
     # Redis, then the durable audio store (None: Redis only).
     audio: AudioTiers | None = None
+    # Called with a user whose entitlements are missing from Redis: the mirror service copies
+    # them from Postgres (off the request path); the request meanwhile gets "try again".
+    missing_mirror: Callable[[int], None] = lambda user_id: None
     # Fair scheduling's weight per plan name ([plans] weights); plans not named weigh 1.
     plan_weights: Mapping[str, float] = attrs.Factory(dict)
     by_user: dict[int, set[Connection]] = attrs.Factory(dict)
@@ -101,10 +126,17 @@ class Gateway:
     resyncs: int = 0
     # Statuses from Redis dropped because the fan-out's channel was full (each then resynced).
     notifications_dropped: int = 0
-    tokens: TokenCache = attrs.field(init=False)
     rate: RateLimiter = attrs.field(init=False)
+    # Failed token look-ups per client address (docs/protocol.md).
+    auth_failures: RateLimiter = attrs.field(init=False)
+    # Handshakes of a user between their look-up and their connection's registration: counted
+    # with the open ones, so concurrent handshakes cannot pass max_connections_per_user.
+    _admitting: dict[int, int] = attrs.Factory(dict)
+    # Each connected user's plan (from the token mirror): their fair-scheduling weight.
+    _plans: dict[int, str] = attrs.Factory(dict)
+    # Connections closed because their user's tokens were revoked.
+    revoked_closed: int = 0
     addresses: GatewayAddresses | None = None
-    _auth_limiter: trio.CapacityLimiter = attrs.field(init=False)
     _stopping: bool = False
     # The listener's hand-off to the fan-out (set per run), and drops not yet resynced.
     priority: RequestFirst = attrs.Factory(RequestFirst)
@@ -116,11 +148,8 @@ class Gateway:
         self.events.emit(Error(service="gateway", message=message, context=context))
 
     def __attrs_post_init__(self) -> None:
-        self.tokens = TokenCache(self.db)
         self.rate = RateLimiter(self.cfg.rate_limit_blocks_per_min)
-        # Handshakes may use at most half of the request pool, so a flood of (bad-token)
-        # handshakes cannot starve the synthesize path of connections.
-        self._auth_limiter = trio.CapacityLimiter(max(1, self.db.size // 2))
+        self.auth_failures = RateLimiter(self.cfg.auth_failures_per_min)
 
     # -- the service ------------------------------------------------------------------------
 
@@ -190,14 +219,9 @@ class Gateway:
         )
 
     def _http_server(self, stopping: trio.Event) -> Callable[..., Awaitable[None]]:
-        app = HttpApp(
-            get_audio=self._get_audio,
-            health=self.health,
-            refresh_metrics=self.refresh_metrics,
-            registry=self.metrics.registry,
-            dashboard=self.dashboard,
-            reader=Reader(self._reader_config),
-        )
+        # Audio and the reader page: health, metrics and the dashboard are on the operations
+        # listener (docs/operations.md).
+        app = HttpApp(get_audio=self._get_audio, reader=Reader(self._reader_config))
         config = HypercornConfig()
         config.bind = [f"{self.cfg.host}:{self.cfg.http_port}"]
         config.accesslog = None
@@ -235,7 +259,10 @@ class Gateway:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(
                         functools.partial(
-                            self.store.listen_notifications, self._offer, ready=on_ready
+                            self.store.listen_notifications,
+                            self._offer,
+                            ready=on_ready,
+                            control=self._control,
                         )
                     )
                     await ready.wait()
@@ -253,6 +280,22 @@ class Gateway:
                     raise
                 ready = trio.Event()
                 await outage.failed(exc, "Redis (notifications)")
+
+    def _control(self, data: bytes) -> None:
+        """A control message (``tts:control``): ``{"revoke": user_id}`` closes every open
+        connection of that user (their tokens are gone from the mirror: they cannot reconnect)."""
+        try:
+            message = json.loads(data)
+            user_id = message.get("revoke") if isinstance(message, dict) else None
+        except ValueError:
+            return
+        if not isinstance(user_id, int) or isinstance(user_id, bool):
+            return
+        for conn in list(self.by_user.get(user_id, ())):
+            conn.abort(CLOSE_POLICY, "token revoked")
+            self.revoked_closed += 1
+        if user_id in self.by_user:
+            self.events.emit(ConnectionsRevoked(service="gateway", user_id=user_id))
 
     def _offer(self, user_id: int, data: bytes) -> None:
         """Hand one published status to the fan-out. Called by the asyncio listener for each
@@ -421,7 +464,6 @@ class Gateway:
             conn = await self._authenticate(request)
             if conn is None:
                 return
-            self._register(conn)
             try:
                 await self._run_connection(conn)
             finally:
@@ -434,35 +476,67 @@ class Gateway:
             self.connection_count -= 1
 
     async def _authenticate(self, request: WebSocketRequest) -> Connection | None:
-        """The connection for a valid token; else the handshake is rejected and None."""
+        """The connection for a valid token; else the handshake is rejected and None.
+
+        Redis only (the token mirror): a handshake never waits for Postgres. A client address
+        with too many failed look-ups is refused (429) without one. A miss while the mirror is
+        being rebuilt is 503 (try again), not 401."""
         token = token_from_request(request.headers, request.path)
         if token is None:
             await request.reject(
                 401, extra_headers=[(b"WWW-Authenticate", b"Bearer")], body=b"missing token\n"
             )
             return None
-        user = None
+        address = _client_address(request)
+        if self.auth_failures.retry_after_s(address, 1) is not None:
+            await request.reject(429, body=b"too many failed authentications, slow down\n")
+            return None
+        user_id = None
         if plausible_token(token):
             try:
-                with trio.fail_after(self.db.acquire_timeout_s + 5):
-                    async with self._auth_limiter:
-                        user, waited = await self.tokens.lookup(token)
+                user_id, ready = await self._lookup_user(token)
             except Exception as exc:
                 self._error(f"token lookup failed: {type(exc).__name__}: {exc}")
                 await request.reject(503, body=b"authentication unavailable, try again\n")
                 return None
-            if waited:
-                self.metrics.request_pool_wait_seconds.observe(waited)
-        if user is None:
+            if user_id is None and not ready:
+                await request.reject(503, body=b"authentication unavailable, try again\n")
+                return None
+        if user_id is None:
+            self.auth_failures.consume(address, 1)
+            self.auth_failures.prune(10_000)
             await request.reject(
                 401, extra_headers=[(b"WWW-Authenticate", b"Bearer")], body=b"invalid token\n"
             )
             return None
-        if len(self.by_user.get(user[0], ())) >= self.cfg.max_connections_per_user:
+        # No await between this check and the reservation: concurrent handshakes of one user
+        # each see the others'.
+        admitting = self._admitting.get(user_id, 0)
+        if len(self.by_user.get(user_id, ())) + admitting >= self.cfg.max_connections_per_user:
             await request.reject(429, body=b"too many connections for this user\n")
             return None
-        ws = await request.accept()
-        return Connection(user[0], ws, self.cfg.send_queue_frames)
+        self._admitting[user_id] = admitting + 1
+        try:
+            ws = await request.accept()
+            conn = Connection(user_id, ws, self.cfg.send_queue_frames)
+            self._register(conn)
+        finally:
+            left = self._admitting[user_id] - 1
+            if left:
+                self._admitting[user_id] = left
+            else:
+                del self._admitting[user_id]
+        return conn
+
+    async def _lookup_user(self, token: str) -> tuple[int | None, bool]:
+        """(user id or None, whether the token mirror is complete): one Redis round trip (the
+        benchmark's baseline overrides this with the old Postgres look-up). The user's plan
+        (their fair-scheduling weight) comes with it."""
+        with trio.fail_after(self.store.command_timeout_s):
+            user_id, plan, ready = await self.store.lookup_token(token_hash(token))
+        if user_id is not None:
+            self._plans[user_id] = plan
+        return user_id, ready
 
     async def _run_connection(self, conn: Connection) -> None:
         with conn.scope:
@@ -491,6 +565,7 @@ class Gateway:
             if not conns:
                 del self.by_user[conn.user_id]
                 self.rate.forget(conn.user_id)
+                self._plans.pop(conn.user_id, None)
         self.metrics.ws_connections.set(len(self.by_conn))
 
     async def _forget(self, conn: Connection) -> None:
@@ -512,11 +587,23 @@ class Gateway:
 
     async def _read_loop(self, conn: Connection) -> None:
         max_bytes = self.cfg.max_message_bytes
+        # The frame-rate limit: a token bucket of max_frames_per_s frames, refilled as many a
+        # second; a client beyond it is closed (1008).
+        per_s = float(self.cfg.max_frames_per_s)
+        tokens, last = per_s, trio.current_time()
         while True:
             try:
                 message = await conn.ws.get_message()
             except ConnectionClosed:
                 return
+            now = trio.current_time()
+            tokens = min(per_s, tokens + (now - last) * per_s)
+            last = now
+            if tokens < 1:
+                self.metrics.requests.labels("too_many_frames").inc()
+                conn.abort(CLOSE_POLICY, f"more than {self.cfg.max_frames_per_s} frames a second")
+                return
+            tokens -= 1
             # trio-websocket limits text frames in characters; the limit is in bytes (UTF-8 may
             # take up to 4 per character), so a frame it let through may still be too big.
             if (
@@ -538,14 +625,14 @@ class Gateway:
                 self.metrics.requests.labels(exc.code).inc()
                 conn.push(error_frame(exc.code, exc.message))
             except Exception as exc:
-                # Redis or Postgres down, a pool timeout, or a bug: the client hears, the
-                # connection stays, a person sees it in the events log.
+                # Redis down, a timeout, or a bug: the client hears, the connection stays, a
+                # person sees it in the events log.
                 timeout = isinstance(exc, TimeoutError | trio.TooSlowError)
                 message_text = (
                     "timed out waiting for the database, try again"
                     if timeout
                     else "temporarily unavailable, try again"
-                    if is_redis_unavailable(exc) or is_pg_unavailable(exc)
+                    if is_redis_unavailable(exc) or isinstance(exc, MirrorMissing)
                     else "internal error"
                 )
                 conn.push(error_frame("internal", message_text))
@@ -553,10 +640,10 @@ class Gateway:
                 self._error(f"request failed: {type(exc).__name__}: {exc}", user_id=conn.user_id)
 
     async def _synthesize(self, conn: Connection, req: Synthesize) -> None:
-        """Validate against the catalog and limits, read the budget (request pool), run
-        ``enqueue.lua`` once, then one status per block. A request either fails as a whole with
-        one ``error`` frame, or every block gets its first status here and later exactly one
-        terminal status (unless evicted)."""
+        """Validate against the catalog and limits, run ``enqueue.lua`` once (holds against the
+        mirrored entitlements: no Postgres), then one status per block. A request either fails
+        as a whole with one ``error`` frame, or every block gets its first status here and
+        later exactly one terminal status (unless evicted)."""
         t0 = time.perf_counter()
         model = self.catalog.models.get(req.model)
         if model is None:
@@ -613,12 +700,8 @@ class Gateway:
         conn.hold()
         resyncs = self.resyncs
         try:
-            pool_wait = PoolWait()
             try:
-                # The usage check (request pool) and enqueue.lua: one unit of work, one crossing.
-                head, result = await check_and_enqueue(
-                    self.db,
-                    self.store,
+                head, result = await self._enqueue(
                     user_id=conn.user_id,
                     usage_type=model["usage_type"],
                     conn_id=conn.conn_id,
@@ -627,21 +710,19 @@ class Gateway:
                     now=now,
                     rate_limit=self.cfg.rate_limit_blocks_per_min,
                     blocks=blocks,
-                    wait=pool_wait,
-                    plan_weights=self.plan_weights,
+                    weight=self.plan_weights.get(self._plans.get(conn.user_id, ""), 1.0),
                 )
-            except BaseException as exc:
+            except BaseException:
                 # No reply: the client hears an error for the request as a whole, so nothing it
                 # asked for here may be answered later (the script may still have run).
                 for key in added:
                     conn.pending.pop(key, None)
-                if pool_wait.waited is None and isinstance(exc, TimeoutError | trio.TooSlowError):
-                    # Starvation must show in the histogram, not only in the error count.
-                    self.metrics.request_pool_wait_seconds.observe(pool_wait.elapsed())
                 raise
-            finally:
-                if pool_wait.waited is not None:
-                    self.metrics.request_pool_wait_seconds.observe(pool_wait.waited)
+            if head == "no_mirror":
+                for key in added:
+                    conn.pending.pop(key, None)
+                self.missing_mirror(conn.user_id)
+                raise MirrorMissing(f"user {conn.user_id}: entitlements not in Redis")
             if head == "rate_limited":
                 for key in added:
                     conn.pending.pop(key, None)
@@ -688,6 +769,11 @@ class Gateway:
             # A resync ran while this request was in progress and skipped its blocks, whose
             # statuses may be among those it was run for: check them now.
             await self._recheck(conn, added)
+
+    async def _enqueue(self, **kwargs: Any) -> tuple[str, list[str] | int]:
+        """``enqueue.lua``: the request path's one round trip (the benchmark's baseline
+        overrides this with the old Postgres-checked path)."""
+        return await self.store.enqueue(**kwargs)
 
     async def _recheck(self, conn: Connection, keys: list[PendingKey]) -> None:
         waits = [(conn, key, conn.pending[key]) for key in keys if key in conn.pending]

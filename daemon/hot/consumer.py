@@ -285,7 +285,43 @@ class HotConsumer:
         """Finalize (or dead-letter) a group of claimed results in one round trip."""
         prepared = [self._prepare(c) for c in group]
         await self.fault("finalize")
-        await self._finalize(prepared)
+        outcomes = await self._finalize(prepared)
+        await self._update_holds(prepared, outcomes)
+
+    async def _update_holds(
+        self, prepared: Sequence[_Prepared], outcomes: Sequence[tuple[str, int]]
+    ) -> None:
+        """The holds of the jobs just finalized (docs/billing.md, "Holds"): an error or empty
+        audio is never billed, so its hold is released; audio's hold now waits for billing to
+        settle it. A duplicate's hold is released if its job never produced audio (its in-flight
+        key had moved on to a new job). One pipelined round trip; if it fails, the holds expire
+        (``holds.ttl_s``) instead: never worth failing the hot path for."""
+        modes: dict[str, dict[int, list[str]]] = {}
+        for p, (outcome, _) in zip(prepared, outcomes, strict=True):
+            # The hold is the job's (its creator's), whatever the result claims.
+            op, job = p.op, getattr(p.verdict, "job", None)
+            if job is None or isinstance(op, DeadLetter):
+                continue
+            if outcome == "finalized":
+                # audio waits for billing; skipped, error and a refused result never bill
+                mode = "billing" if op.kind == "audio" else "release"
+            elif outcome == "duplicate":
+                mode = "duplicate"
+            else:
+                continue
+            modes.setdefault(mode, {}).setdefault(job.user_id, []).append(job.job_id)
+        try:
+            for mode, by_user in modes.items():
+                with trio.CancelScope(shield=True):
+                    n = await self.store.release_holds(by_user, mode=mode)
+                if mode != "billing":
+                    self.metrics.holds_released.inc(n)
+        except Exception as exc:
+            if not is_redis_unavailable(exc):
+                raise
+            self.events.emit(
+                Error(service="hot", message=f"holds not updated (they will expire): {exc!r}")
+            )
 
     async def _finalize(self, prepared: Sequence[_Prepared]) -> list[tuple[str, int]]:
         """Run the group's finalize call (retrying Redis outages), report each result, and

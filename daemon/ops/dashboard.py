@@ -50,6 +50,7 @@ class Dashboard:
         data["connections"] = health.connections()
         data["events"] = {"written": health.events.written, "dropped": health.events.dropped}
         data["audio"] = await health.audio()
+        data["holds"] = health.holds()
         data["workers"] = await health.workers()
         data["queues"] = await health.queue_stats()
         return data

@@ -124,15 +124,46 @@ class Health:
         if self._failure_log.due(what) is not None:
             self.events.emit(Error(service="http", message=f"{what}: {describe(exc)}"))
 
+    async def postgres_ok(self) -> bool:
+        """One ``SELECT 1`` on the admin pool, within a second."""
+        try:
+            with trio.fail_after(1.0):
+                await self.request_db.fetchval("SELECT 1")
+        except Exception:
+            return False
+        return True
+
+    def holds(self) -> dict[str, Any]:
+        """Open holds (as of the reaper's last pass), the oldest one's age against
+        ``holds.ttl_s`` (older: amber), and holds settled, released and expired so far
+        (docs/billing.md)."""
+        mirror = self.supervisor.handle("mirror")
+        registry = self.stats.metrics.registry
+        oldest = mirror.oldest_hold_s if mirror is not None else 0.0
+        return {
+            "open": mirror.open_holds if mirror is not None else None,
+            "oldest_s": round(oldest, 3),
+            "ttl_s": self.cfg.holds.ttl_s,
+            "grade": "amber" if oldest > self.cfg.holds.ttl_s else "green",
+            "settled": registry.get_sample_value("tts_holds_settled_total") or 0,
+            "released": registry.get_sample_value("tts_holds_released_total") or 0,
+            "expired": mirror.expired if mirror is not None else 0,
+        }
+
     async def healthz(self) -> tuple[dict[str, Any], bool]:
-        """``GET /healthz``: each service's state, ``billing_queue_depth`` and pool use; healthy
-        (200) when the gateway and the hot path run, else 503."""
+        """``GET /healthz``: each service's state, ``billing_queue_depth``, pool use, whether
+        Postgres answers, open holds; healthy (200) when the gateway and the hot path run, else
+        503. ``status``: ``ok``, ``degraded`` (Postgres down: audio is served, billing waits) or
+        ``unavailable``."""
         healthy = (
             all(self.supervisor.state(name) == "running" for name in REQUIRED)
             and not self.gateway_stopping.is_set()
         )
+        postgres = await self.postgres_ok()
         report = {
-            "status": "ok" if healthy else "unavailable",
+            "status": "unavailable" if not healthy else "ok" if postgres else "degraded",
+            "postgres": "up" if postgres else "down",
+            "holds": self.holds(),
             "instance": self.instance_id,
             "services": self.services(),
             "billing_queue_depth": await self.billing_depth(),

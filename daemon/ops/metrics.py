@@ -179,6 +179,25 @@ class Metrics:
             ["path"],
             registry=r,
         )
+        self.holds_open = Gauge(
+            "tts_holds_open", "Usage holds open (jobs accepted, not yet billed)", registry=r
+        )
+        self.holds_settled = Counter(
+            "tts_holds_settled_total", "Usage holds settled by billing", registry=r
+        )
+        self.holds_released = Counter(
+            "tts_holds_released_total",
+            "Usage holds released without a bill (error, skipped, evicted)",
+            registry=r,
+        )
+        self.holds_expired = Counter(
+            "tts_holds_expired_total", "Usage holds expired because their job vanished", registry=r
+        )
+        self.mirror_rebuilds = Counter(
+            "tts_mirror_rebuilds_total",
+            "Full rebuilds of the Redis entitlements and token mirror from Postgres",
+            registry=r,
+        )
 
 
 async def refresh_metrics(metrics: Metrics, health: Health) -> None:

@@ -13,8 +13,11 @@ report could not be made). docs/operations.md says what to do for each finding.
   it. The missing ones are named, with the reason when the billing dead-letter list has them.
 - Liveness: synthesis in the last ``monitor.liveness_window_s`` but no ``billing_processed`` → red.
 - The billing queue: depth and the age of the oldest waiting event (``monitor.lag_*``).
+- Holds (docs/billing.md): open holds per user, the oldest one's age (older than
+  ``holds.ttl_s`` → amber), and per user what the Redis mirror has as settled this period
+  against what Postgres has billed (a difference once billing is idle → amber).
 - Dead-letter lists, restarts and errors from the log, and ``/healthz`` of a daemon running with
-  this configuration, when one answers.
+  this configuration (its operations listener), when one answers.
 
 Works beside a running daemon and alone: servers are resolved as the CLI does (configured URLs,
 else the embedded servers under ``data.dir``, shared with a daemon that runs them or started for
@@ -162,23 +165,63 @@ async def _servers_part(cfg: Config, redis_url: str, pg_url: str, ids: list[str]
         out["depth"] = int(await store.execute("XLEN", Keys.BILLING))
         models = set(cfg.workers.models) | set(MODELS)
         out["dead_letters"] = await dead_letter_counts(store, models)
+        out["holds"] = await holds_part(store, db) if out["schema"] else {}
     return out
+
+
+async def holds_part(store: Any, db: Any, *, max_users: int = 10_000) -> dict[str, Any]:
+    """Open holds and, per user, the mirror's settled usage against Postgres's billed usage
+    (this period): {"users": {user_id: {...}}, "open", "oldest_s", "oldest_state"}."""
+    now = time.time()
+    holders = await store.holders()
+    held = await store.holds_of(holders[:max_users])
+    mirrored = (await store.users_with(Keys.ENT_PREFIX))[:max_users]
+    users: dict[int, dict[str, Any]] = {}
+    oldest, oldest_state = 0.0, ""
+    for user_id, h in held.items():
+        for _type, _amount, since, state in h["jobs"].values():
+            if now - since > oldest:
+                oldest, oldest_state = now - since, state
+        users[user_id] = {"holds": h["count"], "held": h["sum"]}
+    rows = await db.fetch(
+        "SELECT user_id, server_kokoro_characters AS k, premium_voice_characters AS p"
+        " FROM usage_periods WHERE period_start = tts_period_start()"
+        " AND user_id = ANY ($1::bigint[])",
+        mirrored,
+    )
+    billed = {r["user_id"]: (int(r["k"]), int(r["p"])) for r in rows}
+    for user_id in mirrored:
+        ent = await store.execute(
+            "HMGET", Keys.ent(user_id), "kokoro_used", "premium_used", "period_end"
+        )
+        if ent[2] is not None and float(ent[2]) <= now:
+            settled = (0, 0)  # the mirror's period ended: it counts nothing of this one
+        else:
+            settled = (int(ent[0] or 0), int(ent[1] or 0))
+        b = billed.get(user_id, (0, 0))
+        if settled != b or user_id in users:
+            users.setdefault(user_id, {"holds": 0, "held": {}})
+            users[user_id]["settled"] = {"server_kokoro": settled[0], "premium_voice": settled[1]}
+            users[user_id]["billed"] = {"server_kokoro": b[0], "premium_voice": b[1]}
+    return {
+        "open": sum(u["holds"] for u in users.values()),
+        "oldest_s": round(oldest, 3),
+        "oldest_state": oldest_state,
+        "users": {str(k): v for k, v in sorted(users.items())},
+        "mismatched": sorted(
+            str(k) for k, v in users.items() if "settled" in v and v["settled"] != v["billed"]
+        ),
+    }
 
 
 def _healthz(cfg: Config) -> dict[str, Any] | None:
     """/healthz of a daemon running with this configuration, if one answers on its port."""
-    g = cfg.gateway
-    if not g.http_port:
+    ops = cfg.ops
+    if not ops.port:
         return None
-    tls = bool(g.tls_cert and g.tls_key)
-    host = "127.0.0.1" if g.host in ("0.0.0.0", "::", "") else g.host
-    url = f"{'https' if tls else 'http'}://{host}:{g.http_port}/healthz"
-    context = None
-    if tls:
-        # Our own daemon on our own host; its certificate may be self-signed.
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+    host = "127.0.0.1" if ops.host in ("0.0.0.0", "::", "") else ops.host
+    url = f"http://{host}:{ops.port}/healthz"
+    context: ssl.SSLContext | None = None
     try:
         with urllib.request.urlopen(url, timeout=2.0, context=context) as response:
             return {"url": url, "status": response.status, "body": json.loads(response.read())}
@@ -243,6 +286,25 @@ def build_report(
         )
     if not servers["schema"]:
         findings.append(Finding("amber", "Postgres has no usage_log table (not migrated?)"))
+    holds = servers.get("holds") or {}
+    if holds.get("open"):
+        ttl = cfg.holds.billing_ttl_s if holds.get("oldest_state") == "b" else cfg.holds.ttl_s
+        if holds["oldest_s"] > ttl:
+            findings.append(
+                Finding(
+                    "amber",
+                    f"a usage hold is {holds['oldest_s']:.0f} s old, older than its TTL"
+                    f" ({ttl:g} s): its job or its bill is stuck (docs/billing.md)",
+                )
+            )
+    if holds.get("mismatched") and not servers["depth"]:
+        findings.append(
+            Finding(
+                "amber",
+                f"the Redis mirror's settled usage differs from Postgres for users"
+                f" {', '.join(holds['mismatched'][:10])} with billing idle (docs/billing.md)",
+            )
+        )
     if health is not None and health.get("status") not in (None, 200):
         findings.append(
             Finding("red", f"daemon unhealthy: {health['url']} answered {health['status']}")
@@ -275,6 +337,7 @@ def build_report(
             "last_batch_age_s": round_ms(now - batches[-1][0]) if batches else None,
         },
         "queue": {"depth": servers["depth"], "oldest_waiting_s": round_ms(servers["lag_s"])},
+        "holds": servers.get("holds") or {},
         "reconciliation": {
             "synthesized": len(scan.synthesized),
             "billed": len(result.billed),
@@ -352,6 +415,13 @@ def render(report: dict[str, Any], *, max_missing: int = 50) -> str:
         f"  waiting            {_n(rec['waiting'])}",
         f"  delta              {_n(rec['missing'])}   (neither billed nor waiting)",
         "",
+        "holds                "
+        + (
+            f"{_n(report['holds'].get('open'))} open · oldest"
+            f" {_age(report['holds'].get('oldest_s')) if report['holds'].get('open') else '–'}"
+            f" · settled ≠ billed for {len(report['holds'].get('mismatched', []))} users"
+        ),
+        "",
         f"liveness             {'ok' if live['ok'] else 'FAILED'} (window {live['window_s']:g} s;"
         f" last synthesis {_age(live['last_synthesis_age_s'])})",
         "dead letters         "
@@ -371,7 +441,7 @@ def render(report: dict[str, Any], *, max_missing: int = 50) -> str:
         lines.append(f"  {_iso(e['ts'])}  {e['service']}: {str(e['message'])[:160]}")
     d = report["daemon"]
     if d is None:
-        lines.append("daemon               not probed (gateway.http_port is 0)")
+        lines.append("daemon               not probed (ops.port is 0)")
     elif d.get("status") is None:
         lines.append(f"daemon               not reachable at {d['url']} (not running here?)")
     else:

@@ -31,6 +31,7 @@ import trio
 
 from daemon.audio.persister import Persister
 from daemon.audio.store import FileAudioStore
+from daemon.billing.mirror import MirrorService
 from daemon.config import Config
 from daemon.contracts.events import DaemonStarted, DaemonStopped, Error
 from daemon.gateway.hashing import VariantHasher
@@ -129,11 +130,20 @@ class Daemon:
 
     @property
     def addresses(self) -> GatewayAddresses:
-        """The running gateway's bound ports (RuntimeError while it is not running)."""
+        """The running gateway's bound ports, and the operations listener's (RuntimeError while
+        the gateway is not running)."""
         handle = self.handle("gateway")
         if handle is None:
             raise RuntimeError(f"the gateway is {self.supervisor.state('gateway')}")
-        return handle.addresses
+        ops_port = self.handle("ops")
+        if ops_port is None:
+            return handle.addresses
+        return attrs.evolve(handle.addresses, ops_host=self.cfg.ops.host, ops_port=ops_port)
+
+    @property
+    def mirror(self) -> MirrorService | None:
+        """The running mirror service (docs/billing.md), or None."""
+        return self.handle("mirror")
 
     # -- running ----------------------------------------------------------------------------
 
@@ -175,14 +185,14 @@ class Daemon:
                 pool_timeout_s=cfg.redis.pool_timeout_s,
                 command_timeout_s=cfg.redis.command_timeout_s,
             ) as store,
+            # The admin pool: migrations, the catalog, the mirror's copies, health checks. The
+            # request path reads no Postgres (docs/billing.md, "Holds and the entitlements
+            # mirror"); the benchmark's baseline gateway (tools/baseline_gateway.py) uses it as
+            # the old request pool. Its queries leave no session state: no reset round trip.
             open_pg_pool(
                 self.pg_url,
                 size=cfg.postgres.request_pool_size,
-                # Open every connection at start: a connection made under load pays its
-                # authentication (SCRAM) on the request path, right in the middle of a burst.
-                min_size=cfg.postgres.request_pool_size,
-                # Its queries leave no session state (the migration lock is transaction-scoped):
-                # no reset round trip on every release, on every synthesize.
+                min_size=1,
                 reset_session=False,
                 acquire_timeout_s=cfg.postgres.acquire_timeout_s,
                 command_timeout_s=cfg.postgres.command_timeout_s,
@@ -213,6 +223,7 @@ class Daemon:
                 models=tuple(sorted(catalog.models)),
             )
             deps = Deps(
+                mirror=MirrorService(store, db, cfg.holds, self.events, self.metrics),
                 instance_id=self.instance_id,
                 pg_url=self.pg_url,
                 store=store,
@@ -262,6 +273,7 @@ class Daemon:
                                 instance=self.instance_id,
                                 ws_url=self.addresses.ws_url,
                                 http_url=self.addresses.http_url,
+                                ops_url=self.addresses.ops_url,
                                 migrations_applied=applied,
                             )
                         )

@@ -17,8 +17,10 @@ hot           consumers   yes       :class:`~daemon.hot.consumer.HotConsumer`
 billing       consumers   no        :class:`~daemon.billing.consumer.BillingConsumer` (pool)
 persister     consumers   no        :class:`~daemon.audio.persister.Persister` (``audio.enabled``)
 monitor       consumers   no        :class:`~daemon.ops.monitor.Monitor` (``monitor.enabled``)
+mirror        consumers   no        :class:`~daemon.billing.mirror.MirrorService`
 worker-N      workers     no        None (``workers.simulated`` of them, ``workers.engine``)
 gateway       gateway     yes       :class:`GatewayHandle` (gateway, bound addresses)
+ops           gateway     no        the operations listener's port (/healthz, /metrics, …)
 ============  ==========  ========  =========================================================
 """
 
@@ -34,8 +36,10 @@ from daemon.audio.persister import Persister
 from daemon.audio.store import FileAudioStore
 from daemon.audio.tiers import AudioTiers
 from daemon.billing.consumer import BillingSetup, run_billing_consumer
+from daemon.billing.mirror import MirrorService
 from daemon.config import Config, HotConfig
 from daemon.gateway.hashing import VariantHasher
+from daemon.gateway.http import HttpApp, serve_ops
 from daemon.gateway.service import Gateway, GatewayAddresses
 from daemon.hot.consumer import GroupHandler, HotConsumer
 from daemon.ops.dashboard import Dashboard
@@ -63,7 +67,9 @@ __all__ = [
     "gateway_service",
     "hot_consumer",
     "hot_service",
+    "mirror_service",
     "monitor_service",
+    "ops_service",
     "persister_service",
     "scanner_service",
     "worker_services",
@@ -83,6 +89,10 @@ class Stopping:
 class Deps:
     """What services are built from: the daemon's shared resources, all open and ready before
     :func:`build_services` is called (stores connected, schema migrated, catalog read)."""
+
+    # The entitlements mirror and hold reaper (docs/billing.md): its service keeps Redis's copy
+    # whole; the gateway asks it for a user it finds without one.
+    mirror: MirrorService
 
     instance_id: str
     pg_url: str
@@ -124,9 +134,34 @@ def build_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
         billing_service(cfg, deps),
         *persister_service(cfg, deps),
         *monitor_service(cfg, deps),
+        mirror_service(cfg, deps),
         *worker_services(cfg, deps),
         gateway_service(cfg, deps),
+        ops_service(cfg, deps),
     ]
+
+
+def mirror_service(cfg: Config, deps: Deps) -> ServiceSpec:
+    """The mirror (entitlements and tokens copied from Postgres into Redis, at start and
+    whenever Redis lost them) and the reaper of vanished holds. Its first full copy is done
+    before the gateway starts: a handshake finds every token."""
+    run = functools.partial(deps.mirror.run, stopping=deps.stopping.consumers)
+    return ServiceSpec("mirror", run, critical=False)
+
+
+def ops_service(cfg: Config, deps: Deps) -> ServiceSpec:
+    """The operations listener, ``[ops] host``/``port``: /healthz, /metrics, /dashboard apart
+    from the gateway (docs/operations.md). Stops with the gateway."""
+    app = HttpApp(
+        health=deps.health.healthz,
+        refresh_metrics=functools.partial(refresh_metrics, deps.metrics, deps.health),
+        registry=deps.metrics.registry,
+        dashboard=deps.dashboard,
+    )
+    run = functools.partial(
+        serve_ops, app, cfg.ops.host, cfg.ops.port, stopping=deps.stopping.gateway
+    )
+    return ServiceSpec("ops", run, critical=False, stage="gateway")
 
 
 def scanner_service(cfg: Config, deps: Deps) -> ServiceSpec:
@@ -258,26 +293,25 @@ def worker_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
     return specs
 
 
-def gateway_service(cfg: Config, deps: Deps) -> ServiceSpec:
+def gateway_service(cfg: Config, deps: Deps, gateway: Gateway | None = None) -> ServiceSpec:
     """The gateway (critical), innermost: the first to stop. One gateway across restarts (its
-    token cache and rate limits carry on)."""
-    gateway = Gateway(
-        cfg=cfg.gateway,
-        store=deps.store,
-        db=deps.request_db,
-        catalog=deps.catalog,
-        hasher=deps.hasher,
-        events=deps.events,
-        metrics=deps.metrics,
-        health=deps.health.healthz,
-        refresh_metrics=functools.partial(refresh_metrics, deps.metrics, deps.health),
-        dashboard=deps.dashboard,
-        priority=deps.priority,
-        audio=AudioTiers(
-            deps.store, deps.audio_store, cfg.hot.audio_ttl_s, deps.metrics, deps.events
-        ),
-        plan_weights=cfg.plans.weights,
-    )
+    rate limits carry on). ``gateway``: another one (the benchmark's Postgres-checked baseline,
+    tools/baseline_gateway.py)."""
+    if gateway is None:
+        gateway = Gateway(
+            cfg=cfg.gateway,
+            store=deps.store,
+            catalog=deps.catalog,
+            hasher=deps.hasher,
+            events=deps.events,
+            metrics=deps.metrics,
+            missing_mirror=deps.mirror.want,
+            priority=deps.priority,
+            audio=AudioTiers(
+                deps.store, deps.audio_store, cfg.hot.audio_ttl_s, deps.metrics, deps.events
+            ),
+            plan_weights=cfg.plans.weights,
+        )
 
     async def run(
         *, task_status: trio.TaskStatus[GatewayHandle] = trio.TASK_STATUS_IGNORED

@@ -10,6 +10,7 @@ waterfall (docs/billing.md).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,16 +69,20 @@ async def record_usage(
     return UsageRecord(duplicate=result is None, details=result)
 
 
-_BATCH_SQL = "SELECT dup_ords, billed_chars FROM tts_bill_batch($1::text)"
+# tts_bill_batch_mirror (0004) is tts_bill_batch plus the billed users' entitlements, read under
+# the same row locks with their ledger version bumped: what the consumer writes to Redis's mirror.
+_BATCH_SQL = "SELECT dup_ords, billed_chars, entitlements FROM tts_bill_batch_mirror($1::text)"
 
 
 @attrs.frozen
 class ChunkResult:
-    """One committed billing transaction: the positions (0-based) of its duplicates, and the
-    characters billed now."""
+    """One committed billing transaction: the positions (0-based) of its duplicates, the
+    characters billed now, and its users' entitlements after it (``tts_entitlements`` rows as
+    dicts, for the Redis mirror)."""
 
     duplicates: tuple[int, ...]
     text_length: int
+    entitlements: tuple[dict[str, Any], ...] = ()
 
 
 def events_array(raw_events: Sequence[str]) -> str:
@@ -94,7 +99,12 @@ async def _bill_json(conn: asyncpg.Connection, events_json: str, txn_delay_s: fl
         # One statement is one transaction: no BEGIN/COMMIT round trips.
         row = await conn.fetchrow(_BATCH_SQL, events_json)
     assert row is not None
-    return ChunkResult(tuple(o - 1 for o in row["dup_ords"] or ()), int(row["billed_chars"]))
+    ents = row["entitlements"]
+    if isinstance(ents, str):  # a connection without the json codec
+        ents = json.loads(ents)
+    return ChunkResult(
+        tuple(o - 1 for o in row["dup_ords"] or ()), int(row["billed_chars"]), tuple(ents or ())
+    )
 
 
 async def bill_chunks(

@@ -11,7 +11,6 @@ The hot path never imports this module (a test checks it).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import secrets
 import time
@@ -23,6 +22,8 @@ import asyncpg
 import attrs
 import trio
 import trio_asyncio
+
+from daemon.contracts import token_hash
 
 __all__ = [
     "FUNCTION_FILES",
@@ -67,7 +68,7 @@ def is_pg_unavailable(exc: BaseException) -> bool:
 
 
 def hash_token(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+    return token_hash(token)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -268,6 +269,7 @@ async def _credit(pool: asyncpg.Pool, user: str | int, voice_chars: int) -> dict
             raise UnknownUser(f"user {user} has no subscription")
         await conn.execute(
             "UPDATE subscriptions SET purchased_voice_chars = purchased_voice_chars + $2,"
+            " ledger_version = ledger_version + 1,"
             " updated_at = now() WHERE user_id = $1",
             user_id,
             voice_chars,

@@ -29,6 +29,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from daemon.contracts import ContractError, Keys, audio_content_type
 
 __all__ = [
+    "ENT_FIELDS",
     "BillingEntry",
     "ClaimedResult",
     "DeadLetter",
@@ -38,6 +39,7 @@ __all__ = [
     "enqueue_call",
     "enqueue_reply",
     "is_redis_unavailable",
+    "mirror_call",
     "open_redis",
 ]
 
@@ -55,6 +57,9 @@ _SCRIPT_NAMES = (
     "renew",
     "evict",
     "promote",
+    "mirror",
+    "holds",
+    "reap",
     "trim_dead",
     "replay_billing",
 )
@@ -176,26 +181,23 @@ def enqueue_call(
     model: str,
     now: float,
     rate_limit: int,
-    budget: int | None,
+    usage_type: str,
     blocks: Sequence[tuple[int, str, str, int, str]],
     weight: float = 1.0,
 ) -> tuple[list[Any], list[Any]]:
-    """KEYS and ARGV of ``enqueue.lua`` (run by ``stores/request.py``, after the usage check).
-    ``blocks``: (idx, variant_hash, job_id, cost, job_json); ``budget`` ``None``: unlimited;
-    ``weight``: the user's share in fair scheduling (its plan's weight)."""
+    """KEYS and ARGV of ``enqueue.lua``. ``blocks``: (idx, variant_hash, job_id, cost,
+    job_json); ``cost`` is what the block's hold takes of ``usage_type``; ``weight``: the user's
+    share in fair scheduling (its plan's weight)."""
     args: list[Any] = [
         user_id,
         conn_id,
         document_id,
         repr(now),
         rate_limit,
-        -1 if budget is None else budget,
+        usage_type,
         len(blocks),
     ]
-    for block in blocks:
-        args.extend(block)
-    args.append(repr(float(weight)))
-    keys = [
+    keys: list[Any] = [
         Keys.rate(user_id),
         Keys.JOBS,
         Keys.queue(model),
@@ -203,18 +205,53 @@ def enqueue_call(
         Keys.fair(model),
         Keys.fair_users(model),
         Keys.fair_state(model),
+        Keys.ent(user_id),
+        Keys.holds(user_id),
     ]
+    for block in blocks:
+        args.extend(block)
+        variant_hash = block[1]
+        keys += [Keys.audio(variant_hash), Keys.inflight(variant_hash), Keys.waiters(variant_hash)]
+    args.append(repr(float(weight)))
     return keys, args
 
 
 def enqueue_reply(reply: Any) -> tuple[str, list[str] | int]:
     """``enqueue.lua``'s reply: ("ok", [status per block]) — each one of cached, queued,
-    processing, limit — or ("rate_limited", milliseconds until the user's bucket holds enough;
-    -1 never)."""
+    processing, limit —, ("rate_limited", milliseconds until the user's bucket holds enough;
+    -1 never), or ("no_mirror", 0): the user's entitlements are not in Redis (nothing done)."""
     head = reply[0].decode()
     if head == "rate_limited":
         return head, int(reply[1])
+    if head == "no_mirror":
+        return head, 0
     return head, [s.decode() for s in reply[1:]]
+
+
+# The fields of a mirror row (``tts_entitlements``), in ``mirror.lua``'s ARGV order after the
+# version.
+ENT_FIELDS = (
+    "kokoro_allow",
+    "kokoro_used",
+    "premium_allow",
+    "premium_used",
+    "rollover",
+    "purchased",
+    "period_end",
+)
+
+
+def mirror_call(
+    user_id: int, ent: dict[str, Any] | None, settle: Sequence[str] = ()
+) -> tuple[str, list[Any], list[Any]]:
+    """One ``mirror.lua`` call: write ``ent`` (a ``tts_entitlements`` row; None: settle only)
+    and settle the holds of ``settle`` (event ids = job ids)."""
+    if ent is None:
+        args: list[Any] = ["", *([0] * len(ENT_FIELDS))]
+    else:
+        args = [int(ent["version"]), *(int(ent[f]) for f in ENT_FIELDS)]
+    args.extend(settle)
+    return "mirror", [Keys.ent(user_id), Keys.holds(user_id)], args
 
 
 class RedisStore:
@@ -309,9 +346,15 @@ class RedisStore:
 
     # -- gateway ----------------------------------------------------------------------------
 
+    async def enqueue(self, **kwargs: Any) -> tuple[str, list[str] | int]:
+        """``enqueue.lua`` (arguments of :func:`enqueue_call`; reply of :func:`enqueue_reply`):
+        the request path's one Redis round trip, and no Postgres."""
+        keys, args = enqueue_call(**kwargs)
+        return enqueue_reply(await self._script("enqueue", keys, args))
+
     async def aio_enqueue(self, keys: list[Any], args: list[Any]) -> Any:
         """(asyncio side) ``enqueue.lua`` with the ``keys`` and ``args`` of :func:`enqueue_call`,
-        for a unit of work that does more than this in one crossing (``stores/request.py``)."""
+        for a unit of work that does more than this in one crossing (the benchmark's baseline)."""
         return await self._scripts["enqueue"](keys, args)
 
     async def evict(
@@ -325,7 +368,8 @@ class RedisStore:
     ) -> list[int]:
         """Run ``evict.lua`` for one connection's waits. ``blocks``: (document_id, idx,
         variant_hash, model). With ``only_queued`` (cursor_moved) only blocks whose job is still
-        queued are evicted; without (the connection closed) every wait goes.
+        queued are evicted; without (the connection closed) every wait goes. The holds of the
+        jobs dropped are released (a second call; if it is lost, the holds expire).
 
         ``cursor`` (cursor_moved): the document's new reading position, so that its jobs other
         connections still wait for are pulled from there on (docs/workers.md, "Scheduling").
@@ -333,13 +377,133 @@ class RedisStore:
         Returns the positions (0-based, in ``blocks``) of the blocks evicted.
         """
         args: list[Any] = [user_id, conn_id, "queued" if only_queued else "all", len(blocks)]
-        keys: list[Any] = []
-        for block in blocks:
-            args.extend(block)
-            keys.extend((Keys.fair(block[3]), Keys.fair_state(block[3])))
+        keys: list[Any] = [Keys.JOBS, Keys.RETRIES]
+        for doc, idx, variant_hash, model in blocks:
+            args += [doc, idx]
+            keys += [
+                Keys.inflight(variant_hash),
+                Keys.waiters(variant_hash),
+                Keys.queue(model),
+                Keys.fair(model),
+                Keys.fair_state(model),
+            ]
         args.append(-1 if cursor is None else cursor)
-        reply = await self._script("evict", keys, args)
-        return [int(i) - 1 for i in reply]
+        evicted, dropped = await self._script("evict", keys, args)
+        if dropped:
+            by_user: dict[int, list[str]] = {}
+            for i in range(0, len(dropped), 2):
+                by_user.setdefault(int(dropped[i + 1]), []).append(dropped[i].decode())
+            await self.release_holds(by_user)
+        return [int(i) - 1 for i in evicted]
+
+    # -- holds and the entitlements mirror ----------------------------------------------------
+
+    async def release_holds(self, by_user: dict[int, list[str]], *, mode: str = "release") -> int:
+        """``holds.lua`` per user, in one pipeline: release the holds of these jobs (they ended
+        without a bill), or with ``mode="billing"`` mark them as waiting for billing. Returns
+        the number of holds changed."""
+        calls = [
+            ("holds", [Keys.holds(user_id)], [mode, *job_ids])
+            for user_id, job_ids in by_user.items()
+            if job_ids
+        ]
+        if not calls:
+            return 0
+        replies = await self._cross(self._evalsha_pipeline, calls)
+        total = 0
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+            total += int(reply)
+        return total
+
+    async def write_mirror(
+        self, calls: Sequence[tuple[str, list[Any], list[Any]]]
+    ) -> list[tuple[int, int]]:
+        """Several :func:`mirror_call` calls in one pipeline (each atomic): per call (written,
+        holds settled)."""
+        if not calls:
+            return []
+        replies = await self._cross(self._evalsha_pipeline, list(calls))
+        out = []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+            out.append((int(reply[0]), int(reply[1])))
+        return out
+
+    async def aio_write_mirror(self, calls: Sequence[tuple[str, list[Any], list[Any]]]) -> None:
+        """(asyncio side) :meth:`write_mirror` inside a unit of work of the caller's."""
+        for reply in await self._evalsha_pipeline(list(calls)):
+            if isinstance(reply, Exception):
+                raise reply
+
+    async def reap_holds(
+        self, user_id: int, *, ttl_s: float, billing_ttl_s: float
+    ) -> tuple[int, int, int, float]:
+        """``reap.lua`` for one user: (holds reaped, characters reaped, holds left, age of the
+        oldest hold left in seconds)."""
+        reaped, chars, left, oldest = await self._script(
+            "reap", [Keys.holds(user_id), Keys.JOBS], [ttl_s, billing_ttl_s]
+        )
+        return int(reaped), int(chars), int(left), float(oldest)
+
+    async def holders(self) -> list[int]:
+        """The users with open holds (a SCAN of the holds keys: for the reaper and reports)."""
+        return await self.users_with(Keys.HOLDS_PREFIX)
+
+    async def users_with(self, prefix: str) -> list[int]:
+        """The user ids of the keys ``prefix{user}`` (SCAN: never blocks Redis for long)."""
+
+        async def scan() -> list[int]:
+            out = []
+            async for key in self._client.scan_iter(match=prefix + "*", count=1000):
+                tail = key[len(prefix) :]
+                if tail.isdigit():
+                    out.append(int(tail))
+            return sorted(out)
+
+        return await self._cross(scan)
+
+    async def holds_of(self, user_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Each user's open holds: {"count", "sum": {usage_type: chars}, "jobs": {job_id:
+        (usage_type, amount, since, state)}}."""
+
+        async def read() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for user_id in user_ids:
+                    pipe.hgetall(Keys.holds(user_id))
+                return await pipe.execute()
+
+        out: dict[int, dict[str, Any]] = {}
+        for user_id, flat in zip(user_ids, await self._cross(read), strict=True):
+            jobs: dict[str, tuple[str, int, float, str]] = {}
+            sums: dict[str, int] = {}
+            for field, value in flat.items():
+                name = field.decode()
+                if name.startswith("sum:"):
+                    sums[name[4:]] = int(value)
+                elif name != "n":
+                    usage_type, amount, since, state = value.decode().split("|")
+                    jobs[name] = (usage_type, int(amount), float(since), state)
+            out[user_id] = {"count": len(jobs), "sum": sums, "jobs": jobs}
+        return out
+
+    async def lookup_token(self, token_hash: bytes) -> tuple[int | None, str, bool]:
+        """(user id or None, their plan, whether the token mirror is complete) in one round
+        trip. A miss while the mirror is being rebuilt is not an answer (the caller says "try
+        again"). The mirror keeps "user_id|plan" per token."""
+        value, ready = await self._cross(
+            self._client.mget, Keys.token(token_hash), Keys.MIRROR_READY
+        )
+        if not value:
+            return None, "", bool(ready)
+        user, _, plan = value.decode().partition("|")
+        return int(user), plan, bool(ready)
+
+    async def publish_control(self, message: dict[str, Any]) -> int:
+        """A control message to every gateway on this Redis (e.g. a revoked user)."""
+        return int(await self._cross(self._client.publish, Keys.CONTROL, json.dumps(message)))
 
     async def variant_states(self, hashes: Sequence[str]) -> list[tuple[bool, bool]]:
         """(audio cached, job in flight) for each variant: what a lost notification would have
@@ -966,10 +1130,15 @@ class RedisStore:
     # -- notifications ----------------------------------------------------------------------
 
     async def listen_notifications(
-        self, deliver: Callable[[int, bytes], None], *, ready: Callable[[], None]
+        self,
+        deliver: Callable[[int, bytes], None],
+        *,
+        ready: Callable[[], None],
+        control: Callable[[bytes], None] | None = None,
     ) -> None:
         """Receive every user's status frames until cancelled; ``deliver(user_id, frame)`` is
         called for each (synchronously, so it must not block). ``ready()`` once subscribed.
+        ``control(message)`` gets the messages of the control channel (revocations).
 
         The whole listener is one asyncio coroutine (one crossing for its lifetime); it closes its
         pub/sub connection itself when cancelled.
@@ -983,14 +1152,22 @@ class RedisStore:
             pubsub = client.pubsub()
             try:
                 await pubsub.psubscribe(prefix + b"*")
-                while True:
+                if control is not None:
+                    await pubsub.subscribe(Keys.CONTROL)
+                confirmations = 1 if control is None else 2
+                while confirmations:
                     msg = await pubsub.get_message(timeout=5.0)
-                    if msg is not None and msg["type"] == "psubscribe":
-                        break
+                    if msg is not None and msg["type"] in ("psubscribe", "subscribe"):
+                        confirmations -= 1
                 ready()
                 while True:
                     msg = await pubsub.get_message(timeout=1.0)
-                    if msg is None or msg["type"] != "pmessage":
+                    if msg is None:
+                        continue
+                    if msg["type"] == "message" and control is not None:
+                        control(msg["data"])
+                        continue
+                    if msg["type"] != "pmessage":
                         continue
                     channel = msg["channel"]
                     try:

@@ -26,6 +26,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "hot": {"heartbeat_s": 0.5, "consumer_ttl_s": 3.0},
     "billing": {"claim_idle_s": 5.0},
     "supervisor": {"backoff_min_s": 0.05, "backoff_max_s": 0.5, "shutdown_timeout_s": 5.0},
+    "holds": {"check_s": 0.2, "reap_interval_s": 0.5},
 }
 
 
@@ -42,6 +43,7 @@ def config_dict(
     base: dict[str, dict[str, Any]] = {
         "data": {"dir": str(Path(root) / "data")},
         "gateway": {"ws_port": 0, "http_port": 0},
+        "ops": {"port": 0},
     }
     if quick:
         _merge(base, copy.deepcopy(QUICK))

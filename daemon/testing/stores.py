@@ -18,7 +18,9 @@ from typing import Any
 import trio
 
 __all__ = [
+    "DEFAULT_REDIS_URL",
     "add_user",
+    "credit",
     "in_thread",
     "pg_fetch",
     "pg_query",
@@ -35,30 +37,73 @@ async def in_thread(fn: Callable[..., Any], *args: Any, abandon: bool = False) -
     return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon)
 
 
+# Where setup_database mirrors the users it creates when no redis_url is given (the tests set it
+# to their Redis, so every user they create can connect at once, as after `tts-daemon user add`).
+DEFAULT_REDIS_URL: str | None = None
+
+
 def setup_database(
-    url: str, names: Sequence[str], plan: str = "plus", *, migrate: bool = True
+    url: str,
+    names: Sequence[str],
+    plan: str = "plus",
+    *,
+    migrate: bool = True,
+    redis_url: str | None = None,
 ) -> list[tuple[int, str]]:
     """Apply the migrations (unless ``migrate`` is False) and create one user per name on
-    ``plan``; returns (id, token) per user. Synchronous (a ``trio.run`` of its own): call it from
-    a script, or from a thread (:func:`add_user`, ``in_thread``)."""
+    ``plan``, mirrored to Redis as ``tts-daemon user add`` does (to ``redis_url``, else
+    :data:`DEFAULT_REDIS_URL`, else not: a daemon copies them at its start); returns (id, token)
+    per user. Synchronous (a ``trio.run`` of its own): call it from a script, or from a thread
+    (:func:`add_user`, ``in_thread``)."""
     import trio_asyncio
 
+    from daemon.stores.mirror import aio_mirror_users
     from daemon.stores.pg import open_pg_pool
+    from daemon.stores.redis import open_redis
+
+    redis_url = redis_url or DEFAULT_REDIS_URL
 
     async def go() -> list[tuple[int, str]]:
         async with trio_asyncio.open_loop(), open_pg_pool(url, size=1, min_size=1) as db:
             if migrate:
                 await db.migrate()
-            return [await db.add_user(name, plan) for name in names]
+            users = [await db.add_user(name, plan) for name in names]
+            if users and redis_url:
+                async with open_redis(redis_url, max_connections=2) as store:
+                    await db.run(aio_mirror_users, store, [u for u, _ in users])
+            return users
 
     return trio.run(go)
 
 
-async def add_user(url: str, name: str, plan: str = "plus") -> tuple[int, str]:
-    """Create a user on a migrated database; returns (id, token)."""
-    add = functools.partial(setup_database, url, [name], plan, migrate=False)
+async def add_user(
+    url: str, name: str, plan: str = "plus", *, redis_url: str | None = None
+) -> tuple[int, str]:
+    """Create a user on a migrated database, mirrored to Redis (see :func:`setup_database`);
+    returns (id, token)."""
+    add = functools.partial(setup_database, url, [name], plan, migrate=False, redis_url=redis_url)
     ((user_id, token),) = await in_thread(add, abandon=True)
     return user_id, token
+
+
+def credit(pg_url: str, redis_url: str, user_id: int, voice_chars: int) -> None:
+    """``tts-daemon credit``'s own code: purchased characters in Postgres, then the mirror."""
+    import trio_asyncio
+
+    from daemon.stores.mirror import aio_mirror_users
+    from daemon.stores.pg import open_pg_pool
+    from daemon.stores.redis import open_redis
+
+    async def go() -> None:
+        async with (
+            trio_asyncio.open_loop(),
+            open_pg_pool(pg_url, size=1, min_size=1) as db,
+            open_redis(redis_url, max_connections=2) as store,
+        ):
+            await db.credit(user_id, voice_chars)
+            await db.run(aio_mirror_users, store, [user_id])
+
+    trio.run(go)
 
 
 def pg_query(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:

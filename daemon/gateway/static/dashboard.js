@@ -180,6 +180,13 @@
       " · checked " + age(d.now - r.checked_at) + " ago" +
       " · amber ≥ " + d.thresholds.delta_amber + ", red ≥ " + d.thresholds.delta_red);
     list("recon-missing", r.missing, (li, m) => { li.textContent = m.job_id + " — " + m.reason; });
+    const h = d.holds || {};
+    setGrade($("holds-tile"), h.open === null || h.open === undefined ? "unknown" : h.grade);
+    $("holds-tile").dataset.grade = h.grade || "unknown";
+    setText("holds-open", h.open === null || h.open === undefined ? "–" : String(h.open));
+    setText("holds-sub", h.open === null || h.open === undefined ? "–" :
+      "oldest " + age(h.oldest_s) + " · settled " + int(h.settled) + " · released " +
+      int(h.released) + " · expired " + int(h.expired) + " · amber > " + age(h.ttl_s));
     setText("billed", int(b.events_billed));
     setText("batches", int(b.batches) + " batches · " + num(b.billed_per_s) + " events/s");
     setText("batch-p50", num(b.batch_ms.p50, "ms"));

@@ -1,19 +1,24 @@
 -- The gateway's synthesize, atomic: the user's rate limit, then per block: answer from the cache,
--- join an in-flight job for the same variant (from any user, any daemon), or create a job if the
--- user's budget allows. Atomic, so two requests for one variant always share one job.
+-- join an in-flight job for the same variant (from any user, any daemon), or create a job if a
+-- hold for its characters fits the user's entitlements (mirror) less what they already hold.
+-- Atomic, so two requests for one variant always share one job, and concurrent requests of one
+-- user (any connection, any daemon) never hold more than the allowance together (docs/billing.md).
 -- KEYS: 1 the user's rate bucket (tts:rate:{user}), 2 tts:jobs, 3 tts:queue:{model},
 --       4 tts:processing:{model}, 5 tts:fair:{model}, 6 tts:fair:users:{model},
---       7 tts:fair:state:{model}
+--       7 tts:fair:state:{model}, 8 the user's mirror (tts:ent:{user}), 9 their holds
+--       (tts:holds:{user}), then 3 per block: tts:audio:{hash}, tts:inflight:{hash},
+--       tts:waiters:{hash}
 -- ARGV: 1 user_id, 2 conn_id, 3 document_id, 4 now (queue score), 5 rate limit (blocks a minute),
---       6 budget (-1: unlimited), 7 block count,
+--       6 usage type, 7 block count,
 --       then per block: block_idx, variant_hash, job_id, cost, job_json,
 --       then the user's scheduling weight
 -- Fair scheduling (common.lua): each new job joins its user's part of the schedule, ordered by
 -- document (the most recently asked-for first) and then from the document's reading position on.
--- Returns {"rate_limited", retry_after_ms} (-1: the request alone exceeds the limit), or
+-- Returns {"rate_limited", retry_after_ms} (-1: the request alone exceeds the limit),
+--         {"no_mirror"} (the user's entitlements are not in Redis: nothing was done), or
 --         {"ok", status...} with status one of cached | queued | processing | limit
 local user, conn, doc, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local limit, budget, n = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local limit, usage_type, n = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
 
 -- Token bucket: holds at most `limit` blocks, refills at `limit` a minute (Redis's clock, so every
 -- daemon sharing this Redis agrees). A request takes all its blocks or none.
@@ -21,6 +26,13 @@ if n > limit then
   return {'rate_limited', '-1'}
 end
 local t = tts_now()
+local budget = tts_budget(KEYS[8], usage_type, t)
+if budget == nil then
+  return {'no_mirror'}
+end
+if budget >= 0 then
+  budget = budget - (tonumber(redis.call('HGET', KEYS[9], 'sum:' .. usage_type)) or 0)
+end
 local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = tonumber(bucket[1]) or limit
 local last = tonumber(bucket[2]) or t
@@ -55,14 +67,14 @@ end
 local out = {'ok'}
 for i = 0, n - 1 do
   local base = 8 + i * 5
-  local idx, hash, job_id = ARGV[base], ARGV[base + 1], ARGV[base + 2]
+  local idx, job_id = ARGV[base], ARGV[base + 2]
   local cost, job_json = tonumber(ARGV[base + 3]), ARGV[base + 4]
+  local audio_key, inflight_key, waiters_key = KEYS[10 + i * 3], KEYS[11 + i * 3], KEYS[12 + i * 3]
   local status
-  if redis.call('EXISTS', 'tts:audio:' .. hash) == 1 then
+  if redis.call('EXISTS', audio_key) == 1 then
     status = 'cached'
   else
     local waiter = tts_waiter(user, idx, conn, doc)
-    local inflight_key = 'tts:inflight:' .. hash
     local existing = redis.call('GET', inflight_key)
     -- An in-flight key whose job is gone (dead-lettered, or lost with Redis data) would leave its
     -- waiters waiting forever: start a new job instead. Its result is the one finalized (the old
@@ -71,12 +83,14 @@ for i = 0, n - 1 do
       existing = nil
     end
     if existing then
-      redis.call('SADD', 'tts:waiters:' .. hash, waiter)
+      -- A join costs nothing: no hold (the job's creator holds it).
+      redis.call('SADD', waiters_key, waiter)
       if redis.call('ZSCORE', KEYS[4], existing) then status = 'processing' else status = 'queued' end
     elseif budget >= 0 and cost > budget then
       status = 'limit'
     else
       if budget >= 0 then budget = budget - cost end
+      tts_hold_place(KEYS[9], job_id, usage_type, cost, t)
       redis.call('SET', inflight_key, job_id)
       redis.call('HSET', KEYS[2], job_id, job_json)
       -- The queue keeps enqueue times (depth, oldest age); the fair index decides the order.
@@ -85,7 +99,7 @@ for i = 0, n - 1 do
       redis.call('ZADD', KEYS[5], 0, tts_fair_member(user, fair_r, tts_fair_pos(tonumber(idx), cursor), job_id))
       redis.call('HSET', KEYS[7], 'w:' .. user, weight)
       tts_fair_activate(KEYS[6], KEYS[7], user)
-      redis.call('SADD', 'tts:waiters:' .. hash, waiter)
+      redis.call('SADD', waiters_key, waiter)
       status = 'queued'
     end
   end

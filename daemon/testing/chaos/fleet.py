@@ -17,7 +17,7 @@ from daemon.embedded import read_secret
 from daemon.embedded.process import _free_port
 from daemon.testing.chaos.clients import http_get
 from daemon.testing.chaos.hostcrash import fsync_shim
-from daemon.testing.chaos.params import SIGTERM_DEADLINE_S
+from daemon.testing.chaos.params import HOLDS_TTL_S, SIGTERM_DEADLINE_S
 from daemon.testing.chaos.state import ChaosState, DaemonSlot
 from daemon.testing.stores import in_thread, redis_cmd
 
@@ -55,6 +55,7 @@ class Fleet(ChaosState):
                 f"daemon-{i}", _free_port(), _free_port(), d / "daemon.toml",
                 d / "events.jsonl", d / "daemon.log",
             )  # fmt: skip
+            slot.ops_port = _free_port()
             slot.config.write_text(
                 f"""
 [data]
@@ -63,8 +64,14 @@ dir = {json.dumps(str(data))}
 ws_port = {slot.ws_port}
 http_port = {slot.http_port}
 rate_limit_blocks_per_min = 1000000
+max_frames_per_s = 100000
 close_grace_s = 1.0
 variant_secret_path = {json.dumps(str(secret))}
+[ops]
+port = {slot.ops_port}
+[holds]
+ttl_s = {HOLDS_TTL_S}
+reap_interval_s = 1.0
 [redis]
 url = {json.dumps(self.redis_url)}
 block_s = 0.5
@@ -118,7 +125,7 @@ events_path = {json.dumps(str(slot.events))}
 
     async def _healthy(self, slot: DaemonSlot, *, services: bool = True) -> bool:
         try:
-            status, body = await http_get(slot.http_port, "/healthz")
+            status, body = await http_get(slot.ops_port, "/healthz")
         except (OSError, trio.TooSlowError, ValueError, IndexError):
             return False
         if status != 200:

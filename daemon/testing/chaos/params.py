@@ -34,6 +34,7 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
 }
 TWO_DAEMON_SCENARIOS = ("two-daemons", "mixed")
 SIGTERM_DEADLINE_S = 10.0  # docs/tts-flow.md
+HOLDS_TTL_S = 5.0  # a hold whose job vanished expires this soon here (docs/billing.md)
 CLOCK_KEY = "chaos:clock"
 LOG_BACKUPS = 5  # [log] backups in the daemons' configuration (the default)
 

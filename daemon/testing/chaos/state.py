@@ -29,6 +29,7 @@ class DaemonSlot:
     log: Path
     proc: trio.Process | None = None
     starts: int = 0
+    ops_port: int = 0  # /healthz (docs/operations.md: the operations listener)
 
     @property
     def ws_url(self) -> str:
