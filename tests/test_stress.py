@@ -111,3 +111,35 @@ def test_small_compare_completes_with_the_spec_shape(tmp_path: Path) -> None:
     assert set(result["targets"]) == {"split_ack_p99_within_1.5x_idle", "inline_starves"}
     assert plot.stat().st_size > 10_000
     assert "split" in proc.stdout and "inline" in proc.stdout
+
+
+def test_noisy_neighbour_scenario_runs_its_three_runs(tmp_path: Path) -> None:
+    """``--scenario noisy`` (docs/stress.md): quiet, fair and FIFO, each reporting the readers'
+    audio latency; the flood drains in both flooded runs."""
+    out = tmp_path / "noisy.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "stress.py"), "--scenario", "noisy",
+         "--duration-s", "2", "--flood", "32", "--readers", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert out.exists(), done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {"quiet", "fair", "fifo"}
+    for mode, run in result["runs"].items():
+        assert run["reader_audio_ms"]["n"] > 0, (mode, run)
+        assert (run["flood_drain_s"] is None) == (mode == "quiet"), (mode, run)
+    assert set(result["p99_over_quiet"]) == {"fair", "fifo"}
+
+
+def test_bench_pull_measures_the_fair_pull_against_fifo(tmp_path: Path) -> None:
+    out = tmp_path / "pull.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_pull.py"), "--pulls", "50", "--users", "1",
+         "5", "--jobs", "120", "--growth", "120", "--json", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert [r["users"] for r in figures["by_users"]] == [1, 5]
+    for row in figures["by_users"] + figures["by_size"]:
+        assert row["fair_pulls_per_s"] > 0 and row["fifo_pulls_per_s"] > 0

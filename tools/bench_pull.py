@@ -37,6 +37,16 @@ from daemon.embedded import EmbeddedServers  # noqa: E402
 from daemon.stores.redis import SCRIPTS, enqueue_call  # noqa: E402
 
 MODEL = "kokoro"
+UNLIMITED = {
+    "version": 0,
+    "kokoro_allow": -1,
+    "kokoro_used": 0,
+    "premium_allow": -1,
+    "premium_used": 0,
+    "rollover": 0,
+    "purchased": 0,
+    "period_end": 4_000_000_000,
+}
 
 
 def fill(client: redis.Redis, users: int, jobs: int, *, fair: bool) -> None:
@@ -45,6 +55,10 @@ def fill(client: redis.Redis, users: int, jobs: int, *, fair: bool) -> None:
     enqueue = client.register_script(SCRIPTS["enqueue"])
     per_user = max(1, jobs // users)
     pipe = client.pipeline(transaction=False)
+    for user in range(1, users + 1):
+        # Unlimited entitlements in the Redis mirror (docs/billing.md): the holds never refuse.
+        pipe.hset(Keys.ent(user), mapping=UNLIMITED)
+    pipe.execute()
     queued = 0
     for start in range(0, per_user, 16):
         for user in range(1, users + 1):
@@ -63,7 +77,7 @@ def fill(client: redis.Redis, users: int, jobs: int, *, fair: bool) -> None:
                 model=MODEL,
                 now=time.time(),
                 rate_limit=10**9,
-                budget=None,
+                usage_type="server_kokoro",
                 blocks=rows,
             )
             enqueue(keys, args, client=pipe)
