@@ -115,6 +115,7 @@ def _config(root: Path, p: NoisyParams) -> Any:
         {
             "data": {"dir": str(root / "data")},
             "gateway": {"ws_port": 0, "http_port": 0, "rate_limit_blocks_per_min": 100_000},
+            "ops": {"port": 0},
             "workers": {
                 "simulated": p.workers,
                 "batch": p.batch,
