@@ -1,5 +1,5 @@
-"""``tts-daemon``: run, migrate, user add, user revoke, credit, report, dead-letters
-(docs/operations.md).
+"""``tts-daemon``: run, migrate, user add, user revoke, credit, report, audio purge,
+dead-letters (docs/operations.md).
 
 Exit status: 0 success; 1 a failure at run time (its reason on stderr); 2 a bad command line or
 configuration value (one line naming the key). ``report`` has its own: 0 green, 1 amber, 2 red
@@ -93,7 +93,7 @@ async def _run(cfg: Config, redis_url: str, pg_url: str, faults: FaultInjector |
         daemon = Daemon(cfg, redis_url, pg_url)
     else:
         # Only when TTS_DAEMON_FAULTS is set (the chaos tool, tests): see daemon/runtime/faults.py.
-        daemon = Daemon(cfg, redis_url, pg_url, billing_fault=faults)
+        daemon = Daemon(cfg, redis_url, pg_url, billing_fault=faults, persist_fault=faults)
     await serve_until_signalled(daemon)
 
 
@@ -235,6 +235,34 @@ def cmd_credit(cfg: Config, user: str, voice_chars: int) -> int:
     return 0
 
 
+def cmd_audio_purge(cfg: Config, model: str, before_text: str | None) -> int:
+    from daemon.audio.purge import parse_before, purge_audio
+    from daemon.audio.store import FileAudioStore
+    from daemon.contracts import MODELS
+    from daemon.stores.redis import open_redis
+
+    if model not in MODELS:
+        return _fail(f"--model: unknown model {model!r} (known: {', '.join(MODELS)})", 2)
+    try:
+        before = parse_before(before_text) if before_text is not None else None
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+
+    async def go(redis_url: str) -> dict[str, int]:
+        store = FileAudioStore(cfg.audio_dir) if cfg.audio.enabled else None
+        async with trio_asyncio.open_loop(), open_redis(redis_url, max_connections=2) as redis:
+            result = await purge_audio(redis, store, model=model, before=before)
+        return result.as_dict()
+
+    with resolve_servers(cfg, postgres=False) as (redis_url, _):
+        try:
+            out = trio.run(go, redis_url)
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+    print(json.dumps({"model": model, "before": before_text, "purged": out}))
+    return 0
+
+
 def cmd_user_revoke(cfg: Config, user: str) -> int:
     from daemon.stores.mirror import aio_revoke
     from daemon.stores.pg import UnknownUser
@@ -343,6 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     credit.add_argument("--user", required=True, help="user id or name")
     credit.add_argument("--voice-chars", required=True, type=_positive_int, metavar="N")
+    audio = sub.add_parser("audio", help="the durable audio store")
+    audio_sub = audio.add_subparsers(dest="audio_command", required=True, metavar="ACTION")
+    purge = with_config(
+        audio_sub.add_parser(
+            "purge", help="remove a model's audio from Redis and the store (after a revision bump)"
+        )
+    )
+    purge.add_argument("--model", required=True)
+    purge.add_argument(
+        "--before", metavar="DATE", help="only audio made before this ISO date/time (UTC)"
+    )
+
     dead = sub.add_parser("dead-letters", help="inspect, replay or drop dead letters")
     dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (
@@ -385,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_user_revoke(cfg, args.user)
         if args.command == "user":
             return cmd_user_add(cfg, args.name, args.plan)
+        if args.command == "audio":
+            return cmd_audio_purge(cfg, args.model, args.before)
+
         if args.command == "dead-letters":
             return cmd_dead_letters(cfg, args)
         return cmd_credit(cfg, args.user, args.voice_chars)

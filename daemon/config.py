@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 __all__ = [
+    "AudioConfig",
     "BillingConfig",
     "Config",
     "ConfigError",
@@ -26,6 +27,7 @@ __all__ = [
     "HoldsConfig",
     "HotConfig",
     "LogConfig",
+    "ModelsConfig",
     "MonitorConfig",
     "OpsConfig",
     "PlansConfig",
@@ -121,6 +123,39 @@ class HotConfig:
     # A consumer whose heartbeat is older than this is dead; its claimed results are requeued.
     consumer_ttl_s: float = 10.0
     heartbeat_s: float = 2.0
+
+
+@attrs.frozen
+class AudioConfig:
+    """The durable audio store behind the Redis cache, and its persister (docs/operations.md)."""
+
+    # false: audio lives in Redis only, for hot.audio_ttl_s (no store, no persister).
+    enabled: bool = True
+    # "" → data.dir/audio. Several daemons may share one directory.
+    dir: str = ""
+    # Size cap of the store; least recently used audio is evicted beyond it. 0: no cap.
+    max_bytes: int = 10 * 1024**3
+    # Audio read within this many days is never evicted (0: nothing is pinned).
+    pin_days: float = 7.0
+    # Audio objects the persister writes per batch (one fsync of each directory per batch).
+    persist_batch: int = 64
+    # Worker threads doing the store's file I/O at once.
+    io_threads: int = 4
+    # A persist entry pending this long on another (dead) daemon is taken over.
+    claim_idle_s: float = 30.0
+    # The store's size and object count are re-measured this often (other daemons write too).
+    scan_interval_s: float = 60.0
+
+
+@attrs.frozen
+class ModelsConfig:
+    """Per-model settings that are not in Postgres' catalog."""
+
+    # Model revision, part of every variant hash: bump it to retire the audio of a bad model
+    # build (new requests synthesize again; `tts-daemon audio purge` removes the old audio).
+    # A table of model → revision string; a model not listed has revision "" (the hashes of
+    # earlier versions, so existing audio stays valid).
+    revision: dict[str, str] = attrs.Factory(dict)
 
 
 @attrs.frozen
@@ -273,6 +308,15 @@ class Config:
     supervisor: SupervisorConfig = SupervisorConfig()
     log: LogConfig = LogConfig()
     monitor: MonitorConfig = MonitorConfig()
+    audio: AudioConfig = AudioConfig()
+    models: ModelsConfig = ModelsConfig()
+
+    @property
+    def audio_dir(self) -> Path:
+        if self.audio.dir:
+            return Path(self.audio.dir)
+        return self.data.dir / "audio"
+
     ops: OpsConfig = OpsConfig()
     holds: HoldsConfig = HoldsConfig()
     plans: PlansConfig = PlansConfig()
@@ -303,6 +347,8 @@ _SECTIONS: dict[str, type] = {
     "supervisor": SupervisorConfig,
     "log": LogConfig,
     "monitor": MonitorConfig,
+    "audio": AudioConfig,
+    "models": ModelsConfig,
     "ops": OpsConfig,
     "holds": HoldsConfig,
     "plans": PlansConfig,
@@ -385,6 +431,12 @@ _RULES: dict[str, tuple[Any, str]] = {
     "monitor.lag_red_s": _POSITIVE,
     "monitor.max_tracked": (lambda v: 100 <= v <= 10_000_000, "must be 100..10000000"),
     "monitor.max_scan": (lambda v: 100 <= v <= 10_000_000, "must be 100..10000000"),
+    "audio.max_bytes": _NON_NEGATIVE,
+    "audio.pin_days": (lambda v: 0 <= v <= 3650, "must be 0..3650"),
+    "audio.persist_batch": (lambda v: 1 <= v <= 1000, "must be 1..1000"),
+    "audio.io_threads": (lambda v: 1 <= v <= 64, "must be 1..64"),
+    "audio.claim_idle_s": _POSITIVE,
+    "audio.scan_interval_s": _POSITIVE,
 }
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -409,6 +461,16 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{key}: must be a list of non-empty strings, got {value!r}")
         return tuple(value)
+    if annotation == "dict[str, str]":
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v and len(v) <= 64
+            for k, v in value.items()
+        ):
+            raise ConfigError(
+                f"{key}: must be a table of names to non-empty strings (64 chars at most),"
+                f" got {value!r}"
+            )
+        return dict(value)
     expected = {"int": int, "float": float, "str": str, "bool": bool}[annotation]
     # TOML distinguishes 1 from 1.0; accept an integer where a number is expected.
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -469,6 +531,9 @@ def _check_cross_field(cfg: Config) -> None:
     for model in cfg.workers.models:
         if model not in known:
             raise ConfigError(f"workers.models: unknown model {model!r}")
+    for model in cfg.models.revision:
+        if model not in known:
+            raise ConfigError(f"models.revision: unknown model {model!r}")
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

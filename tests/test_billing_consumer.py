@@ -229,7 +229,11 @@ async def test_redis_data_loss_heals_on_the_read_path_without_a_restart(
     )
     await wait_billed(pg_url, redis_url, 4)
 
-    # and the whole pipeline still works after the loss: synthesize → cached → billed
+    # and the whole pipeline still works after the loss: synthesize → cached → billed (once the
+    # mirror service has copied the tokens back: the handshake reads only Redis)
+    await wait_until(
+        lambda: redis_call(redis_url, "EXISTS", Keys.MIRROR_READY), what="mirror rebuilt"
+    )
     assert daemon.addresses is not None
     async with WsClient.connect(daemon.addresses.ws_url, token) as client:
         await client.synthesize("after-flush", ["Healed without a restart."])

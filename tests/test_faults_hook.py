@@ -72,5 +72,5 @@ def test_tts_daemon_run_refuses_a_bad_spec_at_start_up(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"tts-daemon: {ENV_VAR}: unknown fault point 'billing.nowhere' "
-        "(known: billing.before_batch, billing.after_commit)"
+        "(known: billing.before_batch, billing.after_commit, persist.read, persist.written)"
     ]

@@ -23,6 +23,14 @@ Measured in one run, on one machine:
   issuing its Redis calls one by one (GET inflight, DEL, HDEL, ZREM, HSET, EXPIRE, XADD, SMEMBERS,
   PUBLISH…, DEL, LREM), at the same concurrency — and ``ratio`` = split / baseline.
 
+* ``persister``: the split daemon is measured twice in the same run, with the durable audio store
+  and its persister on (``split``, the default configuration) and off (``split_nopersist``,
+  ``audio.enabled = false``): ``burst_ratio`` and ``single_p99_ratio`` = with / without (the
+  target: within 10 %). Then ``reread``: the burst's audio is deleted from Redis once persisted,
+  and the same blocks are asked for again — over the WebSocket (``synthesize`` → ``cached`` from
+  the store: ``blocks_per_s``, per-block ``ms`` from the request to its frame) and over HTTP
+  (``GET /v1/audio/HASH`` from the store, 8 at a time).
+
     .venv/bin/python tools/bench_hot.py                      # 1,000-result burst, 200 singles
     .venv/bin/python tools/bench_hot.py --results 200 --single 50 --json /tmp/hot.json
 
@@ -155,6 +163,7 @@ def baseline_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
 
 async def serve(kind: str, config_path: str) -> None:
     cfg = load_config(config_path)
+    # split and split_nopersist differ by their configuration (audio.enabled)
     services = baseline_services if kind == "baseline" else build_services
     daemon = Daemon(cfg, cfg.redis.url, cfg.postgres.url, services=services)
     await serve_until_signalled(daemon, name=kind)
@@ -169,6 +178,7 @@ class Listener:
     def __init__(self, ws: Any) -> None:
         self.ws = ws
         self.arrived: dict[tuple[str, int, str], float] = {}
+        self.urls: dict[tuple[str, int], str] = {}
         self.waiting: dict[tuple[str, int, str], trio.Event] = {}
         self.counts: dict[str, int] = {}
         self.changed = trio.Event()
@@ -182,6 +192,8 @@ class Listener:
                 continue
             key = (frame["document_id"], frame["block_idx"], frame["status"])
             self.arrived.setdefault(key, now)
+            if frame.get("audio_url"):
+                self.urls[key[:2]] = frame["audio_url"]
             self.counts[frame["status"]] = self.counts.get(frame["status"], 0) + 1
             event = self.waiting.pop(key, None)
             if event is not None:
@@ -450,7 +462,7 @@ def daemon_process(kind: str, config_path: Path, log_dir: Path) -> Any:
             time.sleep(0.05)
         if not urls:
             raise RuntimeError(f"{kind} daemon did not start:\n{log.read_text()[-3000:]}")
-        yield urls[0], proc.pid
+        yield urls[0], urls[1], proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -472,17 +484,125 @@ async def run_kind(
 ) -> None:
     async with open_redis(redis_url) as store:
         await store.execute("FLUSHALL")
-    with daemon_process(kind, config_path, workdir) as (ws_url, pid):
+    config = config_path.with_name(f"daemon-{kind}.toml")
+    with daemon_process(kind, config, workdir) as (ws_url, http_url, pid):
         async with open_redis(redis_url) as store, listeners(ws_url, token, args.clients) as group:
-            if kind == "split" and args.single:
-                out["single"] = await measure_single(store, group[0], args.single, args.audio_bytes)
-                print(f"  single: {out['single']}", flush=True)
+            if kind.startswith("split") and args.single:
+                single = await measure_single(store, group[0], args.single, args.audio_bytes)
+                out["single" if kind == "split" else f"single_{kind}"] = single
+                print(f"  single ({kind}): {single}", flush=True)
             work = await prepare_burst(store, group, args.results, args.audio_bytes, kind)
             with profiled(args.profile, kind, pid), cpu_meter(pid, redis_pid) as cpu:
                 burst = await measure_burst(store, work)
             burst["cpu_s"] = cpu
             print(f"  burst ({kind}): {burst}", flush=True)
             out[f"burst_{kind}"] = burst
+            if kind == "split" and args.reread:
+                out["reread"] = await measure_reread(store, work[: args.reread], http_url)
+                print(f"  reread: {out['reread']}", flush=True)
+
+
+async def drop_cached_audio(store: RedisStore, timeout_s: float = 300.0) -> int:
+    """Once the persister has caught up, delete every audio key from Redis: what is asked for
+    next can only come from the durable store."""
+    # Polled: the daemon is a subprocess, this tool has no event to wait on.
+    for _ in range(int(timeout_s / 0.05)):
+        if not int(await store.execute("XLEN", Keys.PERSIST)):
+            break
+        await trio.sleep(0.05)
+    else:
+        raise RuntimeError(f"the persister did not catch up within {timeout_s} s")
+    dropped = 0
+    cursor = b"0"
+    while True:
+        cursor, keys = await store.execute(
+            "SCAN", cursor, "MATCH", Keys.AUDIO_PREFIX + "*", "COUNT", 1000
+        )
+        if keys:
+            dropped += int(await store.execute("DEL", *keys))
+        if cursor in (b"0", 0, "0"):
+            return dropped
+
+
+async def measure_reread(
+    store: RedisStore, work: list[tuple[Listener, str, int]], http_url: str
+) -> dict[str, Any]:
+    """The burst's blocks asked for again once they are only in the store: over the WebSocket
+    (each listener re-requests its blocks under a new document id; ms from the request to the
+    block's ``cached`` frame), then over HTTP (GET each audio URL, 8 at a time)."""
+    import httpx
+
+    await drop_cached_audio(store)
+    by_listener: dict[int, tuple[Listener, list[tuple[str, int]]]] = {}
+    for listener, d, idx in work:
+        by_listener.setdefault(id(listener), (listener, []))[1].append((d, idx))
+    latencies: list[float] = []
+    t_start = time.perf_counter()
+    last = t_start
+
+    async def reask(listener: Listener, blocks: list[tuple[str, int]]) -> None:
+        nonlocal last
+        texts: dict[str, list[str]] = {}
+        for start in range(0, len(blocks), 64):
+            chunk = blocks[start : start + 64]
+            t0 = time.perf_counter()
+            for d in {d for d, _ in chunk}:
+                n = max(i for dd, i in blocks if dd == d) + 1
+                texts.setdefault(d, texts_for(d, n))
+                frame = {
+                    "type": "synthesize",
+                    "document_id": f"{d}-re",
+                    "model": MODEL,
+                    "blocks": [{"idx": i, "text": texts[d][i]} for dd, i in chunk if dd == d],
+                }
+                await listener.ws.send_message(json.dumps(frame))
+            for d, i in chunk:
+                t1 = await listener.wait_for((f"{d}-re", i, "cached"), timeout_s=120)
+                latencies.append((t1 - t0) * 1000)
+                last = max(last, t1)
+
+    async with trio.open_nursery() as nursery:
+        for listener, blocks in by_listener.values():
+            nursery.start_soon(reask, listener, blocks)
+    elapsed = last - t_start
+    ws = {
+        "blocks": len(latencies),
+        "elapsed_s": round(elapsed, 3),
+        "blocks_per_s": round(len(latencies) / elapsed, 1) if elapsed > 0 else None,
+        "ms": summary(latencies),
+    }
+    # Over HTTP, from the store again (the re-read put the audio back into Redis).
+    await drop_cached_audio(store)
+    urls = [listener.urls[(f"{d}-re", idx)] for listener, d, idx in work]
+    http_ms: list[float] = []
+    limiter = trio.CapacityLimiter(8)
+    failures = 0
+
+    async def get(client: Any, url: str) -> None:
+        nonlocal failures
+        async with limiter:
+            t0 = time.perf_counter()
+            response = await client.get(url)
+            http_ms.append((time.perf_counter() - t0) * 1000)
+            if response.status_code != 200:
+                failures += 1
+
+    t_start = time.perf_counter()
+    async with (
+        httpx.AsyncClient(base_url=http_url, timeout=60) as client,
+        trio.open_nursery() as nursery,
+    ):
+        for url in urls:
+            nursery.start_soon(get, client, url)
+    elapsed = time.perf_counter() - t_start
+    http = {
+        "blocks": len(http_ms),
+        "failures": failures,
+        "elapsed_s": round(elapsed, 3),
+        "blocks_per_s": round(len(http_ms) / elapsed, 1) if elapsed > 0 else None,
+        "ms": summary(http_ms),
+    }
+    return {"ws": ws, "http": http}
 
 
 def _bench_token(pg_url: str) -> str:
@@ -491,18 +611,22 @@ def _bench_token(pg_url: str) -> str:
 
 
 def write_daemon_config(path: Path, workdir: Path, redis_url: str, pg_url: str, args: Any) -> None:
-    """Both daemons' configuration: production defaults but these."""
-    write_config(
-        path,
-        workdir,
-        quick=False,
-        gateway={"rate_limit_blocks_per_min": 1000000, "max_frames_per_s": 100000},
-        redis={"url": redis_url},
-        postgres={"url": pg_url},
-        hot={"concurrency": args.concurrency},
-        workers={"simulated": 0, "visibility_timeout_s": 3600},
-        log={"events_path": str(workdir / "events.jsonl")},
-    )
+    """One configuration per kind, production defaults but these: ``daemon-split.toml`` (the
+    durable audio store and its persister on, as by default), ``daemon-split_nopersist.toml`` and
+    ``daemon-baseline.toml`` (off: audio in Redis only, as the baseline stores it)."""
+    for kind, audio in (("split", True), ("split_nopersist", False), ("baseline", False)):
+        write_config(
+            path.with_name(f"daemon-{kind}.toml"),
+            workdir,
+            quick=False,
+            gateway={"rate_limit_blocks_per_min": 1000000, "max_frames_per_s": 100000},
+            redis={"url": redis_url},
+            postgres={"url": pg_url},
+            hot={"concurrency": args.concurrency},
+            workers={"simulated": 0, "visibility_timeout_s": 3600},
+            log={"events_path": str(workdir / "events.jsonl")},
+            audio={"enabled": audio, "dir": str(workdir / "audio")},
+        )
 
 
 def main() -> int:
@@ -518,7 +642,17 @@ def main() -> int:
     p.add_argument("--profile", metavar="DIR", help="py-spy the daemons' bursts into DIR")
     p.add_argument("--workdir", help="make the temporary directory here (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
-    p.add_argument("--serve", choices=["split", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--reread", type=int, default=1000, help="blocks re-read from the store (0: skip)"
+    )
+    p.add_argument(
+        "--no-persister-compare",
+        action="store_true",
+        help="skip the second split run with the persister off",
+    )
+    p.add_argument(
+        "--serve", choices=["split", "split_nopersist", "baseline"], help=argparse.SUPPRESS
+    )
     p.add_argument("--config", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
@@ -565,6 +699,8 @@ def run_all(args: argparse.Namespace, workdir: Path, out: dict[str, Any]) -> Non
 
         trio.run(bare)
         trio.run(kind, "split")
+        if not args.no_persister_compare:
+            trio.run(kind, "split_nopersist")
         if not args.no_baseline:
             trio.run(kind, "baseline")
 
@@ -615,7 +751,10 @@ def build_report(out: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
                 round(split["results_per_s"] / baseline["results_per_s"], 2) if baseline else None
             ),
         },
+        "persister": persister_report(out),
+        "reread": out.get("reread"),
         "params": {
+            "reread": args.reread,
             "results": args.results,
             "single": args.single,
             "audio_bytes": args.audio_bytes,
@@ -625,6 +764,30 @@ def build_report(out: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
             "cpus": os.cpu_count(),
         },
     }
+    return report
+
+
+def persister_report(out: dict[str, Any]) -> dict[str, Any] | None:
+    """With / without the persister, from the same run: the burst's results/s and the single
+    results' p99 and p50 (the target: within 10 %, i.e. ratios 0.9..1.1)."""
+    off = out.get("burst_split_nopersist")
+    if off is None:
+        return None
+    on = out["burst_split"]
+    single_on, single_off = out.get("single"), out.get("single_split_nopersist")
+    report: dict[str, Any] = {
+        "burst_results_per_s": on["results_per_s"],
+        "burst_results_per_s_without": off["results_per_s"],
+        "burst_ratio": round(on["results_per_s"] / off["results_per_s"], 3),
+    }
+    if single_on and single_off:
+        p_on, p_off = single_on["notify_ms"], single_off["notify_ms"]
+        report.update(
+            single_p99_ms=p_on["p99"],
+            single_p99_ms_without=p_off["p99"],
+            single_p99_ratio=round(p_on["p99"] / p_off["p99"], 3),
+            single_p50_ratio=round(p_on["p50"] / p_off["p50"], 3),
+        )
     return report
 
 
@@ -678,6 +841,34 @@ def print_table(r: dict[str, Any]) -> None:
                 f"daemon CPU {bp['daemon_cpu_ms']} ms, Redis CPU {bp['redis_cpu_ms']} ms",
             )
         )
+    pc = r.get("persister")
+    if pc:
+        rows.append(
+            (
+                "persister on / off: burst results/s",
+                f"{pc['burst_results_per_s']} / {pc['burst_results_per_s_without']}",
+                f"ratio {pc['burst_ratio']} (target 0.9..1.1)",
+            )
+        )
+        if "single_p99_ratio" in pc:
+            rows.append(
+                (
+                    "persister on / off: single p99, ms",
+                    f"{pc['single_p99_ms']} / {pc['single_p99_ms_without']}",
+                    f"ratio {pc['single_p99_ratio']} (p50 ratio {pc['single_p50_ratio']})",
+                )
+            )
+    rr = r.get("reread")
+    if rr:
+        for via in ("ws", "http"):
+            x = rr[via]
+            rows.append(
+                (
+                    f"re-read of {x['blocks']} from the store ({via})",
+                    f"{x['blocks_per_s']} blocks/s",
+                    f"p50 {x['ms']['p50']} ms  p99 {x['ms']['p99']} ms",
+                )
+            )
     width = max(len(a) for a, _, _ in rows)
     print()
     for a, v, extra in rows:

@@ -115,6 +115,7 @@ def _config(root: Path, p: NoisyParams) -> Any:
         {
             "data": {"dir": str(root / "data")},
             "gateway": {"ws_port": 0, "http_port": 0, "rate_limit_blocks_per_min": 100_000},
+            "ops": {"port": 0},
             "workers": {
                 "simulated": p.workers,
                 "batch": p.batch,
@@ -175,14 +176,17 @@ async def _flood(url: str, token: str, p: NoisyParams, drained: list[float]) -> 
     async with open_websocket_url(url, extra_headers=[("Authorization", f"Bearer {token}")]) as ws:
         reader = _Reader(ws)
         t0 = time.monotonic()
-        for start in range(0, p.flood, 16):
-            end = min(p.flood, start + 16)
-            await reader.synthesize(
-                "flood",
-                {i: f"Flooded sentence number {i} of a very long book." for i in range(start, end)},
-            )
-        with trio.fail_after(600):
-            await reader.until_cached("flood", set(range(p.flood)))
+        # Read while sending, as a client must: the gateway closes one that lets its statuses
+        # pile up (gateway.send_queue_frames).
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader.until_cached, "flood", set(range(p.flood)))
+            for start in range(0, p.flood, 16):
+                end = min(p.flood, start + 16)
+                text = "Flooded sentence number {} of a very long book."
+                await reader.synthesize("flood", {i: text.format(i) for i in range(start, end)})
+            nursery.cancel_scope.deadline = trio.current_time() + 600
+        if nursery.cancel_scope.cancelled_caught:
+            raise RuntimeError("noisy: the flood did not drain within 600 s")
         drained.append(time.monotonic() - t0)
 
 

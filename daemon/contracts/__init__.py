@@ -123,6 +123,11 @@ class Keys:
     BILLING_GROUP = "billing"
     BILLING_DEAD = "tts:billing:dead"  # malformed billing events, with the reason
 
+    # Hashes of audio finalized and not yet in the durable store (docs/tts-flow.md, "persist");
+    # entries deleted once persisted. The audio key has no TTL until then.
+    PERSIST = "tts:persist"
+    PERSIST_GROUP = "persist"
+
     @staticmethod
     def audio(variant_hash: str) -> str:
         return Keys.AUDIO_PREFIX + variant_hash

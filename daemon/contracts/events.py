@@ -24,6 +24,9 @@ import attrs
 
 __all__ = [
     "EVENT_KINDS",
+    "AudioEvicted",
+    "AudioPersistClaimed",
+    "AudioPersisted",
     "BillingClaimed",
     "BillingProcessed",
     "ConnectionsRevoked",
@@ -291,6 +294,40 @@ class BillingClaimed(Event):
 
     service: str
     count: int
+
+
+@event("audio_persisted")
+@attrs.frozen(kw_only=True)
+class AudioPersisted(Event):
+    """One persister batch done (docs/tts-flow.md, "The third path: persist")."""
+
+    service: str
+    entries: int
+    written: int
+    existing: int
+    missing: int
+    damaged: int
+
+
+@event("audio_persist_claimed")
+@attrs.frozen(kw_only=True)
+class AudioPersistClaimed(Event):
+    """Persist entries of a dead daemon taken over."""
+
+    service: str
+    count: int
+
+
+@event("audio_evicted")
+@attrs.frozen(kw_only=True)
+class AudioEvicted(Event):
+    """Audio evicted from the durable store by its size cap."""
+
+    service: str
+    count: int
+    freed_bytes: int
+    remaining_bytes: int
+    pinned: int
 
 
 # -- anything else ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ trio-asyncio loop, so it reaches Redis through the same store as everything else
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -96,15 +97,7 @@ class HttpApp:
             if audio is None:
                 await _respond(send, 404, b"no such audio (unknown, or expired)\n", "text/plain")
                 return
-            data, content_type = audio
-            await _respond(
-                send,
-                200,
-                data if method == "GET" else b"",
-                content_type,
-                [(b"cache-control", b"private, max-age=60")],
-                content_length=len(data),
-            )
+            await _send_audio(send, method, _headers(scope), *audio)
             return
         if path == "/healthz" and self.health is not None:
             report, healthy = await self.health()
@@ -143,6 +136,95 @@ class HttpApp:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    return {k.lower(): v for k, v in scope.get("headers") or []}
+
+
+def etag_of(data: bytes) -> bytes:
+    """A strong ETag: a digest of the bytes served (a variant synthesized again after both tiers
+    lost it may differ, so the hash in the URL alone is not enough for Range and If-Range)."""
+    return b'"' + hashlib.sha256(data).hexdigest()[:32].encode() + b'"'
+
+
+def parse_range(header: bytes, size: int) -> tuple[int, int] | str | None:
+    """One ``bytes=`` range → (first, last) inclusive; ``None``: ignore the header (serve it
+    all: several ranges, or not a byte range); ``"unsatisfiable"``: 416."""
+    try:
+        text = header.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None
+    unit, _, spec = text.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first_s, dash, last_s = spec.strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if first_s == "":
+            suffix = int(last_s)
+            if suffix <= 0:
+                return "unsatisfiable"
+            return max(0, size - suffix), size - 1
+        first = int(first_s)
+        last = int(last_s) if last_s != "" else size - 1
+    except ValueError:
+        return None
+    if first < 0:
+        return None
+    if first >= size:
+        return "unsatisfiable"
+    if last < first:
+        return None
+    return first, min(last, size - 1)
+
+
+async def _send_audio(
+    send: Send, method: str, headers: dict[bytes, bytes], data: bytes, content_type: str
+) -> None:
+    """Audio addressed by its hash never changes: cacheable for a year by anyone (a CDN), with
+    an ETag, conditional requests and single byte ranges for seeking (docs/protocol.md)."""
+    etag = etag_of(data)
+    common = [
+        (b"cache-control", b"public, max-age=31536000, immutable"),
+        (b"etag", etag),
+        (b"accept-ranges", b"bytes"),
+    ]
+    inm = headers.get(b"if-none-match")
+    if inm is not None and (inm.strip() == b"*" or etag in [t.strip() for t in inm.split(b",")]):
+        await _respond(send, 304, b"", content_type, common, content_length=0)
+        return
+    size = len(data)
+    wanted = headers.get(b"range")
+    if_range = headers.get(b"if-range")
+    if wanted is not None and (if_range is None or if_range.strip() == etag):
+        r = parse_range(wanted, size)
+        if r == "unsatisfiable":
+            await _respond(
+                send,
+                416,
+                b"",
+                content_type,
+                [*common, (b"content-range", f"bytes */{size}".encode())],
+                content_length=0,
+            )
+            return
+        if isinstance(r, tuple):
+            first, last = r
+            part = data[first : last + 1]
+            await _respond(
+                send,
+                206,
+                part if method == "GET" else b"",
+                content_type,
+                [*common, (b"content-range", f"bytes {first}-{last}/{size}".encode())],
+                content_length=len(part),
+            )
+            return
+    await _respond(
+        send, 200, data if method == "GET" else b"", content_type, common, content_length=size
+    )
 
 
 async def _respond(

@@ -30,6 +30,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
+from daemon.audio.tiers import AudioTiers
 from daemon.config import GatewayConfig
 from daemon.contracts import Job, token_hash, usage_amount
 from daemon.contracts.events import ConnectionsRevoked, Error
@@ -110,6 +111,8 @@ class Gateway:
     hasher: VariantHasher
     events: EventLog
     metrics: Metrics
+    # Redis, then the durable audio store (None: Redis only).
+    audio: AudioTiers | None = None
     # Called with a user whose entitlements are missing from Redis: the mirror service copies
     # them from Postgres (off the request path); the request meanwhile gets "try again".
     missing_mirror: Callable[[int], None] = lambda user_id: None
@@ -201,7 +204,8 @@ class Gateway:
 
     async def _get_audio(self, variant_hash: str) -> tuple[bytes, str] | None:
         await self.priority.bulk_turn()
-        assert self.store is not None
+        if self.audio is not None:
+            return await self.audio.fetch(variant_hash)
         return await self.store.get_audio(variant_hash)
 
     def _reader_config(self) -> dict[str, Any]:
@@ -681,6 +685,11 @@ class Gateway:
             )
             cost = usage_amount(len(block.text), multiplier)
             blocks.append((block.idx, variant_hash, job.job_id, cost, job.to_json()))
+
+        if self.audio is not None:
+            # Audio in the durable store but no longer in Redis goes back into Redis first, so
+            # that enqueue.lua answers it `cached`: no job, no hold, no bill (docs/tts-flow.md).
+            await self.audio.promote_stored([key[2] for key in keys])
 
         # Wait for the blocks before the script runs (a status may be published before its
         # reply reaches us); hold notifications until this request's replies are queued.

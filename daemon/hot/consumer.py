@@ -139,6 +139,8 @@ class HotConsumer:
     # claimed, not yet handed over) and "finalize" (a group about to be finalized).
     fault: FaultPoint = no_fault
     priority: RequestFirst = attrs.Factory(RequestFirst)
+    # Stored audio waits in Redis (no TTL) for the persister (daemon/audio/persister.py).
+    persist: bool = False
     handle_group: GroupHandler | None = None
     in_flight: int = 0  # results being finalized now
     handled: int = 0  # results done with (finalized, duplicate, gone or dead-lettered)
@@ -338,6 +340,7 @@ class HotConsumer:
                         self.consumer_id,
                         ops,
                         ttl_s=self.cfg.audio_ttl_s,
+                        persist=self.persist,
                         dead_letter_cap=self.dead_letter_cap,
                         dead_letter_raw_bytes=self.dead_letter_raw_bytes,
                     )

@@ -49,6 +49,7 @@ class Dashboard:
         data["pools"] = health.pools()
         data["connections"] = health.connections()
         data["events"] = {"written": health.events.written, "dropped": health.events.dropped}
+        data["audio"] = await health.audio()
         data["holds"] = health.holds()
         data["workers"] = await health.workers()
         data["queues"] = await health.queue_stats()

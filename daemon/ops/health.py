@@ -42,6 +42,8 @@ class Health:
     request_db: PgPool
     # Set at the first stage of a shutdown: unhealthy from then on (load balancers move away).
     gateway_stopping: trio.Event
+    # The durable audio store is on: /healthz reports the persister's view of it.
+    audio_enabled: bool = False
     # The catalog's models: the synthesis queues /metrics and the dashboard report on.
     models: tuple[str, ...] = ()
     _failure_log: Throttle = attrs.Factory(Throttle)
@@ -69,6 +71,20 @@ class Health:
             pool = monitor.pool if monitor is not None else None
             out["monitor"] = {"size": 1, "in_use": pool.in_use() if pool is not None else None}
         return out
+
+    async def audio(self) -> dict[str, Any] | None:
+        """The durable audio store and its persister (None when ``audio.enabled`` is off); the
+        backlog is read fresh. While the persister is not running: its supervisor state only."""
+        if not self.audio_enabled:
+            return None
+        persister = self.supervisor.handle("persister")
+        if persister is None:
+            return {"state": self.supervisor.state("persister")}
+        try:
+            await persister.refresh_backlog()
+        except Exception as exc:
+            self.log_failure("persist backlog unavailable", exc)
+        return persister.as_dict()
 
     async def billing_depth(self) -> int | None:
         try:
@@ -155,6 +171,7 @@ class Health:
             "pools": self.pools(),
             "connections": self.connections(),
             "reconciliation_delta": self.stats.reconciliation.delta,
+            "audio": await self.audio(),
             "events": {
                 "written": self.events.written,
                 "dropped": self.events.dropped,

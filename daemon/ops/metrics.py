@@ -138,6 +138,47 @@ class Metrics:
             "Statuses from Redis dropped by a full gateway.notify_buffer (then resynced)",
             registry=r,
         )
+        # -- durable audio (docs/tts-flow.md, "The third path: persist") ----------------------
+        self.audio_store_bytes = Gauge(
+            "tts_audio_store_bytes", "Bytes in the durable audio store (last measure)", registry=r
+        )
+        self.audio_store_objects = Gauge(
+            "tts_audio_store_objects",
+            "Audio objects in the durable store (last measure)",
+            registry=r,
+        )
+        self.audio_store_evictions = Counter(
+            "tts_audio_store_evictions",
+            "Audio objects evicted from the store by its size cap (this daemon's evictions)",
+            registry=r,
+        )
+        self.audio_store_write_errors = Counter(
+            "tts_audio_store_write_errors",
+            "Persister batches the store refused (disk full, I/O error); retried with backoff",
+            registry=r,
+        )
+        self.audio_persisted = Counter(
+            "tts_audio_persisted",
+            "Persist entries handled, by outcome (written, existing, missing, damaged)",
+            ["outcome"],
+            registry=r,
+        )
+        self.audio_persist_backlog = Gauge(
+            "tts_audio_persist_backlog",
+            "Finalized audio not yet in the durable store (tts:persist entries)",
+            registry=r,
+        )
+        self.audio_persist_lag_seconds = Gauge(
+            "tts_audio_persist_lag_seconds",
+            "Age of the oldest audio waiting to be persisted (0 when none)",
+            registry=r,
+        )
+        self.audio_store_hits = Counter(
+            "tts_audio_store_hits",
+            "Audio found in the durable store and not in Redis, by path (synthesize, http)",
+            ["path"],
+            registry=r,
+        )
         self.holds_open = Gauge(
             "tts_holds_open", "Usage holds open (jobs accepted, not yet billed)", registry=r
         )
@@ -173,6 +214,7 @@ async def refresh_metrics(metrics: Metrics, health: Health) -> None:
     # shows tts_service_restarts_total{service=...} before the first restart.
     for name in health.supervisor.states:
         metrics.service_restarts.labels(name)
+    await health.audio()  # the persist backlog and lag gauges, read fresh
     workers = await health.workers()
     if workers is not None:
         metrics.workers_live.clear()

@@ -29,6 +29,8 @@ from typing import Any
 import attrs
 import trio
 
+from daemon.audio.persister import Persister
+from daemon.audio.store import FileAudioStore
 from daemon.billing.mirror import MirrorService
 from daemon.config import Config
 from daemon.contracts.events import DaemonStarted, DaemonStopped, Error
@@ -71,6 +73,7 @@ class Daemon:
     instance_id: str = attrs.Factory(make_instance_id)
     billing_fault: FaultPoint = no_fault
     hot_fault: FaultPoint = no_fault
+    persist_fault: FaultPoint = no_fault
     services: BuildServices = build_services
     events: EventLog = attrs.field(init=False)
     metrics: Metrics = attrs.Factory(Metrics)
@@ -81,6 +84,8 @@ class Daemon:
     priority: RequestFirst = attrs.Factory(RequestFirst)
     stopping: Stopping = attrs.Factory(Stopping)
     stopped: trio.Event = attrs.Factory(trio.Event)
+    # The durable audio store (None when audio.enabled is false), open while the daemon runs.
+    audio_store: FileAudioStore | None = None
     _stop_requested: trio.Event = attrs.Factory(trio.Event)
     _abort_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
 
@@ -117,6 +122,11 @@ class Daemon:
         if handle is None:
             raise RuntimeError(f"the gateway is {self.supervisor.state('gateway')}")
         return handle.gateway
+
+    @property
+    def persister(self) -> Persister | None:
+        """The persister (None while it is not running, or with audio.enabled false)."""
+        return self.handle("persister")
 
     @property
     def addresses(self) -> GatewayAddresses:
@@ -191,6 +201,15 @@ class Daemon:
             with trio.fail_after(60):
                 applied = await db.migrate()
                 catalog = await db.catalog()
+            if cfg.audio.enabled:
+                self.audio_store = FileAudioStore(
+                    cfg.audio_dir,
+                    max_bytes=cfg.audio.max_bytes,
+                    pin_days=cfg.audio.pin_days,
+                    threads=cfg.audio.io_threads,
+                )
+                with trio.fail_after(60):
+                    await self.audio_store.open()
             health = Health(
                 cfg=cfg,
                 instance_id=self.instance_id,
@@ -200,6 +219,7 @@ class Daemon:
                 store=store,
                 request_db=db,
                 gateway_stopping=self.stopping.gateway,
+                audio_enabled=self.audio_store is not None,
                 models=tuple(sorted(catalog.models)),
             )
             deps = Deps(
@@ -209,7 +229,9 @@ class Daemon:
                 store=store,
                 request_db=db,
                 catalog=catalog,
-                hasher=VariantHasher.from_file(self._variant_secret_path()),
+                hasher=VariantHasher.from_file(
+                    self._variant_secret_path(), dict(cfg.models.revision)
+                ),
                 events=self.events,
                 metrics=self.metrics,
                 stats=self.stats,
@@ -219,6 +241,8 @@ class Daemon:
                 dashboard=Dashboard(health),
                 hot_fault=self.hot_fault,
                 billing_fault=self.billing_fault,
+                audio_store=self.audio_store,
+                persist_fault=self.persist_fault,
             )
             specs = self.services(cfg, deps)
             names = [spec.name for spec in specs]

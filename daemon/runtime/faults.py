@@ -51,7 +51,14 @@ async def no_fault(point: str) -> None:
 
 ENV_VAR = "TTS_DAEMON_FAULTS"
 # The points the daemon calls; a spec naming another is a typo, refused rather than ignored.
-POINTS = ("billing.before_batch", "billing.after_commit")
+POINTS = (
+    "billing.before_batch",
+    "billing.after_commit",
+    # the persister (daemon/audio/persister.py): a batch read, nothing written; written to the
+    # durable store, not yet acknowledged
+    "persist.read",
+    "persist.written",
+)
 
 
 class InjectedFault(RuntimeError):

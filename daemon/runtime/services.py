@@ -15,6 +15,7 @@ name          stage       critical  handle (``started(...)``)
 scanner       consumers   no        None
 hot           consumers   yes       :class:`~daemon.hot.consumer.HotConsumer`
 billing       consumers   no        :class:`~daemon.billing.consumer.BillingConsumer` (pool)
+persister     consumers   no        :class:`~daemon.audio.persister.Persister` (``audio.enabled``)
 monitor       consumers   no        :class:`~daemon.ops.monitor.Monitor` (``monitor.enabled``)
 mirror        consumers   no        :class:`~daemon.billing.mirror.MirrorService`
 worker-N      workers     no        None (``workers.simulated`` of them, ``workers.engine``)
@@ -31,6 +32,9 @@ from collections.abc import Callable
 import attrs
 import trio
 
+from daemon.audio.persister import Persister
+from daemon.audio.store import FileAudioStore
+from daemon.audio.tiers import AudioTiers
 from daemon.billing.consumer import BillingSetup, run_billing_consumer
 from daemon.billing.mirror import MirrorService
 from daemon.config import Config, HotConfig
@@ -66,6 +70,7 @@ __all__ = [
     "mirror_service",
     "monitor_service",
     "ops_service",
+    "persister_service",
     "scanner_service",
     "worker_services",
 ]
@@ -105,6 +110,9 @@ class Deps:
     # Fault points (tests, the chaos tool): see daemon/runtime/faults.py.
     hot_fault: FaultPoint = no_fault
     billing_fault: FaultPoint = no_fault
+    # The durable audio store (None: audio.enabled is false) and the persister's fault point.
+    audio_store: FileAudioStore | None = None
+    persist_fault: FaultPoint = no_fault
 
 
 BuildServices = Callable[[Config, Deps], list[ServiceSpec]]
@@ -124,6 +132,7 @@ def build_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
         scanner_service(cfg, deps),
         hot_service(cfg, deps),
         billing_service(cfg, deps),
+        *persister_service(cfg, deps),
         *monitor_service(cfg, deps),
         mirror_service(cfg, deps),
         *worker_services(cfg, deps),
@@ -192,6 +201,8 @@ def hot_consumer(
         fault=deps.hot_fault,
         priority=deps.priority,
         handle_group=handle_group,
+        # Stored audio keeps no TTL until the persister has it on disk: only when one runs.
+        persist=deps.audio_store is not None,
     )
 
 
@@ -218,6 +229,29 @@ def billing_service(cfg: Config, deps: Deps) -> ServiceSpec:
     )
     run = functools.partial(run_billing_consumer, setup, stopping=deps.stopping.consumers)
     return ServiceSpec("billing", run, critical=False, fail_start_up=False)
+
+
+def persister_service(cfg: Config, deps: Deps) -> list[ServiceSpec]:
+    """Finalized audio from Redis into the durable store (none when ``audio.enabled`` is off).
+    Restartable, never critical, like billing: Redis keeps the audio while it is down. One
+    persister state across restarts (its counters carry on)."""
+    if deps.audio_store is None:
+        return []
+    persister = Persister(
+        redis=deps.store,
+        store=deps.audio_store,
+        cfg=cfg.audio,
+        ttl_s=cfg.hot.audio_ttl_s,
+        revisions=dict(cfg.models.revision),
+        events=deps.events,
+        metrics=deps.metrics,
+        consumer=deps.instance_id,
+        block_s=cfg.redis.block_s,
+        fault=deps.persist_fault,
+        priority=deps.priority,
+    )
+    run = functools.partial(persister.run, stopping=deps.stopping.consumers)
+    return [ServiceSpec("persister", run, critical=False, fail_start_up=False)]
 
 
 def monitor_service(cfg: Config, deps: Deps) -> list[ServiceSpec]:
@@ -273,6 +307,9 @@ def gateway_service(cfg: Config, deps: Deps, gateway: Gateway | None = None) -> 
             metrics=deps.metrics,
             missing_mirror=deps.mirror.want,
             priority=deps.priority,
+            audio=AudioTiers(
+                deps.store, deps.audio_store, cfg.hot.audio_ttl_s, deps.metrics, deps.events
+            ),
             plan_weights=cfg.plans.weights,
         )
 

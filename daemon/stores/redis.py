@@ -15,6 +15,7 @@ import binascii
 import contextlib
 import json
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import resources
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "ClaimedResult",
     "DeadLetter",
     "FinalizeArgs",
+    "PersistEntry",
     "RedisStore",
     "enqueue_call",
     "enqueue_reply",
@@ -54,6 +56,7 @@ _SCRIPT_NAMES = (
     "requeue",
     "renew",
     "evict",
+    "promote",
     "mirror",
     "holds",
     "reap",
@@ -160,6 +163,14 @@ class BillingEntry:
 
     entry_id: bytes
     raw: bytes | None
+
+
+@attrs.frozen
+class PersistEntry:
+    """One entry of the persist stream: its id and the variant hash (None if unreadable)."""
+
+    entry_id: bytes
+    variant_hash: str | None
 
 
 def enqueue_call(
@@ -707,6 +718,7 @@ class RedisStore:
         ops: Sequence[FinalizeArgs | DeadLetter],
         *,
         ttl_s: int,
+        persist: bool = False,
         dead_letter_cap: int = DEAD_LETTER_CAP,
         dead_letter_raw_bytes: int = DEAD_LETTER_RAW_BYTES,
     ) -> list[tuple[str, int]]:
@@ -714,6 +726,9 @@ class RedisStore:
         round trip). Per op: (outcome, waiters notified) — outcome ``finalized``, ``duplicate``,
         ``dead``, ``gone`` (no longer claimed: a replay after a lost reply, or recovered), or
         ``error: …`` when Redis refused a write for that op (it stays claimed; retry it).
+
+        With ``persist``, stored audio keeps no TTL and its hash goes to ``tts:persist`` for the
+        persister (which applies ``ttl_s`` once the durable store has it).
         """
         keys: list[Any] = [
             Keys.hot_claimed(consumer_id),
@@ -721,12 +736,15 @@ class RedisStore:
             Keys.JOBS,
             Keys.RETRIES,
             Keys.RESULTS_DEAD,
+            Keys.PERSIST,  # written only with ``persist`` (ARGV 5)
         ]
+        now = round(time.time(), 3)
         args: list[Any] = [
             ttl_s,
             consumer_id,
             dead_letter_cap,
             dead_letter_raw_bytes,
+            "1" if persist else "0",
             Keys.NOTIFY_PREFIX,
         ]
         for op in ops:
@@ -746,7 +764,14 @@ class RedisStore:
             audio_meta = ""
             if op.kind == "audio":
                 audio_meta = json.dumps(
-                    {"loc": op.loc, "content_type": op.content_type, "duration_ms": op.duration_ms}
+                    {
+                        "loc": op.loc,
+                        "content_type": op.content_type,
+                        "duration_ms": op.duration_ms,
+                        # for the durable store's metadata and `tts-daemon audio purge`
+                        "model": op.model,
+                        "at": now,
+                    }
                 )
             args += [
                 op.kind,
@@ -982,6 +1007,175 @@ class RedisStore:
         """Billing events produced and not yet billed (the primary health signal)."""
         return int(await self._cross(self._client.xlen, Keys.BILLING))
 
+    # -- durable audio (persister, read path, purge) ----------------------------------------
+
+    async def audio_items(self, hashes: Sequence[str]) -> list[list[bytes]]:
+        """The stored audio lists of ``hashes`` as they are in Redis (empty: no such key), in
+        one pipeline; :func:`audio_from_item` decodes one."""
+        client = self._client
+
+        async def read() -> list[list[bytes]]:
+            async with client.pipeline(transaction=False) as pipe:
+                for h in hashes:
+                    pipe.lrange(Keys.audio(h), 0, -1)
+                return list(await pipe.execute())
+
+        return await self._cross(read)
+
+    async def audio_cached(self, hashes: Sequence[str]) -> list[bool]:
+        """Whether each variant's audio is in the Redis cache (one pipeline of EXISTS)."""
+        client = self._client
+
+        async def exists() -> list[bool]:
+            async with client.pipeline(transaction=False) as pipe:
+                for h in hashes:
+                    pipe.exists(Keys.audio(h))
+                return [bool(x) for x in await pipe.execute()]
+
+        return await self._cross(exists)
+
+    async def promote_audio(
+        self,
+        variant_hash: str,
+        data: bytes,
+        *,
+        content_type: str,
+        duration_ms: int,
+        model: str,
+        created: float,
+        ttl_s: int,
+    ) -> bool:
+        """Put audio read from the durable store back into the cache (``promote.lua``) with
+        ``ttl_s``, unless the cache has it; True if promoted."""
+        note = json.dumps(
+            {
+                "loc": "b:1",
+                "content_type": content_type,
+                "duration_ms": duration_ms,
+                "model": model,
+                "at": created,
+                "promoted": True,
+            }
+        )
+        reply = await self._script("promote", [Keys.audio(variant_hash)], [ttl_s, data, note])
+        return bool(int(reply))
+
+    async def read_persist(
+        self, consumer: str, *, count: int, block_ms: int, pending: bool = False
+    ) -> list[PersistEntry]:
+        """XREADGROUP on ``tts:persist``: new entries (blocking up to ``block_ms``), or with
+        ``pending`` this consumer's own unacknowledged ones. Re-creates the group on NOGROUP
+        (at ID 0: entries that survived are persisted, not skipped)."""
+        client = self._client
+
+        async def read() -> list[PersistEntry]:
+            for attempt in range(2):
+                try:
+                    reply = await client.xreadgroup(
+                        Keys.PERSIST_GROUP,
+                        consumer,
+                        {Keys.PERSIST: "0" if pending else ">"},
+                        count=count,
+                        block=None if pending else block_ms,
+                    )
+                    break
+                except ResponseError as exc:
+                    if str(exc).startswith("UNBLOCKED"):
+                        await _ensure_group(client, Keys.PERSIST, Keys.PERSIST_GROUP)
+                        return []
+                    if "NOGROUP" not in str(exc) or attempt:
+                        raise
+                    await _ensure_group(client, Keys.PERSIST, Keys.PERSIST_GROUP)
+            return [
+                PersistEntry(entry_id, _persist_hash(fields))
+                for _stream, items in reply or []
+                for entry_id, fields in items
+            ]
+
+        return await self._cross(read, timeout_s=block_ms / 1000 + self.command_timeout_s)
+
+    async def claim_stale_persist(
+        self, consumer: str, *, min_idle_ms: int, count: int
+    ) -> list[PersistEntry]:
+        """XAUTOCLAIM persist entries pending longer than ``min_idle_ms`` on other consumers
+        (a daemon that died mid-batch)."""
+        client = self._client
+
+        async def claim() -> list[PersistEntry]:
+            try:
+                reply = await client.xautoclaim(
+                    Keys.PERSIST, Keys.PERSIST_GROUP, consumer, min_idle_ms, "0-0", count=count
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await _ensure_group(client, Keys.PERSIST, Keys.PERSIST_GROUP)
+                return []
+            items = reply[1] if len(reply) > 1 else []
+            return [PersistEntry(i[0], _persist_hash(i[1])) for i in items if i is not None]
+
+        return await self._cross(claim)
+
+    async def ack_persisted(self, done: Sequence[tuple[bytes, str | None]], *, ttl_s: int) -> None:
+        """The durable store has these (entry id, hash): give each audio key the cache's TTL
+        (it had none until now), then acknowledge and delete the entries, in one transaction.
+        A crash before it only redelivers entries whose audio the store already has."""
+        if not done:
+            return
+        client = self._client
+
+        async def ack() -> None:
+            # One MULTI: an XACK without its XDEL (a crash between them, an AOF cut back) would
+            # leave an entry that is never delivered again and never leaves the stream.
+            async with client.pipeline(transaction=True) as pipe:
+                for _entry_id, h in done:
+                    if h is not None:
+                        pipe.expire(Keys.audio(h), ttl_s)
+                ids = [entry_id for entry_id, _ in done]
+                pipe.xack(Keys.PERSIST, Keys.PERSIST_GROUP, *ids)
+                pipe.xdel(Keys.PERSIST, *ids)
+                await pipe.execute()
+
+        await self._cross(ack)
+
+    async def persist_backlog(self) -> tuple[int, float]:
+        """(entries waiting to be persisted, age in seconds of the oldest; 0 when none)."""
+        client = self._client
+
+        async def backlog() -> tuple[int, float]:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.xlen(Keys.PERSIST)
+                pipe.xrange(Keys.PERSIST, count=1)
+                pipe.time()
+                n, first, now = await pipe.execute()
+            if not n or not first:
+                return int(n), 0.0
+            ms = int(first[0][0].split(b"-")[0])
+            return int(n), max(0.0, now[0] + now[1] / 1e6 - ms / 1000)
+
+        return await self._cross(backlog)
+
+    async def purge_audio(self, *, model: str, before: float | None) -> list[str]:
+        """Delete the cached audio of ``model`` finalized before ``before`` (all: None), with any
+        persist entry left for it; returns the hashes. Scans the cache (a CLI operation)."""
+        client = self._client
+        prefix = Keys.AUDIO_PREFIX.encode()
+
+        async def purge() -> list[str]:
+            purged: list[str] = []
+            async for key in client.scan_iter(match=prefix + b"*", count=1000):
+                meta_raw = await client.lindex(key, -1)
+                if meta_raw is None:
+                    continue
+                owner, at = _audio_owner(meta_raw, await client.lindex(key, 0))
+                if owner != model or (before is not None and (at is None or at >= before)):
+                    continue
+                if await client.delete(key):
+                    purged.append(key[len(prefix) :].decode())
+            return purged
+
+        return await self._cross(purge, timeout_s=3600)
+
     # -- notifications ----------------------------------------------------------------------
 
     async def listen_notifications(
@@ -1040,10 +1234,48 @@ def _push_keys(model: str) -> list[str]:
     return [Keys.RESULTS, Keys.processing(model), Keys.leases(model)]
 
 
+def _persist_hash(fields: Any) -> str | None:
+    raw = fields.get(b"h") if fields else None
+    try:
+        return raw.decode("ascii") if raw else None
+    except UnicodeDecodeError:
+        return None
+
+
+def _audio_owner(meta_raw: bytes, first: bytes | None) -> tuple[str | None, float | None]:
+    """(model, finalized at) of a cached audio list: from its note, or (audio cached before
+    the note named them) the model from the worker's result and no time."""
+    try:
+        meta = json.loads(meta_raw)
+        if "model" in meta:
+            return str(meta["model"]), float(meta.get("at") or 0) or None
+        result = json.loads(first) if first else {}
+        return str(result.get("model")), None
+    except (ValueError, TypeError, AttributeError):
+        return None, None
+
+
+def audio_meta(items: list[bytes]) -> dict[str, Any]:
+    """The JSON note at the end of a cached audio list ({} if unreadable)."""
+    try:
+        meta = json.loads(items[-1])
+    except (ValueError, IndexError, TypeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def audio_from_item(variant_hash: str, items: list[bytes]) -> tuple[bytes, str]:
+    """Decode a cached audio list (see :meth:`RedisStore.get_audio`): (bytes, content type);
+    raises :class:`ContractError` if it does not decode. Pure CPU: callable in a thread."""
+    return _audio_from_item(variant_hash, items)
+
+
 def _audio_from_item(variant_hash: str, items: list[bytes]) -> tuple[bytes, str]:
     try:
         meta = json.loads(items[-1])
         where, _, pos = meta["loc"].partition(":")
+        if where == "b":  # promoted from the durable store: raw bytes
+            return bytes(items[int(pos) - 1]), str(meta.get("content_type") or "")
         if where == "i":
             b64: bytes | memoryview = items[int(pos) - 1]
         else:
@@ -1054,6 +1286,15 @@ def _audio_from_item(variant_hash: str, items: list[bytes]) -> tuple[bytes, str]
         raise ContractError(f"audio {variant_hash}: stored audio cannot be read: {exc}") from None
     # Only audio is served as what it says it is (anything else on this origin could be script).
     return data, audio_content_type(meta.get("content_type")) or "application/octet-stream"
+
+
+async def _ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
+    # At 0, not $: entries of a stream that survived its group are still to be handled.
+    try:
+        await client.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
 
 
 async def _ensure_billing_group(client: aioredis.Redis) -> None:

@@ -151,6 +151,23 @@
       m + " " + w.live + " (" + Object.entries(w.versions).map(([v, n]) => v + "×" + n).join(", ") +
       ")").join(" · ") : "–");
 
+    // durable audio (null when audio.enabled is false)
+    const a = d.audio;
+    if (a) {
+      const st = $("audio-state");
+      st.textContent = a.state;
+      st.className = "value text-" + (a.state === "running" ? "green" : a.state === "disk_full" || a.state === "store_failing" ? "red" : "amber");
+      setText("audio-error", a.last_error || "no error");
+      setText("audio-backlog", int(a.persist_backlog));
+      setText("audio-lag", "oldest " + age(a.persist_lag_s));
+      setText("audio-bytes", num(a.store_bytes / 1048576, "MiB") + (a.max_bytes ? " of " + num(a.max_bytes / 1048576, "MiB") : ""));
+      setText("audio-objects", int(a.store_objects) + " objects");
+      setText("audio-evictions", int(a.evictions));
+      setText("audio-write-errors", int(a.write_errors));
+    } else {
+      setText("audio-state", "off");
+    }
+
     // billing consumer
     const b = d.billing;
     const r = d.reconciliation;

@@ -12,12 +12,16 @@
 -- whole and with its reason, to tts:results:dead, and its job fails: the waiters hear a
 -- recoverable error and the job's keys go, so the block can be asked for again. A result that
 -- names no job the daemon has (op "dead") is only dead-lettered.
--- KEYS: 1 claimed set, 2 tts:billing, 3 tts:jobs, 4 tts:retries, 5 tts:results:dead, then per
---       result (from ARGV's key index on): its item tts:hot:item:{token}, and for ops on a job:
+-- KEYS: 1 claimed set, 2 tts:billing, 3 tts:jobs, 4 tts:retries, 5 tts:results:dead,
+--       6 tts:persist (written only when ARGV 5 is "1"), then per result (from ARGV's key
+--       index on): its item tts:hot:item:{token}, and for ops on a job:
 --       tts:inflight:{h}, tts:waiters:{h}, tts:audio:{h}, tts:processing:{model},
 --       tts:queue:{model} (h and model: the job's, from the job JSON)
 -- ARGV: 1 ttl_s, 2 consumer id, 3 dead-letter cap (entries), 4 dead-letter raw cap (bytes),
---       5 tts:notify: (Keys.NOTIFY_PREFIX, the waiters' channels: tts_notify), then 13 per
+--       5 persist ("1": stored audio gets no TTL yet — RENAME keeps the item's: none — and its
+--       hash is appended to tts:persist for the persister, which applies the TTL once the durable
+--       store has the audio, docs/tts-flow.md "The third path: persist"; else the TTL at once),
+--       6 tts:notify: (Keys.NOTIFY_PREFIX, the waiters' channels: tts_notify), then 13 per
 --       result: op (audio|skipped|error|reject|dead|discard), token, key index, job_id, job
 --       JSON (as claim.lua read it; "" none), model, voice, audio metadata JSON, billing
 --       event JSON ("" none is queued — tools/inline.py, the pre-split baseline, bills inside its
@@ -27,7 +31,8 @@
 -- (the claimed result is no longer here: finalized already, or given back by recovery) |
 -- "error: ..." (Redis refused a write; that result is still claimed).
 local ttl, consumer = tonumber(ARGV[1]), ARGV[2]
-local dead_cap, dead_raw_cap, channel_prefix = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local dead_cap, dead_raw_cap = tonumber(ARGV[3]), tonumber(ARGV[4])
+local persist, channel_prefix = ARGV[5] == '1', ARGV[6]
 
 local function dead_letter(item, note)
   local raw = redis.call('LINDEX', item, 0)
@@ -125,7 +130,11 @@ local function finalize(op, token, k, job_id, job_json, model, voice, audio_meta
     local audio_key = KEYS[k + 3]
     redis.call('RENAME', item, audio_key)
     redis.call('RPUSH', audio_key, audio_meta)
-    redis.call('EXPIRE', audio_key, ttl)
+    if persist then
+      redis.call('XADD', KEYS[6], '*', 'h', hash)
+    else
+      redis.call('EXPIRE', audio_key, ttl)
+    end
     if billing ~= '' then
       redis.call('XADD', KEYS[2], '*', 'event', billing)
     end
@@ -139,7 +148,7 @@ local function finalize(op, token, k, job_id, job_json, model, voice, audio_meta
 end
 
 local out = {}
-for i = 6, #ARGV, 13 do
+for i = 7, #ARGV, 13 do
   local token = ARGV[i + 1]
   local ok, outcome, notified, not_ours = pcall(finalize, ARGV[i], token, tonumber(ARGV[i + 2]),
                                       ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],

@@ -179,6 +179,26 @@ class Faults(Fleet):
         detail = {"stop": "SIGKILL" if kill else "fast", "down_s": self.p.pg_down_s}
         return FaultRecord("postgres_outage", "postgres", at, lifted, detail=detail)
 
+    async def fault_persister_faults(self) -> FaultRecord:
+        rate = self.p.persister_fault_rate
+        at = self._t()
+        await trio.Path(self.faults_file).write_text(
+            f"persist.read={rate / 5:g}\npersist.written={rate:g}\n"
+        )
+        await trio.sleep(self.p.persister_fault_s)
+        await trio.Path(self.faults_file).write_text("")
+        lifted = self._t()
+        return FaultRecord("persister_faults", "persister", at, lifted, detail={"rate": rate})
+
+    async def fault_disk_full(self) -> FaultRecord:
+        at = self._t()
+        detail = await in_thread(self.audio.fill)
+        if "skipped" not in detail:
+            await trio.sleep(self.p.disk_full_s)
+            await in_thread(self.audio.make_room)
+        lifted = self._t()
+        return FaultRecord("disk_full", "audio store", at, lifted, detail=detail)
+
     async def fault_worker_kill(self) -> FaultRecord:
         """SIGKILL a worker process while jobs are held (mid-job), start a replacement; the jobs
         it held must come back through the scanner (their lease lapses) and be billed once."""

@@ -97,6 +97,7 @@ shutdown_timeout_s = 8.0
 [log]
 events_path = {json.dumps(str(slot.events))}
 """
+                + self.audio.config_toml(p.claim_idle_s)
             )
             self.slots.append(slot)
 

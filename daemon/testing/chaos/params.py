@@ -14,6 +14,8 @@ FAULT_KINDS = (
     "redis_crash",
     "postgres_outage",
     "worker_kill",
+    "persister_faults",
+    "disk_full",
     "hostile_worker",
 )
 SCENARIOS: dict[str, tuple[str, ...]] = {
@@ -24,6 +26,8 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "redis-crash": ("redis_crash",),
     "postgres": ("postgres_outage",),
     "worker-kill": ("worker_kill",),
+    "persister": ("persister_faults", "daemon_kill"),
+    "disk-full": ("disk_full",),
     "hostile-worker": ("hostile_worker",),
     "two-daemons": ("daemon_kill",),
     "mixed": FAULT_KINDS,
@@ -59,6 +63,11 @@ class Params:
     # Probability that a billing batch fails after its commit, before its ack (redelivered: the
     # duplicates path); a quarter of it fails batches before anything is billed.
     billing_fault_rate: float = 0.5
+    persister_fault_s: float = (
+        5.0  # how long the persister is made to crash (daemon/testing/chaos/audio.py)
+    )
+    persister_fault_rate: float = 0.5  # per batch, at persist.written (a fifth of it at .read)
+    disk_full_s: float = 4.0  # how long the audio store's filesystem stays full
     hostile_s: float = 3.0  # how long the hostile worker answers the jobs it pulls
     stall_s: float = 8.0  # a client asks again for a block with no news for this long
     ack_timeout_s: float = 15.0  # a request with no reply for this long: the connection is given up

@@ -24,6 +24,7 @@ class Chaos(Faults, Verdict):
     async def run(self) -> dict[str, Any]:
         p = self.p
         await self.start_servers()
+        await in_thread(self.audio.set_up)
         try:
             if "redis_crash" in p.kinds:
                 await in_thread(self._arm_fsync_log)
@@ -32,6 +33,7 @@ class Chaos(Faults, Verdict):
             with trio.CancelScope(shield=True):
                 await self.cleanup()
                 await self.stop_servers()
+                await in_thread(self.audio.tear_down)
 
     async def _run_started(self) -> dict[str, Any]:
         p = self.p

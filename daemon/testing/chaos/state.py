@@ -13,6 +13,7 @@ import attrs
 import trio
 
 from daemon.embedded import EmbeddedPostgres, EmbeddedRedis
+from daemon.testing.chaos.audio import AudioChaos
 from daemon.testing.chaos.clients import ChaosUser, ClientStats, TextSource
 from daemon.testing.chaos.clock import WriteClock
 from daemon.testing.chaos.params import Params
@@ -110,6 +111,7 @@ class ChaosState:
         self._hostile_refused = 0  # results of the hostile worker that must be dead letters
         self._fsync_log = work / "aof-fsync.log"
         self._fsync_shim: Path | None = None
+        self.audio = AudioChaos(work)
 
     @property
     def redis_url(self) -> str:

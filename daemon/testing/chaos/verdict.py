@@ -29,7 +29,7 @@ class Verdict(Fleet):
             while True:
                 state = await in_thread(self._redis_state)
                 if not any(state[k] for k in ("billing_depth", "billing_pending", "results",
-                                              "claimed")):  # fmt: skip
+                                              "claimed", "persist_depth")):  # fmt: skip
                     return True, trio.current_time() - t0
                 await trio.sleep(0.25)
         return False, trio.current_time() - t0
@@ -39,12 +39,14 @@ class Verdict(Fleet):
 
         client = redis.Redis.from_url(self.redis_url, socket_timeout=5.0)
         try:
+            # (a set of tokens per consumer: docs/tts-flow.md; LLEN on it is WRONGTYPE)
             claimed = sum(int(client.scard(k)) for k in client.scan_iter(match="tts:hot:claimed:*"))
             try:
                 pending = int(client.xpending("tts:billing", "billing")["pending"])
             except redis.ResponseError:
                 pending = 0
             return {
+                "persist_depth": int(client.xlen("tts:persist")),
                 "billing_depth": int(client.xlen("tts:billing")),
                 "billing_pending": pending,
                 "results": int(client.llen("tts:results")),
@@ -115,6 +117,10 @@ class Verdict(Fleet):
         redis_loss = self._loss_window()
         billed_ids = {r["event_id"] for r in rows}
         held_unbilled = [j for j in self._held_at_kill if j not in billed_ids]
+        delivered_texts = [b.text for b in blocks if b.status == "cached"]
+        audio = await in_thread(
+            self.audio.verdict, self.work / "secrets" / "variant_hmac.key", delivered_texts
+        )
         billed_once = (
             c["delivered_unbilled"] == 0 and c["double_billed"] == 0 and c["wrong_amount"] == 0
         )
@@ -134,6 +140,11 @@ class Verdict(Fleet):
             "sigterm_exit_0_within_10s": all(x["ok"] for x in self.sigterm_exits),
             "no_request_unanswered": self.stats.ack_timeouts == 0,
             "faults_injected": len(self.records) > 0 or p.load_s < p.first_fault_s,
+            # Durable audio (chaos/audio.py): nothing left to persist, every delivered
+            # block's audio in the store, every stored object whole.
+            "persist_drained": state["persist_depth"] == 0,
+            "every_delivered_block_in_store": audio["delivered_not_in_store"] == 0,
+            "every_stored_object_readable": audio["unreadable_objects"] == 0,
         }
         if self._held_at_kill:
             verified["jobs_of_killed_workers_billed"] = not held_unbilled
@@ -147,6 +158,8 @@ class Verdict(Fleet):
                 # design: what that cost is reported in loss_window, not counted as a failure.
                 del verified["every_delivered_block_billed_once"]
                 del verified["events_log_reconciles"]
+                # (the lost second may hold finalized audio not yet persisted: reported only)
+                del verified["every_delivered_block_in_store"]
                 # a lost write may be a hold's settlement: such a hold waits for its billing
                 # TTL (holds.billing_ttl_s); reported in holds_open, not a failure here
                 del verified["holds_reconciled_to_0"]
@@ -199,6 +212,7 @@ class Verdict(Fleet):
             "clients_drain_s": round(self.clients_drain_s, 3),
             "pipeline_drain_s": round(self.pipeline_drain_s, 3),
             "redis_end": state,
+            "audio": audio,
             "events_log_unbilled": events_unbilled,
             "daemon_starts": {s.name: s.starts for s in self.slots},
             "verified": verified,
