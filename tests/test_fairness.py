@@ -91,7 +91,7 @@ class Scheduler:
         return statuses  # type: ignore[return-value]
 
     def pull(self) -> Job | None:
-        raw = self.scripts["pull"](Keys.pull_keys(MODEL), [])
+        raw = self.scripts["pull"](Keys.pull_keys(MODEL), Keys.pull_args())
         return None if raw is None else Job.from_json(raw)
 
     def pull_batch(self, n: int = 16) -> list[Job]:
@@ -265,7 +265,7 @@ def test_a_requeued_job_goes_ahead_of_its_users_other_jobs(sched: Scheduler) -> 
         Keys.waiters(held.variant_hash),
     ]
     # The worker holding it vanished: the scanner's timeout (0 s here) puts it back.
-    assert sched.scripts["requeue"](keys, [0, 5, 100, held.job_id]) == [1, 0]
+    assert sched.scripts["requeue"](keys, [0, 5, 100, Keys.NOTIFY_PREFIX, held.job_id]) == [1, 0]
     order = [j.block_idx for j in sched.drain()]
     assert order == [0, 1, 2, 3, 4, 5]
 

@@ -76,7 +76,7 @@ from daemon.testing.stores import setup_database
 MODEL = "kokoro"
 NOTIFY_LUA = (
     resources.files("daemon.stores") / "lua" / "common.lua"
-).read_text() + "\nreturn tts_notify(ARGV[1], cjson.decode(ARGV[2]))\n"
+).read_text() + "\nreturn tts_notify(KEYS[1], ARGV[2], ARGV[1], cjson.decode(ARGV[3]))\n"
 PUSH_CHUNK = 50  # results per LPUSH when staging a burst
 STAGING = "bench:burst:staging"
 
@@ -122,7 +122,9 @@ async def run_baseline_hot(
         # are exactly what the gateway routes (one round trip: flatters the baseline a little).
         frame = {"type": "status", "status": "cached", "audio_url": f"/v1/audio/{hash_}"}
         frame.update(model=r.model, voice=r.voice)
-        await store.execute("EVAL", NOTIFY_LUA, 0, hash_, json.dumps(frame))
+        await store.execute(
+            "EVAL", NOTIFY_LUA, 1, Keys.waiters(hash_), hash_, Keys.NOTIFY_PREFIX, json.dumps(frame)
+        )
         await store.execute("DEL", Keys.waiters(hash_))
         await store.execute("LREM", claimed, 1, raw)
 

@@ -99,7 +99,7 @@ def time_pulls(client: redis.Redis, pulls: int, pipeline: int) -> float:
         pipe = client.pipeline(transaction=False)
         n = min(pipeline, pulls - done)
         for _ in range(n):
-            pull(keys, [], client=pipe)
+            pull(keys, Keys.pull_args(), client=pipe)
         replies = pipe.execute()
         assert all(r is not None for r in replies), "the queue ran dry: fill more jobs"
         done += n

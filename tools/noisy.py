@@ -52,8 +52,8 @@ for _ = 1, 100 do
     redis.call('ZADD', KEYS[2], tts_now(), job_id)
     local ok, j = pcall(cjson.decode, job)
     if ok and type(j) == 'table' and j['variant_hash'] then
-      tts_notify(j['variant_hash'], {type = 'status', status = 'processing',
-                                     model = j['model'], voice = j['voice']})
+      tts_notify(ARGV[1] .. j['variant_hash'], ARGV[2], j['variant_hash'],
+                 {type = 'status', status = 'processing', model = j['model'], voice = j['voice']})
     end
     return job
   end
@@ -88,7 +88,7 @@ class FifoPulls:
 
     async def pull_job(self, model: str) -> bytes | None:
         keys = [Keys.queue(model), Keys.processing(model), Keys.JOBS]
-        return await self._store.execute("EVAL", self._script, len(keys), *keys)
+        return await self._store.execute("EVAL", self._script, len(keys), *keys, *Keys.pull_args())
 
 
 def fifo_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:

@@ -84,7 +84,14 @@ class Keys:
             Keys.fair_state(model),
         ]
 
-    # Internal. The Lua scripts build the per-variant keys from these same prefixes.
+    @staticmethod
+    def pull_args() -> list[str]:
+        """``pull.lua``'s ARGV: the prefixes of the picked job's waiters set and of its
+        listeners' channels (the job is chosen inside the script, docs/workers.md)."""
+        return [Keys.WAITERS_PREFIX, Keys.NOTIFY_PREFIX]
+
+    # Internal. Every key a Lua script touches is computed here and passed in KEYS (the prefixes
+    # reach a script in ARGV only where it picks the variant itself: pull.lua, tts_notify).
     # A list: the worker's result JSON as it came (the base64 audio inside it), the audio string
     # again if claim.lua had to split it out, and last a JSON note of where the audio is, its
     # content type and duration (finalize.lua); TTL hot.audio_ttl_s

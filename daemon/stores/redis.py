@@ -532,7 +532,7 @@ class RedisStore:
 
     async def pull_job(self, model: str) -> bytes | None:
         """The atomic pull of docs/workers.md (``pull.lua``)."""
-        return await self._script("pull", Keys.pull_keys(model), [])
+        return await self._script("pull", Keys.pull_keys(model), Keys.pull_args())
 
     async def push_result(self, model: str, job_id: str, result_json: str) -> None:
         await self._script("push_result", _push_keys(model), [result_json, job_id])
@@ -645,7 +645,7 @@ class RedisStore:
             Keys.fair_users(model),
             Keys.fair_state(model),
         ]
-        args: list[Any] = [visibility_timeout_s, max_retries, dlq_cap]
+        args: list[Any] = [visibility_timeout_s, max_retries, dlq_cap, Keys.NOTIFY_PREFIX]
         for job_id, job_json in zip(found[::2], found[1::2], strict=True):
             try:
                 variant_hash = str(json.loads(job_json).get("variant_hash", ""))
@@ -745,6 +745,7 @@ class RedisStore:
             dead_letter_cap,
             dead_letter_raw_bytes,
             "1" if persist else "0",
+            Keys.NOTIFY_PREFIX,
         ]
         for op in ops:
             base = len(keys) + 1
@@ -802,19 +803,67 @@ class RedisStore:
         await self._cross(beat)
 
     async def recover_results(self, consumer_id: str, *, include_own: bool) -> int:
-        """Give dead consumers' (and with ``include_own`` our own) claimed results back."""
+        """Give dead consumers' (and with ``include_own`` our own) claimed results back.
+
+        The consumers and which are alive are read here (two round trips, the steady state);
+        for each one to recover, its claimed set too, then ``recover.lua`` with the items' keys
+        (every key through KEYS), which checks again atomically what is still to give back.
+        """
+        budget = 1000
+        own = "1" if include_own else "0"
+
+        async def candidates() -> list[str]:
+            ids = sorted(i.decode() for i in await self._client.smembers(Keys.HOT_CONSUMERS))
+            async with self._client.pipeline(transaction=False) as pipe:
+                for cid in ids:
+                    pipe.exists(Keys.hot_alive(cid))
+                alive = await pipe.execute()
+            return [
+                cid
+                for cid, up in zip(ids, alive, strict=True)
+                if (cid == consumer_id and include_own) or (cid != consumer_id and not up)
+            ]
+
         total = 0
-        while True:
-            moved = int(
-                await self._script(
-                    "recover",
-                    [Keys.HOT_CONSUMERS, Keys.RESULTS],
-                    [consumer_id, "1" if include_own else "0", 1000],
+        for cid in await self._cross(candidates):
+            head = [
+                Keys.HOT_CONSUMERS,
+                Keys.RESULTS,
+                Keys.hot_alive(cid),
+                Keys.hot_landing(cid),
+                Keys.hot_claimed(cid),
+            ]
+            while True:
+                tokens = await self._claimed_tokens(cid)
+                batch = tokens[:budget]
+                keys = head + [Keys.hot_item(t) for t in batch]
+                moved = int(
+                    await self._script("recover", keys, [cid, consumer_id, own, budget, *batch])
                 )
-            )
-            total += moved
-            if moved < 1000:
-                return total
+                if moved < 0:  # alive again: not ours to recover
+                    break
+                total += moved
+                # Each call drops every token it was given from the set (or finds it gone), so
+                # this ends; a full budget may leave more of the landing list.
+                if moved < budget and len(tokens) <= len(batch):
+                    break
+        return total
+
+    async def _claimed_tokens(self, consumer_id: str) -> list[str]:
+        """A consumer's claimed tokens, oldest first ([] when the key is an older daemon's list)."""
+        key = Keys.hot_claimed(consumer_id)
+
+        async def read() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.type(key)
+                pipe.smembers(key)
+                return await pipe.execute(raise_on_error=False)
+
+        kind, members = await self._cross(read)
+        if kind not in (b"set", "set") or isinstance(members, Exception):
+            return []
+        tokens = [t.decode() for t in members]
+        return sorted(tokens, key=lambda t: (0, int(t), "") if t.isdigit() else (1, 0, t))
 
     async def unregister_consumer(self, consumer_id: str) -> None:
         async def drop() -> None:

@@ -44,7 +44,7 @@ r = redis_call
 
 async def pull(url: str, model: str = "kokoro") -> Job | None:
     """The worker's atomic pull (``pull.lua``)."""
-    raw = await r(url, "EVAL", SCRIPTS["pull"], 6, *Keys.pull_keys(model))
+    raw = await r(url, "EVAL", SCRIPTS["pull"], 6, *Keys.pull_keys(model), *Keys.pull_args())
     return None if raw is None else Job.from_json(raw)
 
 

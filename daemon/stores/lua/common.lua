@@ -7,9 +7,12 @@ local function tts_waiter(user, idx, conn, doc)
   return user .. '|' .. idx .. '|' .. conn .. '|' .. doc
 end
 
--- waiters_key: tts:waiters:{hash}, passed in KEYS by the scripts that do so (tts_notify builds it,
--- for the scripts that do not yet).
-local function tts_notify_to(waiters_key, hash, frame)
+-- Tell every waiter of a variant: waiters_key is its tts:waiters:{hash} (in the caller's KEYS);
+-- a waiter's frame goes to its user's channel, channel_prefix .. user (Keys.NOTIFY_PREFIX, in the
+-- caller's ARGV). The users are known only from the members read here, so the channel names are
+-- the one name a script completes itself; channels are not keys (PUBLISH reaches a whole Redis
+-- Cluster from any slot).
+local function tts_notify(waiters_key, channel_prefix, hash, frame)
   local members = redis.call('SMEMBERS', waiters_key)
   frame['variant_hash'] = hash
   for _, m in ipairs(members) do
@@ -18,14 +21,10 @@ local function tts_notify_to(waiters_key, hash, frame)
       frame['document_id'] = doc
       frame['block_idx'] = tonumber(idx)
       frame['conn'] = conn
-      redis.call('PUBLISH', 'tts:notify:' .. user, cjson.encode(frame))
+      redis.call('PUBLISH', channel_prefix .. user, cjson.encode(frame))
     end
   end
   return #members
-end
-
-local function tts_notify(hash, frame)
-  return tts_notify_to('tts:waiters:' .. hash, hash, frame)
 end
 
 local function tts_now()

@@ -21,8 +21,9 @@
 --       5 persist ("1": stored audio gets no TTL yet — RENAME keeps the item's: none — and its
 --       hash is appended to tts:persist for the persister, which applies the TTL once the durable
 --       store has the audio, docs/tts-flow.md "The third path: persist"; else the TTL at once),
---       then 13 per result: op (audio|skipped|error|reject|dead|discard), token, key index, job_id,
---       job JSON (as claim.lua read it; "" none), model, voice, audio metadata JSON, billing
+--       6 tts:notify: (Keys.NOTIFY_PREFIX, the waiters' channels: tts_notify), then 13 per
+--       result: op (audio|skipped|error|reject|dead|discard), token, key index, job_id, job
+--       JSON (as claim.lua read it; "" none), model, voice, audio metadata JSON, billing
 --       event JSON ("" none is queued — tools/inline.py, the pre-split baseline, bills inside its
 --       handler), message (the error a listener sees), dead-letter note JSON (reason, worker_id,
 --       job_id), the result's metadata and where its audio is (claim.lua's, for the identity check)
@@ -31,7 +32,7 @@
 -- "error: ..." (Redis refused a write; that result is still claimed).
 local ttl, consumer = tonumber(ARGV[1]), ARGV[2]
 local dead_cap, dead_raw_cap = tonumber(ARGV[3]), tonumber(ARGV[4])
-local persist = ARGV[5] == '1'
+local persist, channel_prefix = ARGV[5] == '1', ARGV[6]
 
 local function dead_letter(item, note)
   local raw = redis.call('LINDEX', item, 0)
@@ -77,7 +78,7 @@ local function drop_job(k, job_id)
 end
 
 local function tell_waiters(k, hash, frame)
-  local notified = tts_notify_to(KEYS[k + 2], hash, frame)
+  local notified = tts_notify(KEYS[k + 2], channel_prefix, hash, frame)
   redis.call('DEL', KEYS[k + 2])
   return notified
 end
@@ -147,7 +148,7 @@ local function finalize(op, token, k, job_id, job_json, model, voice, audio_meta
 end
 
 local out = {}
-for i = 6, #ARGV, 13 do
+for i = 7, #ARGV, 13 do
   local token = ARGV[i + 1]
   local ok, outcome, notified, not_ours = pcall(finalize, ARGV[i], token, tonumber(ARGV[i + 2]),
                                       ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],

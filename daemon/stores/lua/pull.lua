@@ -4,7 +4,12 @@
 -- advances that user by the job's characters / the user's weight); within a user, the newest
 -- reading position first. O(log n) in queued jobs and waiting users.
 -- KEYS: 1 tts:queue:{model}, 2 tts:processing:{model}, 3 tts:jobs, 4 tts:fair:{model},
---       5 tts:fair:users:{model}, 6 tts:fair:state:{model}
+--       5 tts:fair:users:{model}, 6 tts:fair:state:{model} (Keys.pull_keys)
+-- ARGV: 1 tts:waiters: (Keys.WAITERS_PREFIX), 2 tts:notify: (Keys.NOTIFY_PREFIX) (Keys.pull_args)
+-- The one key this script completes itself: the waiters set of the job it picks, ARGV[1] ..
+-- variant_hash. Which job goes next is decided here, atomically, so no caller can name that key
+-- beforehand. A caller without ARGV (a worker that predates them) still pulls; the job's
+-- listeners then miss the "processing" status (not its outcome).
 for _ = 1, 100 do
   local job_id, user, vstart, member
   local top = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
@@ -57,9 +62,9 @@ for _ = 1, 100 do
       end
     end
     redis.call('ZADD', KEYS[2], tts_now(), job_id)
-    if j['variant_hash'] then
-      tts_notify(j['variant_hash'], {type = 'status', status = 'processing',
-                                     model = j['model'], voice = j['voice']})
+    if j['variant_hash'] and ARGV[2] then
+      tts_notify(ARGV[1] .. j['variant_hash'], ARGV[2], j['variant_hash'],
+                 {type = 'status', status = 'processing', model = j['model'], voice = j['voice']})
     end
     return job
   end

@@ -6,13 +6,15 @@
 -- KEYS: 1 tts:processing:{model}, 2 tts:queue:{model}, 3 tts:jobs, 4 tts:retries,
 --       5 tts:dlq:{model}, 6 tts:results, 7 tts:leases:{model}, 8 tts:fair:{model},
 --       9 tts:fair:users:{model}, 10 tts:fair:state:{model}, 10 + n: tts:waiters:{h} of job n
--- ARGV: 1 visibility timeout (s), 2 max retries, 3 DLQ cap (entries), 3 + n: job id n
+-- ARGV: 1 visibility timeout (s), 2 max retries, 3 DLQ cap (entries), 4 tts:notify:
+--       (Keys.NOTIFY_PREFIX, the waiters' channels: tts_notify), 4 + n: job id n
 -- Returns {requeued, dead_lettered}
 local now = tts_now()
 local vt, max_retries, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local channel_prefix = ARGV[4]
 local requeued, dead = 0, 0
-for i = 4, #ARGV do
-  local job_id, waiters = ARGV[i], KEYS[7 + i]
+for i = 5, #ARGV do
+  local job_id, waiters = ARGV[i], KEYS[6 + i]
   local held = redis.call('ZSCORE', KEYS[1], job_id)
   local lease = redis.call('ZSCORE', KEYS[7], job_id)
   local stale
@@ -52,8 +54,8 @@ for i = 4, #ARGV do
           tts_fair_activate(KEYS[9], KEYS[10], user)
         end
         if j['variant_hash'] then
-          tts_notify_to(waiters, j['variant_hash'], {type = 'status', status = 'queued',
-                                                     model = j['model'], voice = j['voice']})
+          tts_notify(waiters, channel_prefix, j['variant_hash'],
+                     {type = 'status', status = 'queued', model = j['model'], voice = j['voice']})
         end
         requeued = requeued + 1
       end

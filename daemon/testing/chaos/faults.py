@@ -235,7 +235,13 @@ class Faults(Fleet):
         turn = 0
         while trio.current_time() < deadline:
             raw = await in_thread(
-                redis_cmd, self.redis_url, "EVAL", SCRIPTS["pull"], 6, *Keys.pull_keys("kokoro")
+                redis_cmd,
+                self.redis_url,
+                "EVAL",
+                SCRIPTS["pull"],
+                6,
+                *Keys.pull_keys("kokoro"),
+                *Keys.pull_args(),
             )
             if raw is None:
                 await trio.sleep(0.01)
