@@ -38,6 +38,7 @@ from daemon.runtime.daemon import open_daemon
 from daemon.runtime.services import Deps, build_services
 from daemon.runtime.supervisor import ServiceSpec
 from daemon.testing.figures import summary
+from daemon.testing.options import add_param_options, params_from
 from daemon.workers.simulated import SimulatedAdapter
 from daemon.workers.worker import run_worker
 
@@ -257,15 +258,9 @@ def main(argv: list[str]) -> int:
     """``tools/stress.py --scenario noisy [--readers N] [--flood N] ... [--json PATH]``."""
     ap = argparse.ArgumentParser(prog="stress.py --scenario noisy", description=__doc__)
     ap.add_argument("--json", type=Path, help="write the figures (docs/stress.md format)")
-    defaults = NoisyParams()
-    for field in attrs.fields(NoisyParams):
-        ap.add_argument(
-            "--" + field.name.replace("_", "-"),
-            type=type(getattr(defaults, field.name)),
-            default=getattr(defaults, field.name),
-        )
+    add_param_options(ap, NoisyParams)
     args = ap.parse_args(argv)
-    p = NoisyParams(**{f.name: getattr(args, f.name) for f in attrs.fields(NoisyParams)})
+    p = params_from(args, NoisyParams)
     result = trio.run(compare, p)
     print_noisy(result)
     if args.json:

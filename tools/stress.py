@@ -50,6 +50,7 @@ from daemon.ops.events import read_events
 from daemon.testing.client import WsClient, connect
 from daemon.testing.config import write_config
 from daemon.testing.figures import pct
+from daemon.testing.options import add_param_options, params_from
 from daemon.testing.stores import in_thread, pg_query, redis_cmd, setup_database
 from daemon.testing.texts import make_texts
 from daemon.workers.audio import duration_ms_for
@@ -726,16 +727,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Params]:
     ap.add_argument("--json", type=Path, help="write the figures (docs/stress.md format)")
     ap.add_argument("--plot", type=Path, help="write a PNG of ack latency over time")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
-    defaults = Params()
-    for field in attrs.fields(Params):
-        ap.add_argument(
-            "--" + field.name.replace("_", "-"),
-            type=type(getattr(defaults, field.name)),
-            default=getattr(defaults, field.name),
-        )
+    add_param_options(ap, Params)
     args = ap.parse_args(argv)
-    params = Params(**{f.name: getattr(args, f.name) for f in attrs.fields(Params)})
-    return args, params
+    return args, params_from(args, Params)
 
 
 def main(argv: list[str] | None = None) -> int:

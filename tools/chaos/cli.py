@@ -16,6 +16,7 @@ import trio
 from daemon.testing.chaos import __doc__ as PACKAGE_DOC
 from daemon.testing.chaos.params import SCENARIOS, Params
 from daemon.testing.chaos.run import Chaos
+from daemon.testing.options import add_param_options, params_from
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -62,19 +63,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Params]:
     )
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
-    defaults = Params()
-    for field in attrs.fields(Params):
-        name = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        if field.name == "scenario":
-            ap.add_argument(name, choices=sorted(SCENARIOS), default=default)
-        elif field.name == "appendfsync":
-            ap.add_argument(name, choices=("always", "everysec"), default=default)
-        else:
-            ap.add_argument(name, type=type(default), default=default)
+    choices = {"scenario": sorted(SCENARIOS), "appendfsync": ("always", "everysec")}
+    add_param_options(ap, Params, choices)
     args = ap.parse_args(argv)
-    params = Params(**{f.name: getattr(args, f.name) for f in attrs.fields(Params)})
-    return args, params
+    return args, params_from(args, Params)
 
 
 def main(argv: list[str] | None = None) -> int:
