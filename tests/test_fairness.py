@@ -21,7 +21,7 @@ from daemon.runtime.daemon import open_daemon
 from daemon.stores.redis import SCRIPTS, enqueue_call, enqueue_reply
 from daemon.testing.client import WsClient
 from daemon.testing.config import make_config
-from daemon.testing.stores import add_user, redis_call
+from daemon.testing.stores import add_user, mirror_unlimited, redis_call
 from daemon.testing.worker import ManualWorker
 from tests.ops_support import scrape
 
@@ -61,20 +61,7 @@ class Scheduler:
             )
             self.jobs[job.job_id] = job
             rows.append((idx, job.variant_hash, job.job_id, len(text), job.to_json()))
-        # the user's entitlements in Redis (docs/billing.md): unlimited here
-        self.r.hset(
-            Keys.ent(user),
-            mapping={
-                "version": 0,
-                "kokoro_allow": -1,
-                "kokoro_used": 0,
-                "premium_allow": -1,
-                "premium_used": 0,
-                "rollover": 0,
-                "purchased": 0,
-                "period_end": 4_000_000_000,
-            },
-        )
+        mirror_unlimited(self.r, user)  # the user's entitlements in Redis: no limit here
         keys, args = enqueue_call(
             user_id=user,
             conn_id=conn,

@@ -35,18 +35,9 @@ if str(ROOT) not in sys.path:
 from daemon.contracts import Job, Keys  # noqa: E402
 from daemon.embedded import EmbeddedServers  # noqa: E402
 from daemon.stores.redis import SCRIPTS, enqueue_call  # noqa: E402
+from daemon.testing.stores import mirror_unlimited  # noqa: E402
 
 MODEL = "kokoro"
-UNLIMITED = {
-    "version": 0,
-    "kokoro_allow": -1,
-    "kokoro_used": 0,
-    "premium_allow": -1,
-    "premium_used": 0,
-    "rollover": 0,
-    "purchased": 0,
-    "period_end": 4_000_000_000,
-}
 
 
 def fill(client: redis.Redis, users: int, jobs: int, *, fair: bool) -> None:
@@ -57,7 +48,7 @@ def fill(client: redis.Redis, users: int, jobs: int, *, fair: bool) -> None:
     pipe = client.pipeline(transaction=False)
     for user in range(1, users + 1):
         # Unlimited entitlements in the Redis mirror (docs/billing.md): the holds never refuse.
-        pipe.hset(Keys.ent(user), mapping=UNLIMITED)
+        mirror_unlimited(pipe, user)
     pipe.execute()
     queued = 0
     for start in range(0, per_user, 16):

@@ -22,6 +22,7 @@ __all__ = [
     "add_user",
     "credit",
     "in_thread",
+    "mirror_unlimited",
     "pg_fetch",
     "pg_query",
     "pg_val",
@@ -143,3 +144,27 @@ async def pg_val(url: str, sql: str, *args: Any) -> Any:
 
 async def redis_call(url: str, *args: Any) -> Any:
     return await in_thread(redis_cmd, url, *args, abandon=True)
+
+
+# A user with no limits, as the Redis entitlements mirror holds it (docs/billing.md, "Holds"):
+# negative allowances are unlimited.
+UNLIMITED = {
+    "version": 1,
+    "kokoro_allow": -1,
+    "kokoro_used": 0,
+    "premium_allow": -1,
+    "premium_used": 0,
+    "rollover": 0,
+    "purchased": 0,
+    "period_end": 4_000_000_000,
+}
+
+
+def mirror_unlimited(client: Any, user_id: int) -> None:
+    """Give ``user_id`` unlimited entitlements in the mirror, through ``mirror.lua`` as the
+    billing consumer writes them, on a synchronous redis-py ``client`` (or pipeline): for tools
+    and tests that drive the scripts without Postgres."""
+    from daemon.stores.redis import SCRIPTS, mirror_call
+
+    name, keys, args = mirror_call(user_id, UNLIMITED)
+    client.eval(SCRIPTS[name], len(keys), *keys, *args)
