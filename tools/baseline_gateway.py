@@ -24,7 +24,7 @@ import trio_asyncio
 
 from daemon.config import Config
 from daemon.gateway.service import Gateway
-from daemon.runtime.services import Deps, build_services, gateway_service
+from daemon.runtime.services import Deps, build_services, gateway_args, gateway_service
 from daemon.runtime.supervisor import ServiceSpec
 from daemon.stores.pg import PgPool, fetch_budget
 from daemon.stores.redis import RedisStore, enqueue_call, enqueue_reply
@@ -101,16 +101,6 @@ def baseline_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
     """The daemon's services with the Postgres-checked gateway in place of the gateway (the
     benchmark's baseline; the request pool is the daemon's admin pool, opened on first use and
     warmed up by the benchmark's first round)."""
-    gateway = PostgresCheckedGateway(
-        cfg=cfg.gateway,
-        store=deps.store,
-        catalog=deps.catalog,
-        hasher=deps.hasher,
-        events=deps.events,
-        metrics=deps.metrics,
-        missing_mirror=deps.mirror.want,
-        priority=deps.priority,
-        db=deps.request_db,
-    )
+    gateway = PostgresCheckedGateway(**gateway_args(cfg, deps), db=deps.request_db)
     baseline = gateway_service(cfg, deps, gateway)
     return [baseline if s.name == "gateway" else s for s in build_services(cfg, deps)]

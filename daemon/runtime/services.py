@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio
@@ -293,25 +294,30 @@ def worker_services(cfg: Config, deps: Deps) -> list[ServiceSpec]:
     return specs
 
 
+def gateway_args(cfg: Config, deps: Deps) -> dict[str, Any]:
+    """What a gateway is built with: for the daemon's own, and for a tool's variant of it (the
+    benchmark's Postgres-checked baseline, tools/baseline_gateway.py) so both serve alike."""
+    return {
+        "cfg": cfg.gateway,
+        "store": deps.store,
+        "catalog": deps.catalog,
+        "hasher": deps.hasher,
+        "events": deps.events,
+        "metrics": deps.metrics,
+        "missing_mirror": deps.mirror.want,
+        "priority": deps.priority,
+        "audio": AudioTiers(
+            deps.store, deps.audio_store, cfg.hot.audio_ttl_s, deps.metrics, deps.events
+        ),
+        "plan_weights": cfg.plans.weights,
+    }
+
+
 def gateway_service(cfg: Config, deps: Deps, gateway: Gateway | None = None) -> ServiceSpec:
     """The gateway (critical), innermost: the first to stop. One gateway across restarts (its
-    rate limits carry on). ``gateway``: another one (the benchmark's Postgres-checked baseline,
-    tools/baseline_gateway.py)."""
+    rate limits carry on). ``gateway``: another one, built with :func:`gateway_args`."""
     if gateway is None:
-        gateway = Gateway(
-            cfg=cfg.gateway,
-            store=deps.store,
-            catalog=deps.catalog,
-            hasher=deps.hasher,
-            events=deps.events,
-            metrics=deps.metrics,
-            missing_mirror=deps.mirror.want,
-            priority=deps.priority,
-            audio=AudioTiers(
-                deps.store, deps.audio_store, cfg.hot.audio_ttl_s, deps.metrics, deps.events
-            ),
-            plan_weights=cfg.plans.weights,
-        )
+        gateway = Gateway(**gateway_args(cfg, deps))
 
     async def run(
         *, task_status: trio.TaskStatus[GatewayHandle] = trio.TASK_STATUS_IGNORED
