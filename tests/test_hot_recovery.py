@@ -34,7 +34,9 @@ def texts(n: int, prefix: str = "Block") -> list[str]:
 
 
 async def burst(redis_url: str, payloads: list[tuple[Any, str]]) -> None:
-    """Push results the way a batch worker does (``push_result.lua`` each, one pipeline)."""
+    """Push results the way a batch worker does (``push_result.lua`` each, one pipeline), all
+    landing at once (MULTI/EXEC): what the daemon's claims and finalizes cost for a burst then
+    does not depend on how a busy machine happens to interleave the pushes with its claims."""
     import redis
 
     from daemon.contracts import Keys
@@ -44,7 +46,7 @@ async def burst(redis_url: str, payloads: list[tuple[Any, str]]) -> None:
         c = redis.Redis.from_url(redis_url)
         try:
             script = c.register_script(SCRIPTS["push_result"])
-            pipe = c.pipeline(transaction=False)
+            pipe = c.pipeline(transaction=True)
             for job, payload in payloads:
                 script(
                     keys=[Keys.RESULTS, Keys.processing(job.model)],
